@@ -1,0 +1,34 @@
+"""lorafit: LoRA and QLoRA fine-tuning for Phi-3 and other Hugging Face causal LMs.
+
+``from lorafit import lora`` is a drop-in for ``import loralib as lora``. The Hugging Face
+side (``LoraConfig``, ``apply_lora``, adapters, merging) is imported lazily so that the
+layer library alone needs only torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LoraConfig": "lorafit.inject",
+    "apply_lora": "lorafit.inject",
+    "merge_lora": "lorafit.inject",
+    "unmerge_lora": "lorafit.inject",
+    "trainable_summary": "lorafit.inject",
+    "save_adapter": "lorafit.adapter",
+    "load_adapter": "lorafit.adapter",
+    "LorafitError": "lorafit.errors",
+}
+
+__all__ = ["lora", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "lora":
+        return importlib.import_module("lorafit.lora")
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lorafit' has no attribute {name!r}")
