@@ -274,10 +274,12 @@ class Linear(nn.Linear, LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self._w(), self.bias)
         if self.has_lora and not self.merged:
-            # Two thin products (x A^T) B^T instead of forming B A: r << in, out.
+            # Two thin products (x A^T) B^T instead of forming B A: r << in, out. The update is
+            # computed in the LoRA dtype (fp32 over a bf16 base) and added before the one cast
+            # back, as PEFT does, so outputs match PEFT's bit for bit.
+            dtype = result.dtype
             x = self.lora_dropout(x).to(self.lora_A.dtype)
-            update = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-            result = result + update.to(result.dtype)
+            result = (result + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling).to(dtype)
         return result
 
 

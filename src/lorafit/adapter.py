@@ -1,0 +1,246 @@
+"""Adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are PEFT's: ``base_model.model.<module path>.lora_A.weight`` (r, in) and
+``...lora_B.weight`` (out, r), plus full tensors of ``modules_to_save`` and trained biases
+under ``base_model.model.<path>``. PEFT, transformers' ``load_adapter`` and vLLM read what
+``save_adapter`` writes; ``load_adapter`` reads PEFT's LoRA adapters. Only safetensors are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lorafit.errors import LorafitError
+from lorafit.inject import ALL_LINEAR, LoraConfig, apply_lora, find_targets, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _atomic_write(path: Path, write) -> None:  # noqa: ANN001
+    """Write via a temporary file in the same folder and rename, so a crash leaves the old file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter holds, under PEFT's key names."""
+    config: LoraConfig = _config_of(model)
+    out: dict[str, torch.Tensor] = {}
+    lora_names = set()
+    for name, layer in lora_layers(model):
+        lora_names.add(name)
+        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
+        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
+    for name, p in model.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        if (
+            config.bias == "all"
+            and name.endswith("bias")
+            or (config.bias == "lora_only" and name.endswith(".bias") and owner in lora_names)
+        ):
+            out[PREFIX + name] = p
+    for mod_name in config.modules_to_save or []:
+        for name, module in model.named_modules():
+            if name == mod_name or name.endswith("." + mod_name):
+                for pname, p in module.named_parameters():
+                    out[f"{PREFIX}{name}.{pname}"] = p
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _config_of(model: nn.Module) -> LoraConfig:
+    config = getattr(model, "lora_config", None)
+    if config is None:
+        raise LorafitError("this model has no LoRA applied: call lorafit.apply_lora(model, config) first")
+    return config
+
+
+def adapter_config_dict(model: nn.Module) -> dict[str, Any]:
+    """``adapter_config.json`` content: PEFT's LoraConfig fields for what this model holds."""
+    config = _config_of(model)
+    target = config.target_modules
+    if target == ALL_LINEAR:
+        # Record the resolved names, as PEFT does: loaders that know no "all-linear" (vLLM) work.
+        target = sorted({name.rsplit(".", 1)[-1] for name, _ in lora_layers(model)})
+    d = config.to_dict()
+    d.update(
+        peft_type="LORA",
+        target_modules=target,
+        inference_mode=True,
+        lora_bias=False,
+        use_dora=False,
+        revision=None,
+        auto_mapping=None,
+        layer_replication=None,
+        megatron_config=None,
+        megatron_core="megatron.core",
+        loftq_config={},
+    )
+    return dict(sorted(d.items()))
+
+
+def save_adapter(
+    model: nn.Module, folder: str | os.PathLike, *, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``.
+
+    Each file is written to a temporary name and renamed, so an interrupted save never
+    leaves a half-written adapter over a good one.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = adapter_state_dict(model)
+    cfg = adapter_config_dict(model)
+    if base_model_name_or_path is not None:
+        cfg["base_model_name_or_path"] = base_model_name_or_path
+    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+    return folder
+
+
+def read_adapter_config(folder: str | os.PathLike) -> LoraConfig:
+    """Parse and validate ``folder/adapter_config.json`` (PEFT's or ours)."""
+    path = Path(folder) / CONFIG_NAME
+    if not Path(folder).is_dir():
+        raise LorafitError(f"adapter folder {folder} does not exist")
+    if not path.is_file():
+        raise LorafitError(f"{path} is missing: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LorafitError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise LorafitError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise LorafitError(f"{path}: peft_type is {raw.get('peft_type')!r}; lorafit reads LoRA adapters only")
+    return LoraConfig.from_dict(raw, where=str(path))
+
+
+def read_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load ``adapter_model.safetensors``; pickled ``.bin`` adapters are refused, never unpickled."""
+    folder = Path(folder)
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            raise LorafitError(
+                f"{folder} holds adapter_model.bin, a pickle, which can run code when loaded; lorafit "
+                "reads safetensors only. If you trust its source, convert it once with PEFT "
+                "(PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True))."
+            )
+        raise LorafitError(f"{path} is missing")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise LorafitError(f"{path} is not a readable safetensors file: {e}") from None
+    # PEFT writes "base_model.model.<path>"; transformers' own PEFT integration writes "<path>".
+    return {(k[len(PREFIX) :] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
+
+
+def _expected_shapes(model: nn.Module, config: LoraConfig, targets: list[str]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Linear):
+            in_f, out_f = module.in_features, module.out_features
+        else:  # transformers' Conv1D stores its weight as (in, out)
+            in_f, out_f = module.weight.shape
+        r = config.rank_for(name)
+        shapes[f"{name}.lora_A.weight"] = (r, in_f)
+        shapes[f"{name}.lora_B.weight"] = (out_f, r)
+    params = dict(model.named_parameters())
+    lora_set = set(targets)
+    for pname, p in params.items():
+        owner = pname.rsplit(".", 1)[0]
+        if ".lora_" in pname:
+            continue
+        if (
+            config.bias == "all"
+            and pname.endswith("bias")
+            or (config.bias == "lora_only" and pname.endswith(".bias") and owner in lora_set)
+        ):
+            shapes[pname] = tuple(p.shape)
+    for mod_name in config.modules_to_save or []:
+        for name, module in model.named_modules():
+            if name == mod_name or name.endswith("." + mod_name):
+                for pname, p in module.named_parameters():
+                    shapes[f"{name}.{pname}"] = tuple(p.shape)
+    return shapes
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Load a PEFT-format LoRA adapter into ``model`` (applying LoRA first if needed).
+
+    Everything is checked before the model changes: every key the adapter needs is present,
+    none is left over, and every shape fits this model. An adapter made for another base
+    model is refused with the mismatches listed by name.
+    """
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    tensors = read_adapter_weights(folder)
+    existing = getattr(model, "lora_config", None)
+    if existing is not None:
+        targets = [name for name, _ in lora_layers(model)]
+    else:
+        try:
+            targets = find_targets(model, config, warn=False)
+        except LorafitError as e:
+            raise LorafitError(f"adapter {folder} does not fit this model: {e}") from None
+    expected = _expected_shapes(model, config, targets)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{k}: adapter {tuple(tensors[k].shape)} vs model {expected[k]}"
+        for k in sorted(set(expected) & set(tensors))
+        if tuple(tensors[k].shape) != expected[k]
+    ]
+    if missing or unexpected or wrong:
+
+        def head(items: list[str]) -> str:
+            return ", ".join(items[:6]) + (f" and {len(items) - 6} more" if len(items) > 6 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {head(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {head(unexpected)}")
+        if wrong:
+            parts.append(f"wrong shapes: {head(wrong)}")
+        base = config.base_model_name_or_path or "an unnamed model"
+        raise LorafitError(
+            f"adapter {folder} was made for another base model ({base}) or another LoRA setup; "
+            + "; ".join(parts)
+            + ". The model was left unchanged."
+        )
+    if existing is None:
+        apply_lora(model, config)
+    params = dict(model.named_parameters())
+    merged = [layer for _, layer in lora_layers(model) if layer.merged]
+    with torch.no_grad():
+        for layer in merged:  # take the old update out before its A and B change
+            layer.unmerge()
+        for key, value in tensors.items():
+            if key.endswith((".lora_A.weight", ".lora_B.weight")):
+                layer = model.get_submodule(key.rsplit(".", 2)[0])
+                target = layer.lora_A if ".lora_A." in key else layer.lora_B
+                target.copy_(value.to(target.dtype))
+            else:
+                params[key].copy_(value.to(params[key].dtype))
+        for layer in merged:
+            layer.merge()
+    return model
