@@ -1,0 +1,236 @@
+"""Shared fixtures: tiny real fast tokenizers with real chat templates, and a tiny Phi-3.
+
+Nothing is downloaded. Each tokenizer is a BPE trained in a few milliseconds on a small corpus,
+wrapped in ``PreTrainedTokenizerFast`` with one model family's special tokens, chat template and
+kind of pre-tokenizer (SentencePiece-style ``▁`` for Phi-3 and Llama 2, byte-level otherwise):
+
+- ``phi3_tokenizer``: Phi-3-mini-instruct's template and tokens (``<|user|>``, ``<|end|>``, ...),
+  which, like Phi-3's, swallow the whitespace after them (``rstrip``).
+- ``llama2_tokenizer``: Llama 2's ``[INST]`` template (no generation prompt, `` </s>`` after answers).
+- ``chatml_tokenizer``: Qwen2's ChatML (``<|im_start|>role\\n...<|im_end|>``).
+- ``llama3_tokenizer``: Llama 3's headers, ``<|eot_id|>``, bos first and trimmed content.
+
+The fixtures return a fresh tokenizer per test (they are mutable); ``make_tokenizer(family)``
+builds one on demand, ``make_tiny_phi3(vocab_size, ...)`` a tiny random ``Phi3ForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import functools
+import string
+
+import pytest
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+
+# Tiny models gain nothing from intra-op threads, and OpenMP threads that spin against a busy or
+# parallel test run (pytest-xdist, another job on the same cores) make each op 100x slower.
+torch.set_num_threads(1)
+
+# The chat template of microsoft/Phi-3-mini-4k-instruct, verbatim.
+PHI3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+# Llama-2-chat's template: no generation prompt, and " </s>" after each answer.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+# Qwen2-Instruct's ChatML, without its default system prompt.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Meta-Llama-3-8B-Instruct's template (bos first, content trimmed).
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+FAMILIES = {
+    "phi3": {
+        "specials": ["<unk>", "<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        # as in Phi-3's tokenizer.json: the chat tokens swallow the whitespace after them
+        "rstrip": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        "kwargs": {
+            "unk_token": "<unk>",
+            "bos_token": "<s>",
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+        },
+        "template": PHI3_TEMPLATE,
+        "end_of_turn": "<|end|>",
+        "sentencepiece": True,
+    },
+    "llama2": {
+        "specials": ["<unk>", "<s>", "</s>"],
+        "kwargs": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
+        "template": LLAMA2_TEMPLATE,
+        "end_of_turn": "</s>",
+        "sentencepiece": True,
+    },
+    "chatml": {
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "kwargs": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+        "template": CHATML_TEMPLATE,
+        "end_of_turn": "<|im_end|>",
+    },
+    "llama3": {
+        "specials": [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ],
+        "kwargs": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
+        "template": LLAMA3_TEMPLATE,
+        "end_of_turn": "<|eot_id|>",
+    },
+}
+
+CORPUS = [
+    "system user assistant You are a helpful assistant. Be brief and kind.",
+    "Hello there! How are you today? I am fine, thank you.",
+    "What is two plus two? Two plus two is four. What about three plus five? That is eight.",
+    "Summarize: cats sleep a lot and dogs like to play outside in the sun.",
+    "Translate to French: good morning. Bonjour. The sky is blue because of scattering.",
+    "Write a haiku about the sea.\nWaves fold into foam,\nsalt wind, gull voices,\nthe tide keeps time.",
+    "Explain LoRA: low rank adapters train small matrices A and B while the base weights stay frozen.",
+    "Question answer instruction input output prompt completion text conversation role content",
+    "[INST] <<SYS>> [/INST] <</SYS>>",
+]
+
+
+@functools.cache
+def _tokenizer_json(family: str) -> str:
+    """A BPE trained on ``CORPUS`` with the family's special tokens, as tokenizer.json text.
+
+    ``sentencepiece`` families (Phi-3, Llama 2) mark spaces with ``▁`` (Metaspace), as their
+    real tokenizers do; the others are byte-level BPEs like GPT-2's, Qwen's and Llama 3's.
+    """
+    spec = FAMILIES[family]
+    if spec.get("sentencepiece"):
+        tokenizer = Tokenizer(models.BPE(unk_token=spec["kwargs"]["unk_token"], byte_fallback=True))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = sorted(set(string.printable) | set("".join(CORPUS)))
+    else:
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=[
+            AddedToken(t, rstrip=t in spec.get("rstrip", ()), normalized=False, special=True)
+            for t in spec["specials"]
+        ],
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    return tokenizer.to_str()
+
+
+def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
+    spec = FAMILIES[family]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(family)),
+        additional_special_tokens=[t for t in spec["specials"] if t not in spec["kwargs"].values()],
+        model_max_length=4096,
+        **spec["kwargs"],
+    )
+    tokenizer.chat_template = spec["template"]
+    tokenizer.name_or_path = f"tiny-{family}"
+    return tokenizer
+
+
+def build_tiny_phi3(
+    vocab_size: int,
+    *,
+    attn_implementation: str = "sdpa",
+    sliding_window: int | None = None,
+    seed: int = 0,
+    pad_token_id: int = 0,
+) -> Phi3ForCausalLM:
+    """A 2-layer random Phi-3 (fp32, eval mode); grouped-query attention like Phi-3-medium."""
+    torch.manual_seed(seed)
+    config = Phi3Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=sliding_window,
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+        eos_token_id=None,
+        attn_implementation=attn_implementation,
+    )
+    return Phi3ForCausalLM(config).float().eval()
+
+
+@pytest.fixture
+def make_tokenizer():
+    """``make_tokenizer("phi3" | "llama2" | "chatml" | "llama3")`` -> a fresh tiny fast tokenizer."""
+    return build_tokenizer
+
+
+@pytest.fixture
+def phi3_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer("phi3")
+
+
+@pytest.fixture
+def llama2_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer("llama2")
+
+
+@pytest.fixture
+def chatml_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer("chatml")
+
+
+@pytest.fixture
+def llama3_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer("llama3")
+
+
+@pytest.fixture
+def make_tiny_phi3():
+    """``make_tiny_phi3(vocab_size, attn_implementation=..., sliding_window=...)`` -> tiny Phi-3."""
+    return build_tiny_phi3
+
+
+@pytest.fixture
+def lorafit_cache(tmp_path, monkeypatch):
+    """Point ``$LORAFIT_CACHE`` at a per-test folder (returned)."""
+    cache = tmp_path / "lorafit-cache"
+    monkeypatch.setenv("LORAFIT_CACHE", str(cache))
+    return cache
