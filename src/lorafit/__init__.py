@@ -8,7 +8,12 @@ layer library alone needs only torch.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
+
+# bitsandbytes (imported by transformers' Trainer when installed) warns at import on CPUs with
+# AVX-512 BF16 that an optional hub kernel is missing; lorafit never downloads kernels.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

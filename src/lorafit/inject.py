@@ -292,7 +292,10 @@ def wrap_linear(
     a 16-bit base, so the small trainable matrices keep full precision, as PEFT does).
     """
     weight = base.weight
-    if fan_in_fan_out:
+    quantized = getattr(weight, "quant_state", None) is not None or weight.dtype == torch.uint8
+    if isinstance(base, nn.Linear):
+        in_f, out_f = base.in_features, base.out_features
+    elif fan_in_fan_out:
         in_f, out_f = weight.shape
     else:
         out_f, in_f = weight.shape
@@ -300,8 +303,13 @@ def wrap_linear(
         layer = lora.Linear(
             in_f, out_f, r=0, bias=base.bias is not None, merge_weights=False, fan_in_fan_out=fan_in_fan_out
         )
-    layer.weight = weight
-    layer.bias = base.bias
+    if quantized:  # QLoRA: the 4-bit layer stays whole and computes W0 x
+        layer.weight = None
+        layer.bias = None
+        layer.base_layer = base
+    else:
+        layer.weight = weight
+        layer.bias = base.bias
     layer.r = r
     layer.lora_alpha = lora_alpha
     layer.use_rslora = use_rslora
@@ -309,7 +317,7 @@ def wrap_linear(
     layer.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
     if lora_dtype is None:
         lora_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    if not lora_dtype.is_floating_point:  # a quantized base (uint8 storage): train in fp32
+    if quantized or not lora_dtype.is_floating_point:  # 4-bit storage is uint8: train LoRA in fp32
         lora_dtype = torch.float32
     layer.lora_A = nn.Parameter(torch.empty((r, in_f), device=weight.device, dtype=lora_dtype))
     layer.lora_B = nn.Parameter(torch.empty((out_f, r), device=weight.device, dtype=lora_dtype))

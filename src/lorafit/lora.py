@@ -244,6 +244,8 @@ class Linear(nn.Linear, LoRALayer):
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        # QLoRA: a quantized base (bitsandbytes Linear4bit) computes W0 x itself; weight is None.
+        self.base_layer: nn.Module | None = None
         self.fan_in_fan_out = fan_in_fan_out
         if r > 0:
             self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
@@ -271,8 +273,16 @@ class Linear(nn.Linear, LoRALayer):
         self._loralib_train(mode)
         return self
 
+    def _base_weight(self) -> torch.Tensor:
+        if self.base_layer is not None:
+            raise RuntimeError("cannot merge into a 4-bit base weight; dequantize the model first")
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self._w(), self.bias)
+        if self.base_layer is not None:
+            result = self.base_layer(x)
+        else:
+            result = F.linear(x, self._w(), self.bias)
         if self.has_lora and not self.merged:
             # Two thin products (x A^T) B^T instead of forming B A: r << in, out. The update is
             # computed in the LoRA dtype (fp32 over a bf16 base) and added before the one cast

@@ -1,0 +1,311 @@
+"""``lorafit train | eval | chat | merge``: the command line.
+
+Errors a user can fix (``LorafitError``) print as one paragraph without a traceback;
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from lorafit.errors import LorafitError
+
+TRAIN_HELP = """\
+Fine-tune a causal LM with LoRA on chat data.
+
+With no CONFIG, trains the embedded demo (a tiny Phi-3-architecture model on a sample chat
+dataset) in about two minutes on a laptop CPU. CONFIG is a YAML or JSON file with the sections
+model, tokenizer, data, peft_config (PEFT LoraConfig keys) and training_config (transformers
+TrainingArguments keys). Any key can be overridden: --section.key value.
+
+examples:
+  lorafit train
+  lorafit train phi3.yaml --training_config.learning_rate 1e-4 --data.max_length 1024
+  lorafit train phi3.yaml --qlora
+  lorafit train --resume runs/20261128-101500
+"""
+
+CHAT_HELP = """\
+Chat with a trained adapter: loads the base model recorded in the run, the adapter, and the
+tokenizer's chat template, and streams the answer. Without --prompt it is an interactive
+conversation that keeps its history (/reset clears it, /exit or Ctrl-D leaves).
+
+examples:
+  lorafit chat --adapter runs/20261128-101500 --prompt "What is LoRA?"
+  lorafit chat --adapter runs/20261128-101500
+"""
+
+EVAL_HELP = """\
+Loss and perplexity of a trained adapter on a dataset (the same formats as training: loss on
+assistant tokens by default, as the run was trained).
+
+example:
+  lorafit eval --adapter runs/20261128-101500 --data data/eval.jsonl
+"""
+
+MERGE_HELP = """\
+Fold the adapter into the base weights and save a plain transformers model that loads with
+AutoModelForCausalLM.from_pretrained, no lorafit or PEFT needed.
+
+example:
+  lorafit merge --adapter runs/20261128-101500 --out merged/
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorafit",
+        description="LoRA and QLoRA fine-tuning for Phi-3 and other Hugging Face causal language models.",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    t = sub.add_parser(
+        "train",
+        help="fine-tune (no arguments: the embedded demo)",
+        description=TRAIN_HELP,
+        formatter_class=fmt,
+    )
+    t.add_argument("config", nargs="?", help="run config (YAML or JSON); omit for the demo")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_OR_CHECKPOINT",
+        help="continue from the last checkpoint of the run folder (or of training_config.output_dir)",
+    )
+    t.add_argument(
+        "--qlora", action="store_true", help="4-bit NF4 base weights (the Phi-3 QLoRA sample's settings)"
+    )
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    c = sub.add_parser("chat", help="chat with a trained adapter", description=CHAT_HELP, formatter_class=fmt)
+    c.add_argument(
+        "--adapter", required=True, metavar="RUN_DIR", help="a run folder (or any PEFT adapter folder)"
+    )
+    c.add_argument("--prompt", help="one prompt: print the answer and exit")
+    c.add_argument("--system", help="a system prompt for the conversation")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    e = sub.add_parser(
+        "eval", help="loss and perplexity on a dataset", description=EVAL_HELP, formatter_class=fmt
+    )
+    e.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
+    e.add_argument("--data", required=True, help="file, folder or hf:NAME[:SPLIT] to evaluate on")
+    e.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    m = sub.add_parser(
+        "merge", help="merge the adapter into a plain model", description=MERGE_HELP, formatter_class=fmt
+    )
+    m.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
+    m.add_argument("--out", required=True, help="folder for the merged model (must be new or empty)")
+    m.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return p
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take ``--section.key value`` / ``--section.key=value`` pairs out before argparse sees them
+    (argparse would read the value as the CONFIG positional)."""
+    rest: list[str] = []
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            overrides.append(arg)
+            if "=" not in arg and i + 1 < len(argv):
+                overrides.append(argv[i + 1])
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    argv, overrides = _split_overrides(argv)
+    args, rest = parser.parse_known_args(argv)
+    rest = [*rest, *overrides]
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return {"train": cmd_train, "chat": cmd_chat, "eval": cmd_eval, "merge": cmd_merge}[args.command](
+            args, rest
+        )
+    except LorafitError as e:
+        if args.debug:
+            raise
+        print(f"lorafit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lorafit.config import load_config
+    from lorafit.train import RUN_CONFIG_NAME, train
+
+    config_path = args.config
+    if (
+        config_path is None
+        and isinstance(args.resume, str)
+        and (Path(args.resume) / RUN_CONFIG_NAME).is_file()
+    ):
+        config_path = str(Path(args.resume) / RUN_CONFIG_NAME)
+    elif config_path is None and isinstance(args.resume, str):
+        parent = Path(args.resume).parent / RUN_CONFIG_NAME
+        config_path = str(parent) if parent.is_file() else None
+    if args.qlora:
+        from lorafit.quant import QLORA_OVERRIDES
+
+        overrides = [*QLORA_OVERRIDES, *overrides]
+    cfg = load_config(config_path, overrides)
+    run_dir = train(cfg, resume=args.resume)
+    print(f"\nadapter saved in {run_dir}")
+    print(f"try it:  lorafit chat --adapter {run_dir}")
+    return 0
+
+
+def _load_run(adapter: str) -> tuple[Any, Any, Any]:
+    """(config, tokenizer, model with the adapter) for a run folder or a PEFT adapter folder."""
+    import json
+
+    from lorafit.adapter import CONFIG_NAME, load_adapter
+    from lorafit.config import build_config, load_config
+    from lorafit.train import RUN_CONFIG_NAME, load_model, load_tokenizer
+
+    folder = Path(adapter)
+    if not folder.is_dir():
+        raise LorafitError(f"--adapter {adapter}: no such folder")
+    if (folder / RUN_CONFIG_NAME).is_file():
+        cfg = load_config(folder / RUN_CONFIG_NAME)
+    elif (folder / CONFIG_NAME).is_file():
+        base = json.loads((folder / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+        if not base:
+            raise LorafitError(f"{folder / CONFIG_NAME} names no base_model_name_or_path")
+        cfg = build_config({"model": {"name_or_path": base}})
+    else:
+        raise LorafitError(f"{folder} is neither a lorafit run folder nor an adapter folder ({CONFIG_NAME})")
+    if (folder / "tokenizer_config.json").is_file():
+        cfg.tokenizer.name_or_path = str(folder)
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, tokenizer)
+    load_adapter(model, folder)
+    model.eval()
+    return cfg, tokenizer, model
+
+
+def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:
+    from transformers import TextStreamer
+
+    from lorafit.train import generate
+
+    _, tokenizer, model = _load_run(args.adapter)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(text: str) -> str:
+        history.append({"role": "user", "content": text})
+        answer = generate(model, tokenizer, history, max_new_tokens=args.max_new_tokens, streamer=streamer)
+        history.append({"role": "assistant", "content": answer})
+        return answer
+
+    if args.prompt is not None:
+        reply(args.prompt)
+        return 0
+    print("lorafit chat: type a message; /reset clears the history, /exit leaves.")
+    while True:
+        try:
+            text = input("\nyou> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            del history[1 if args.system else 0 :]
+            print("(history cleared)")
+            continue
+        if text:
+            print("assistant> ", end="", flush=True)
+            reply(text)
+
+
+def cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
+    import torch
+
+    from lorafit import data as lf_data
+
+    cfg, tokenizer, model = _load_run(args.adapter)
+    d = cfg.data
+    dataset, _, stats = lf_data.build_datasets(
+        tokenizer,
+        train=args.data,
+        format=d.format,
+        max_length=d.max_length,
+        packing=d.packing,
+        assistant_only_loss=d.assistant_only_loss,
+        overlong=d.overlong,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, collate_fn=lf_data.collator_for(tokenizer, packing=d.packing)
+    )
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            logits = model(**batch, use_cache=False).logits[:, :-1].float()
+            target = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += loss.item()
+            count += int((target != -100).sum())
+    if count == 0:
+        raise LorafitError(f"{args.data}: no tokens to evaluate on (no assistant tokens left)")
+    mean = total / count
+    print(f"eval on {args.data}: {stats['examples']} examples, {count:,} label tokens")
+    print(f"loss {mean:.4f}  perplexity {math.exp(min(mean, 50)):.3f}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace, _: list[str]) -> int:
+    from lorafit.inject import merge_lora
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise LorafitError(f"--out {out} already holds files; choose a new or empty folder")
+    cfg, tokenizer, model = _load_run(args.adapter)
+    if cfg.model.quantization:
+        from lorafit.quant import dequantize_model
+
+        dequantize_model(model)
+    merge_lora(model, unload=True)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"merged model saved in {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,360 @@
+"""The run config: ``model``, ``tokenizer``, ``data``, ``peft_config``, ``training_config``.
+
+One YAML or JSON file (or none: the embedded demo) plus ``--section.key value`` overrides.
+``peft_config`` takes PEFT's LoraConfig keys and ``training_config`` transformers'
+TrainingArguments keys, so the dicts of the Phi-3 fine-tuning samples are accepted verbatim.
+Unknown keys and wrong types are errors naming the section, the key and the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorafit.demo import DEMO_MODEL
+from lorafit.errors import LorafitError, did_you_mean
+from lorafit.inject import LoraConfig
+
+# TrainingArguments keys that transformers 5 dropped but the Phi-3 samples (and many older
+# configs) still write: each maps to its replacement, or is lorafit's own.
+RENAMED_TRAINING_KEYS = {"evaluation_strategy": "eval_strategy"}
+LORAFIT_TRAINING_KEYS = {
+    "overwrite_output_dir": bool,  # lorafit refuses to reuse a run folder unless this is set
+    "warmup_ratio": float,  # becomes warmup_steps (a float < 1 is a ratio there)
+    "logging_dir": str,  # where TensorBoard events go
+    "save_safetensors": bool,  # always true in lorafit; accepted for old configs
+}
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how.
+
+    Attributes:
+        name_or_path: a Hugging Face model id, a local folder, or ``lorafit-demo``.
+        torch_dtype: ``bfloat16``, ``float16``, ``float32`` or ``auto`` (the checkpoint's).
+        attn_implementation: ``sdpa`` (default), ``eager``, or ``flash_attention_2`` where installed.
+        quantization: BitsAndBytesConfig keys for QLoRA (``load_in_4bit: true`` ...), or null.
+        use_cache: keep the KV cache during training (off: it only costs memory there).
+        trust_remote_code: run model code shipped with the checkpoint (off unless you set it).
+        device_map: passed to ``from_pretrained`` (e.g. ``auto``); null for one device.
+        revision: the hub revision (branch, tag or commit) to load.
+    """
+
+    name_or_path: str = DEMO_MODEL
+    torch_dtype: str = "bfloat16"
+    attn_implementation: str = "sdpa"
+    quantization: dict[str, Any] | None = None
+    use_cache: bool = False
+    trust_remote_code: bool = False
+    device_map: str | dict[str, Any] | None = None
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("model", "torch_dtype", self.torch_dtype, ("bfloat16", "float16", "float32", "auto"))
+        _one_of(
+            "model",
+            "attn_implementation",
+            self.attn_implementation,
+            ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+        )
+
+
+@dataclass
+class TokenizerConfig:
+    """Tokenizer settings (Phi-3's needs by default).
+
+    Attributes:
+        name_or_path: the tokenizer to load; null means the model's.
+        model_max_length: the longest sequence the tokenizer reports.
+        pad_token: ``unk`` (Phi-3: pad with unk, so eos and ``<|end|>`` are learned), ``eos``,
+            a literal token such as ``<|endoftext|>``, or null to keep the tokenizer's.
+        padding_side: ``right`` for training.
+        chat_template: a Jinja chat template replacing the tokenizer's own, or null.
+    """
+
+    name_or_path: str | None = None
+    model_max_length: int | None = 2048
+    pad_token: str | None = "unk"
+    padding_side: str = "right"
+    chat_template: str | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("tokenizer", "padding_side", self.padding_side, ("right", "left"))
+
+
+@dataclass
+class DataConfig:
+    """Where the chat data is and how it becomes training rows.
+
+    Attributes:
+        train: a local file (JSONL, JSON, CSV, Parquet), a folder, or ``hf:NAME[:SPLIT]``;
+            null with the demo model means the demo dataset.
+        eval: the same kinds of source for evaluation, or null.
+        eval_split: with an ``hf:`` train source, the split to evaluate on.
+        eval_fraction: hold out this share of the training records for evaluation.
+        format: ``auto``, ``messages``, ``sharegpt``, ``alpaca``, ``prompt_completion`` or ``text``.
+        max_length: tokens per example (and per packed row).
+        packing: place whole examples into rows of ``max_length`` tokens (no cross-attention).
+        assistant_only_loss: loss on assistant turns (content + end-of-turn token) only.
+        overlong: ``truncate`` or ``drop`` examples longer than ``max_length``.
+        eval_prompts: how many eval prompts to answer before and after training (0: none).
+    """
+
+    train: str | None = None
+    eval: str | None = None
+    eval_split: str | None = None
+    eval_fraction: float | None = None
+    format: str = "auto"
+    max_length: int = 2048
+    packing: bool = True
+    assistant_only_loss: bool = True
+    overlong: str = "truncate"
+    eval_prompts: int = 3
+
+    def __post_init__(self) -> None:
+        _one_of(
+            "data",
+            "format",
+            self.format,
+            ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"),
+        )
+        _one_of("data", "overlong", self.overlong, ("truncate", "drop"))
+        if self.max_length < 8:
+            raise LorafitError(f"data.max_length must be at least 8 tokens, got {self.max_length}")
+        if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
+            raise LorafitError(f"data.eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+        if self.eval_prompts < 0:
+            raise LorafitError(f"data.eval_prompts must be >= 0, got {self.eval_prompts}")
+
+
+@dataclass
+class RunConfig:
+    """A whole run. ``peft_config`` and ``training_config`` keep the user's dicts (validated)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft_config: dict[str, Any] = field(default_factory=dict)
+    training_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lora(self) -> LoraConfig:
+        return LoraConfig.from_dict(self.peft_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": dataclasses.asdict(self.model),
+            "tokenizer": dataclasses.asdict(self.tokenizer),
+            "data": dataclasses.asdict(self.data),
+            "peft_config": dict(self.peft_config),
+            "training_config": dict(self.training_config),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {"model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig}
+ALL_SECTIONS = (*SECTIONS, "peft_config", "training_config")
+
+
+def _one_of(section: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise LorafitError(
+            f"{section}.{key} must be one of {', '.join(allowed)}; got {value!r}"
+            + did_you_mean(str(value), allowed)
+        )
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` (from YAML/JSON) fits a dataclass field's type annotation."""
+    if annotation is Any or annotation is None:
+        return True
+    if isinstance(annotation, str):
+        return True  # unresolved forward reference: let the consumer check it
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is not None:
+        annotation = origin
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        if issubclass(annotation, str) and isinstance(value, str):
+            return True  # also str-valued enums such as IntervalStrategy
+        if annotation in (list, tuple, set):
+            return isinstance(value, (list, tuple))
+        return isinstance(value, annotation)
+    return True
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    # YAML 1.1 reads "5e-6" (no dot) as a string; where a number is expected, take the number.
+    if isinstance(value, str) and not _type_ok(value, annotation) and _type_ok(1.5, annotation):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _build_section(name: str, cls: type, values: Any, source: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise LorafitError(f"{source}: section '{name}' must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = dict(values)
+    for key, value in values.items():
+        if key not in known:
+            raise LorafitError(
+                f"{source}: unknown key '{key}' in section '{name}'" + did_you_mean(key, known)
+            )
+        values[key] = value = _coerce(value, hints[key])
+        if not _type_ok(value, hints[key]):
+            raise LorafitError(
+                f"{source}: {name}.{key} must be {_type_name(hints[key])}, "
+                f"got {value!r} ({type(value).__name__})"
+            )
+    return cls(**values)
+
+
+def check_training_config(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Validate TrainingArguments keys and types; map keys transformers 5 renamed."""
+    from transformers import TrainingArguments
+
+    if not isinstance(values, dict):
+        raise LorafitError(f"{source}: section 'training_config' must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    hints = typing.get_type_hints(TrainingArguments)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        key = RENAMED_TRAINING_KEYS.get(key, key)
+        if key in LORAFIT_TRAINING_KEYS:
+            expected = LORAFIT_TRAINING_KEYS[key]
+            ok = value is None or _type_ok(value, expected)
+            hint = expected
+        elif key in fields:
+            hint = hints.get(key, Any)
+            value = _coerce(value, hint)
+            ok = _type_ok(value, hint)
+        else:
+            raise LorafitError(
+                f"{source}: unknown key '{key}' in section 'training_config' (transformers "
+                "TrainingArguments keys)" + did_you_mean(key, set(fields) | set(LORAFIT_TRAINING_KEYS))
+            )
+        if not ok:
+            raise LorafitError(
+                f"{source}: training_config.{key} must be {_type_name(hint)}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+        out[key] = value
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML or JSON run config; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorafitError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LorafitError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise LorafitError(f"{path} line {e.lineno}: invalid JSON: {e.msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise LorafitError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LorafitError(f"{path}: a run config is a mapping with sections {', '.join(ALL_SECTIONS)}")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """``["--training_config.learning_rate", "1e-4", "--data.packing=false"]`` -> nested dict.
+
+    Values are read as YAML scalars, so ``1e-4``, ``true``, ``null`` and ``[a, b]`` work.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise LorafitError(f"unexpected argument '{arg}': overrides look like --section.key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise LorafitError(f"override {arg} has no value")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        section, _, name = key.partition(".")
+        if section not in ALL_SECTIONS:
+            raise LorafitError(
+                f"unknown config section '{section}' in {arg}" + did_you_mean(section, ALL_SECTIONS)
+            )
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        out.setdefault(section, {})[name] = parsed
+    return out
+
+
+def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for section, values in override.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section] = {**out[section], **values}
+        else:
+            out[section] = values
+    return out
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a raw nested dict into a :class:`RunConfig`."""
+    for section in raw:
+        if section not in ALL_SECTIONS:
+            raise LorafitError(f"{source}: unknown section '{section}'" + did_you_mean(section, ALL_SECTIONS))
+    sections = {name: _build_section(name, cls, raw.get(name), source) for name, cls in SECTIONS.items()}
+    peft = raw.get("peft_config") or {}
+    if not isinstance(peft, dict):
+        raise LorafitError(f"{source}: section 'peft_config' must be a mapping, got {peft!r}")
+    LoraConfig.from_dict(peft, where=f"{source}: peft_config")
+    training = check_training_config(raw.get("training_config") or {}, source)
+    return RunConfig(**sections, peft_config=dict(peft), training_config=training)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The run config from ``path`` (or the demo's when ``None``) with CLI overrides applied."""
+    if path is None:
+        from lorafit.demo import demo_config_file
+
+        path = demo_config_file()
+    raw = read_config_file(path)
+    if overrides:
+        raw = merge_dicts(raw, parse_overrides(overrides))
+    return build_config(raw, source=str(path))

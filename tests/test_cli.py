@@ -1,0 +1,180 @@
+"""The real CLI end to end on the demo model: train a few steps, chat, eval, merge; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lorafit.cli import main
+
+# A few steps on the demo model and a slice of the demo data keep this fast.
+FAST = [
+    "--training_config.max_steps",
+    "4",
+    "--training_config.per_device_train_batch_size",
+    "2",
+    "--training_config.logging_steps",
+    "1",
+    "--training_config.eval_steps",
+    "2",
+    "--training_config.save_steps",
+    "2",
+    "--training_config.report_to",
+    "none",
+    "--data.max_length",
+    "256",
+    "--data.eval_prompts",
+    "1",
+    "--model.torch_dtype",
+    "float32",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One short demo run (in process), shared by the tests that read it."""
+    work = tmp_path_factory.mktemp("cli")
+    old = os.getcwd()
+    os.chdir(work)
+    os.environ["LORAFIT_CACHE"] = str(work / "cache")
+    try:
+        assert main(["train", *FAST, "--training_config.output_dir", "run"]) == 0
+    finally:
+        os.chdir(old)
+    return work / "run"
+
+
+def test_train_writes_the_run_files(trained) -> None:
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "lorafit_run.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "samples.md",
+        "tokenizer.json",
+    ):
+        assert (trained / name).is_file(), name
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r and "eval_perplexity" in r for r in rows)
+    assert all(r["tokens_per_s"] > 0 for r in rows if "loss" in r)
+    assert sorted(p.name for p in trained.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    ckpt = trained / "checkpoint-4"
+    assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "optimizer.pt").is_file()
+    assert not list(ckpt.glob("model*.safetensors"))  # never the base model
+    resolved = yaml.safe_load((trained / "lorafit_run.yaml").read_text())
+    assert (
+        resolved["training_config"]["max_steps"] == 4 and resolved["model"]["name_or_path"] == "lorafit-demo"
+    )
+
+
+def test_chat_with_prompt(trained, capsys) -> None:
+    assert (
+        main(["chat", "--adapter", str(trained), "--prompt", "What is 2 plus 2?", "--max-new-tokens", "8"])
+        == 0
+    )
+    assert capsys.readouterr().out.strip()
+
+
+def test_chat_interactive_keeps_history(trained, monkeypatch, capsys) -> None:
+    lines = iter(["Hello there.", "And 3 plus 4?", "/reset", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--adapter", str(trained), "--max-new-tokens", "4"]) == 0
+    assert "history cleared" in capsys.readouterr().out
+
+
+def test_eval_prints_loss_and_perplexity(trained, capsys) -> None:
+    from lorafit.demo import eval_file
+
+    assert main(["eval", "--adapter", str(trained), "--data", str(eval_file())]) == 0
+    out = capsys.readouterr().out
+    assert "loss" in out and "perplexity" in out
+
+
+def test_merge_gives_a_plain_transformers_model(trained, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.cli import _load_run
+
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(trained), "--out", str(out)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    _, _, with_adapter = _load_run(str(trained))
+    ids = torch.randint(20, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (plain(input_ids=ids).logits - with_adapter(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-4
+    assert main(["merge", "--adapter", str(trained), "--out", str(out)]) == 2  # never over a folder
+
+
+def test_resume_continues_from_the_last_checkpoint(trained, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "checkpoint-4")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", str(run)]) == 0
+    state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+
+def test_existing_output_dir_is_never_overwritten(trained, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(trained.parent)
+    before = (trained / "adapter_model.safetensors").read_bytes()
+    assert main(["train", *FAST, "--training_config.output_dir", "run"]) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert (trained / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_bad_data_is_one_paragraph_naming_file_and_line(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "chat.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data.write_text(json.dumps(good) + "\n" + '{"messages": [oops\n')
+    assert main(["train", "--data.train", str(data), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "chat.jsonl line 2" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing written for a run that never started
+
+
+def test_unknown_override_key_suggests_the_nearest(capsys) -> None:
+    assert main(["train", "--training_config.learning_rat", "1e-4"]) == 2
+    assert "did you mean 'learning_rate'" in capsys.readouterr().err
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path, capsys) -> None:
+    assert main(["train", "--model.name_or_path", str(tmp_path / "nope"), "--data.train", "x.jsonl"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "chat", "eval", "merge"])
+def test_every_command_has_help_with_an_example(command, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "example" in out and f"lorafit {command}" in out
+
+
+def test_the_installed_command_runs_end_to_end(tmp_path) -> None:
+    env = {**os.environ, "LORAFIT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafit", "train", *FAST, "--training_config.max_steps", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "lorafit chat --adapter runs/" in proc.stdout
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "adapter_model.safetensors").is_file()
