@@ -133,6 +133,14 @@ def prepare_kbit_model(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
         quantize_model(model, settings)
     for p in model.parameters():
         p.requires_grad_(False)
+    bnb = require_bitsandbytes()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # On AVX-512 BF16 CPUs, bitsandbytes repacks a 4-bit weight for its inference kernel
+            # on the first eval-mode forward (eval loss, sample generation), and that kernel has
+            # no backward: later training steps would silently lose every gradient through the
+            # base. Keep the layout that trains.
+            module.support_avx512bf16_for_cpu = False
     # Everything that is not 4-bit (norms, embeddings, output head) goes to fp32, as PEFT's
     # prepare_model_for_kbit_training does: an fp32 norm makes fp32 activations, which the
     # layers after it must accept, and the norms' statistics stay exact.
@@ -146,14 +154,24 @@ def prepare_kbit_model(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
 
 @torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every 4-bit weight by its 16-bit dequantization (for merging and export)."""
+    """Replace every 4-bit weight by its 16-bit dequantization (for merging and export).
+
+    The 16-bit dtype is ``dtype``, else the 4-bit layers' compute dtype (bf16 when that is fp32).
+    """
     bnb = require_bitsandbytes()
 
+    target_dtype = dtype
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and target_dtype is None:
+            cd = module.compute_dtype
+            target_dtype = cd if cd in (torch.bfloat16, torch.float16) else torch.bfloat16
+
     def plain(q: nn.Module) -> nn.Linear:
-        w = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state)
-        target = dtype or (
-            q.compute_dtype if q.compute_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        )
+        data, state = q.weight.data, q.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # repacked for CPU inference: undo
+            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
+        w = bnb.functional.dequantize_4bit(data, state)
+        target = target_dtype
         lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
         lin.weight = nn.Parameter(w.to(target), requires_grad=False)
         if q.bias is not None:
@@ -169,6 +187,12 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         elif isinstance(module, bnb.nn.Linear4bit) and not name.endswith(".base_layer"):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, plain(module))
+    # Undo the k-bit preparation's fp32 upcast so the model is 16-bit throughout again (LoRA
+    # weights stay fp32: merging computes in fp32 anyway).
+    for name, p in model.named_parameters():
+        if "lora_" not in name and p.dtype == torch.float32 and target_dtype is not None:
+            p.data = p.data.to(target_dtype)
+    model._hf_peft_config_loaded = False
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -152,6 +152,10 @@ def load_model(cfg: RunConfig, tokenizer: Any) -> torch.nn.Module:
         model = build_demo_model(
             dtype=torch.float32 if dtype == "auto" else dtype, attn_implementation=m.attn_implementation
         )
+        if m.quantization:  # built in memory, so quantized here (hub models quantize while loading)
+            from lorafit.quant import quantize_model
+
+            quantize_model(model, m.quantization)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -172,6 +176,10 @@ def load_model(cfg: RunConfig, tokenizer: Any) -> torch.nn.Module:
             model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
         except (OSError, ValueError, ImportError) as e:
             raise LorafitError(f"could not load the model {m.name_or_path}: {e}") from None
+    if m.quantization:
+        from lorafit.quant import prepare_kbit_model
+
+        prepare_kbit_model(model, m.quantization)
     model.config.use_cache = m.use_cache
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -181,12 +189,7 @@ def load_model(cfg: RunConfig, tokenizer: Any) -> torch.nn.Module:
 
 
 def add_lora(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
-    lora_config = cfg.lora
-    if m_quant := cfg.model.quantization:
-        from lorafit.quant import prepare_kbit_model
-
-        prepare_kbit_model(model, m_quant)
-    apply_lora(model, lora_config)
+    apply_lora(model, cfg.lora)
     model.lora_config.base_model_name_or_path = cfg.model.name_or_path
     return model
 
