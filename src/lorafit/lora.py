@@ -285,11 +285,16 @@ class Linear(nn.Linear, LoRALayer):
             result = F.linear(x, self._w(), self.bias)
         if self.has_lora and not self.merged:
             # Two thin products (x A^T) B^T instead of forming B A: r << in, out. The update is
-            # computed in the LoRA dtype (fp32 over a bf16 base) and added before the one cast
-            # back, as PEFT does, so outputs match PEFT's bit for bit.
+            # computed in the LoRA dtype (fp32 over a bf16 base). PEFT adds it before the one cast
+            # back over a 16-bit base, and after casting it over a 4-bit base; so do we, so that
+            # outputs match PEFT's bit for bit on both.
             dtype = result.dtype
             x = self.lora_dropout(x).to(self.lora_A.dtype)
-            result = (result + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling).to(dtype)
+            update = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+            if self.base_layer is not None:
+                result = result + update.to(dtype)
+            else:
+                result = (result + update).to(dtype)
         return result
 
 

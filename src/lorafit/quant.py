@@ -125,7 +125,7 @@ def quantize_model(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
 
 
 def prepare_kbit_model(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
-    """Quantize an in-memory model if needed, freeze it, and put its 16-bit parameters in fp32.
+    """Quantize an in-memory model if needed, freeze it, and keep its norms in fp32.
 
     Inputs that need grad under gradient checkpointing are handled by ``apply_lora``.
     """
@@ -141,15 +141,29 @@ def prepare_kbit_model(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
             # no backward: later training steps would silently lose every gradient through the
             # base. Keep the layout that trains.
             module.support_avx512bf16_for_cpu = False
-    # Everything that is not 4-bit (norms, embeddings, output head) goes to fp32, as PEFT's
-    # prepare_model_for_kbit_training does: an fp32 norm makes fp32 activations, which the
-    # layers after it must accept, and the norms' statistics stay exact.
-    for p in model.parameters():
-        if p.dtype in (torch.float16, torch.bfloat16) and getattr(p, "quant_state", None) is None:
-            p.data = p.data.float()
+    # Norms go to fp32 (their statistics stay exact, as in PEFT's k-bit preparation). Unlike
+    # PEFT, embeddings and the output head keep their 16-bit weights: for Phi-3-mini that is
+    # ~400 MB less. An fp32 norm makes fp32 activations, so the head casts its input to its own
+    # dtype (a bf16 matmul with fp32 accumulation, as in any bf16 run).
+    for module in model.modules():
+        if "norm" in type(module).__name__.lower():
+            module.float()
+            module.register_forward_hook(_output_to_input_dtype)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is not None and getattr(head, "weight", None) is not None and head.weight.dtype != torch.float32:
+        head.register_forward_pre_hook(_input_to_weight_dtype)
     # transformers' Trainer refuses "purely quantized" models; LoRA makes this one trainable.
     model._hf_peft_config_loaded = True
     return model
+
+
+def _output_to_input_dtype(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.to(args[0].dtype) if torch.is_tensor(output) else output
+
+
+def _input_to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].to(module.weight.dtype), *args[1:])
 
 
 @torch.no_grad()
