@@ -178,3 +178,27 @@ def test_the_installed_command_runs_end_to_end(tmp_path) -> None:
     assert "lorafit chat --adapter runs/" in proc.stdout
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "adapter_model.safetensors").is_file()
+
+
+def test_phi3_sample_dicts_train_the_demo_model(tmp_path, monkeypatch) -> None:
+    """The Phi-3 sample's training_config and peft_config verbatim (bf16 autocast on CPU,
+    gradient checkpointing, warmup_ratio, overwrite_output_dir), a few steps on the demo model."""
+    from test_config import PHI3_PEFT_CONFIG, PHI3_TRAINING_CONFIG
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "run.json").write_text(
+        json.dumps(
+            {
+                "model": {"name_or_path": "lorafit-demo"},
+                "data": {"max_length": 256, "eval_prompts": 0},
+                "training_config": PHI3_TRAINING_CONFIG,
+                "peft_config": PHI3_PEFT_CONFIG,
+            }
+        )
+    )
+    assert (
+        main(["train", "run.json", "--training_config.max_steps", "2", "--training_config.report_to", "none"])
+        == 0
+    )
+    assert (tmp_path / "checkpoint_dir" / "adapter_model.safetensors").is_file()
