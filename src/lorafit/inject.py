@@ -158,18 +158,12 @@ class LoraConfig:
         return dataclasses.asdict(self)
 
     def rank_for(self, name: str) -> int:
-        return (
-            self.rank_pattern[_pattern_key(self.rank_pattern, name)]
-            if _pattern_key(self.rank_pattern, name)
-            else self.r
-        )
+        key = _pattern_key(self.rank_pattern, name)
+        return self.rank_pattern[key] if key is not None else self.r
 
     def alpha_for(self, name: str) -> float:
-        return (
-            self.alpha_pattern[_pattern_key(self.alpha_pattern, name)]
-            if _pattern_key(self.alpha_pattern, name)
-            else self.lora_alpha
-        )
+        key = _pattern_key(self.alpha_pattern, name)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
 
 def _pattern_key(patterns: dict[str, Any], name: str) -> str | None:

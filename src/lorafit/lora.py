@@ -97,7 +97,6 @@ class LoRALayer:
     def merge(self) -> None:
         """Fold the update into the base weight (fp32 arithmetic, one cast). Idempotent."""
         if self.merged or not self.has_lora:
-            self.merged = self.merged or self.has_lora
             return
         w = self._base_weight()
         new = w.float() + self.delta_weight()
