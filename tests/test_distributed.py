@@ -9,6 +9,7 @@ under 1e-6 on losses near 7; the tolerance is ``LOSS_TOLERANCE``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -181,6 +182,21 @@ def test_fsdp_flag_is_refused_on_cpu(capsys) -> None:
     assert main(["train", "--fsdp", "--training_config.max_steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "needs GPUs" in err and "silently run plain DDP" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed is installed")
+def test_deepspeed_config_without_deepspeed_is_a_clear_error(capsys) -> None:
+    config = Path(__file__).resolve().parents[1] / "examples" / "deepspeed_zero3.json"
+    # The adapter is gathered from what ZeRO-3 hands over at each save: the example must ask for it.
+    assert json.loads(config.read_text())["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    assert main(["train", "--training_config.deepspeed", str(config)]) == 2
+    assert "needs the deepspeed package" in capsys.readouterr().err
+
+
+def test_device_map_under_a_launcher_is_refused(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group is joined
+    assert main(["train", "--model.device_map", "auto"]) == 2
+    assert "each of the 2 processes loads its own copy" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------

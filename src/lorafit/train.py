@@ -63,6 +63,15 @@ def join_processes(cfg: RunConfig) -> None:
             "plain DDP with the whole model on every process. On CPU, drop --fsdp and launch with "
             "torchrun (DDP); to shard the model, run on GPUs."
         )
+    if ds := tc.get("deepspeed"):
+        import importlib.util
+
+        if isinstance(ds, str) and not Path(ds).is_file():
+            raise LorafitError(f"training_config.deepspeed: the DeepSpeed config {ds} does not exist")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise LorafitError(
+                "training_config.deepspeed needs the deepspeed package (CUDA machines): pip install deepspeed"
+            )
     if lf_dist.world_size() > 1 and isinstance(cfg.model.device_map, str):
         raise LorafitError(
             f"model.device_map: {cfg.model.device_map!r} spreads one model over every device, but under "
@@ -367,9 +376,14 @@ class LorafitTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
+        if state_dict is not None and not state_dict:
+            raise LorafitError(
+                "the sharded model handed over no weights to save. With DeepSpeed ZeRO-3 set "
+                "zero_optimization.stage3_gather_16bit_weights_on_model_save: true in its config"
+            )
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         # Without sharding, Trainer passes no state dict and the model's parameters are whole.
-        save_adapter(model, output_dir, state_dict=state_dict or None)
+        save_adapter(model, output_dir, state_dict=state_dict)
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
