@@ -4,7 +4,9 @@ The 2-process DDP run trains the demo model with half the per-device batch of th
 run (the same global batch of 4 packed rows), so with ``average_tokens_across_devices`` (the
 loss is summed over every rank's tokens and divided by the global token count) and no dropout
 the two loss curves are the same computation in another summation order. Measured difference:
-under 1e-6 on losses near 7; the tolerance is ``LOSS_TOLERANCE``.
+under 1e-6 on losses near 7; the tolerance is ``LOSS_TOLERANCE``. The same comparison runs
+for ``--fsdp`` through Trainer's FSDP2 path (tests/fsdp_cpu_launch.py), and tests/dist_worker.py
+runs torch's FSDP2 and the rank-agreement helpers directly.
 """
 
 from __future__ import annotations
@@ -175,6 +177,36 @@ def test_fsdp2_shards_a_lora_model_on_cpu(worker) -> None:
         assert abs(a - b) < LOSS_TOLERANCE
     assert report["adapter_keys_match"] and report["adapter_max_diff"] < 1e-6
     assert report["reloaded_logits_max_diff"] < 1e-5
+
+
+def test_trainer_fsdp2_run_on_cpu_matches_and_resumes(one_process, tmp_path) -> None:
+    """``lorafit train --fsdp`` through Trainer and accelerate's FSDP2 preparation, run on CPU by
+    tests/fsdp_cpu_launch.py (which lifts accelerate's accelerator-only gate): same losses as one
+    process, checkpoints with the adapter and optimizer but never the base model, and resume."""
+    launch = str(Path(__file__).with_name("fsdp_cpu_launch.py"))
+    args = [*COMMON, "--training_config.per_device_train_batch_size", "2", "--training_config.output_dir=run"]
+    torchrun([launch, "train", "--fsdp", *args], tmp_path, tmp_path / "cache")
+    run = tmp_path / "run"
+    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(rows(one_process), rows(run), strict=True)]
+    assert max(diffs) < LOSS_TOLERANCE, diffs
+    # Only rank 0 could have run the "after" samples, and under FSDP it holds half the model.
+    assert "(not run: the model is sharded" in (run / "samples.md").read_text()
+    assert {p.name for p in (run / "checkpoint-6").iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.bin",
+        "scheduler.pt",
+        "trainer_state.json",
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    }
+
+    shutil.rmtree(run / "checkpoint-6")
+    torchrun([launch, "train", "--resume", str(run)], tmp_path, tmp_path / "cache")
+    resumed = rows(run)[-3:]
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for a, b in zip(rows(one_process)[3:], resumed, strict=True):
+        assert abs(a["loss"] - b["loss"]) < LOSS_TOLERANCE
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on GPUs --fsdp is accepted")

@@ -55,14 +55,7 @@ def join_processes(cfg: RunConfig) -> None:
     tc = cfg.training_config
     cpu = bool(tc.get("use_cpu")) or not _has_accelerator()
     if tc.get("fsdp") and cpu:
-        import accelerate
-
-        raise LorafitError(
-            f"training_config.fsdp needs GPUs (or other accelerators): accelerate {accelerate.__version__} "
-            "turns FSDP on only for CUDA/XPU/NPU/HPU-type devices, and on CPU it would silently run "
-            "plain DDP with the whole model on every process. On CPU, drop --fsdp and launch with "
-            "torchrun (DDP); to shard the model, run on GPUs."
-        )
+        refuse_cpu_fsdp()
     if ds := tc.get("deepspeed"):
         import importlib.util
 
@@ -83,6 +76,18 @@ def join_processes(cfg: RunConfig) -> None:
         backend=tc.get("ddp_backend"),
         timeout_s=int(tc.get("ddp_timeout") or 1800),
         deepspeed=bool(tc.get("deepspeed")),
+    )
+
+
+def refuse_cpu_fsdp() -> None:
+    """FSDP asked for on CPU: refused, because accelerate would quietly run DDP instead."""
+    import accelerate
+
+    raise LorafitError(
+        f"training_config.fsdp needs GPUs (or other accelerators): accelerate {accelerate.__version__} "
+        "turns FSDP on only for CUDA/XPU/NPU/HPU-type devices, and on CPU it would silently run "
+        "plain DDP with the whole model on every process. On CPU, drop --fsdp and launch with "
+        "torchrun (DDP); to shard the model, run on GPUs."
     )
 
 
@@ -384,6 +389,19 @@ class LorafitTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         # Without sharding, Trainer passes no state dict and the model's parameters are whole.
         save_adapter(model, output_dir, state_dict=state_dict)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Under FSDP, Trainer would also write the whole model (pytorch_model_fsdp.bin: every base
+        # weight) into each checkpoint; the adapter is all a lorafit checkpoint needs.
+        from accelerate.utils import save_fsdp_optimizer
+        from transformers.trainer import SCHEDULER_NAME
+
+        plugin = self.accelerator.state.fsdp_plugin
+        save_fsdp_optimizer(plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
