@@ -231,6 +231,14 @@ def test_device_map_under_a_launcher_is_refused(monkeypatch, capsys) -> None:
     assert "each of the 2 processes loads its own copy" in capsys.readouterr().err
 
 
+def test_fsdp_without_a_launcher_is_refused(monkeypatch, capsys) -> None:
+    import lorafit.train
+
+    monkeypatch.setattr(lorafit.train, "refuse_cpu_fsdp", lambda: None)  # as on a GPU machine
+    assert main(["train", "--fsdp"]) == 2
+    assert "this is a single process" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------
 # Single-process pieces
 # --------------------------------------------------------------------------------------------

@@ -56,6 +56,11 @@ def join_processes(cfg: RunConfig) -> None:
     cpu = bool(tc.get("use_cpu")) or not _has_accelerator()
     if tc.get("fsdp") and cpu:
         refuse_cpu_fsdp()
+    if tc.get("fsdp") and lf_dist.world_size() == 1:
+        raise LorafitError(
+            "training_config.fsdp shards the model over the processes of a launch, and this is a single "
+            "process (accelerate would train unsharded): torchrun --nproc_per_node N -m lorafit train ..."
+        )
     if ds := tc.get("deepspeed"):
         import importlib.util
 
