@@ -221,3 +221,17 @@ def test_unload_leaves_plain_linear_layers(tmp_path) -> None:
 
 def test_phi3_config_helper_is_phi3() -> None:
     assert phi3_config().model_type == "phi3"
+
+
+@pytest.mark.parametrize("checkpointing_first", [True, False])
+def test_input_grad_hook_is_registered_once(checkpointing_first) -> None:
+    model = tiny_phi3().train()
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": True}}
+    if checkpointing_first:
+        model.gradient_checkpointing_enable(**kwargs)
+    apply_lora(model, LoraConfig(r=4, target_modules="all-linear"))
+    if not checkpointing_first:
+        model.gradient_checkpointing_enable(**kwargs)  # what Trainer does after lorafit's apply_lora
+    assert len(model.get_input_embeddings()._forward_hooks) == 1
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)

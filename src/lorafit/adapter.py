@@ -25,6 +25,8 @@ from lorafit.inject import ALL_LINEAR, LoraConfig, apply_lora, find_targets, lor
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# Wrapper modules that FSDP1, activation checkpointing and torch.compile insert into module names.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def _atomic_write(path: Path, write) -> None:  # noqa: ANN001
@@ -39,29 +41,54 @@ def _atomic_write(path: Path, write) -> None:  # noqa: ANN001
         raise
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors an adapter holds, under PEFT's key names."""
+def clean_module_name(name: str) -> str:
+    """A module or parameter name without the wrapper parts FSDP1 and activation checkpointing
+    insert (``_fsdp_wrapped_module.`` ...): the name the plain model gives it."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def adapter_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors an adapter holds, under PEFT's key names.
+
+    With ``state_dict`` (a full state dict of ``model``, as FSDP and DeepSpeed gather it for
+    saving, keyed by parameter name) the tensors come from there instead of from the model,
+    whose own parameters are then only shards. Names are taken without the wrapper parts that
+    FSDP1 and activation checkpointing insert, so the keys are the plain model's.
+    """
     config: LoraConfig = _config_of(model)
-    out: dict[str, torch.Tensor] = {}
+    wanted: dict[str, tuple[str, torch.Tensor]] = {}  # PEFT key -> (parameter name, parameter)
     lora_names = set()
     for name, layer in lora_layers(model):
+        name = clean_module_name(name)
         lora_names.add(name)
-        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
-        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
+        wanted[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A", layer.lora_A)
+        wanted[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B", layer.lora_B)
     for name, p in model.named_parameters():
+        name = clean_module_name(name)
         owner = name.rsplit(".", 1)[0]
         if (
             config.bias == "all"
             and name.endswith("bias")
             or (config.bias == "lora_only" and name.endswith(".bias") and owner in lora_names)
         ):
-            out[PREFIX + name] = p
+            wanted[PREFIX + name] = (name, p)
     for mod_name in config.modules_to_save or []:
         for name, module in model.named_modules():
+            name = clean_module_name(name)
             if name == mod_name or name.endswith("." + mod_name):
                 for pname, p in module.named_parameters():
-                    out[f"{PREFIX}{name}.{pname}"] = p
-    return {k: v.detach().contiguous() for k, v in out.items()}
+                    full = f"{name}.{clean_module_name(pname)}"
+                    wanted[PREFIX + full] = (full, p)
+    if state_dict is None:
+        return {k: p.detach().contiguous() for k, (_, p) in wanted.items()}
+    missing = [pname for pname, _ in wanted.values() if pname not in state_dict]
+    if missing:
+        raise LorafitError(f"the gathered state dict lacks {len(missing)} adapter tensors, e.g. {missing[0]}")
+    return {k: state_dict[pname].detach().contiguous() for k, (pname, _) in wanted.items()}
 
 
 def _config_of(model: nn.Module) -> LoraConfig:
@@ -96,16 +123,21 @@ def adapter_config_dict(model: nn.Module) -> dict[str, Any]:
 
 
 def save_adapter(
-    model: nn.Module, folder: str | os.PathLike, *, base_model_name_or_path: str | None = None
+    model: nn.Module,
+    folder: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``.
 
     Each file is written to a temporary name and renamed, so an interrupted save never
-    leaves a half-written adapter over a good one.
+    leaves a half-written adapter over a good one. ``state_dict``: take the tensors from this
+    gathered full state dict (FSDP, DeepSpeed ZeRO-3) instead of the model's own parameters.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_state_dict(model)
+    tensors = adapter_state_dict(model, state_dict)
     cfg = adapter_config_dict(model)
     if base_model_name_or_path is not None:
         cfg["base_model_name_or_path"] = base_model_name_or_path

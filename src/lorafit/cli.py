@@ -27,6 +27,8 @@ examples:
   lorafit train phi3.yaml --training_config.learning_rate 1e-4 --data.max_length 1024
   lorafit train phi3.yaml --qlora
   lorafit train --resume runs/20261128-101500
+  torchrun --nproc_per_node 4 -m lorafit train phi3.yaml           # DDP over 4 GPUs (or CPU processes)
+  torchrun --nproc_per_node 8 -m lorafit train phi3.yaml --fsdp    # shard the base model over 8 GPUs
 """
 
 CHAT_HELP = """\
@@ -82,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--qlora", action="store_true", help="4-bit NF4 base weights (the Phi-3 QLoRA sample's settings)"
+    )
+    t.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model over the GPUs of a torchrun/accelerate launch (FSDP2, one unit a layer)",
     )
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from lorafit.config import load_config
-    from lorafit.train import RUN_CONFIG_NAME, train
+    from lorafit.train import RUN_CONFIG_NAME, is_main_process, train
 
     config_path = args.config
     if (
@@ -176,10 +183,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         from lorafit.quant import QLORA_OVERRIDES
 
         overrides = [*QLORA_OVERRIDES, *overrides]
+    if args.fsdp:
+        from lorafit.distributed import FSDP_OVERRIDES
+
+        overrides = [*FSDP_OVERRIDES, *overrides]
     cfg = load_config(config_path, overrides)
     run_dir = train(cfg, resume=args.resume)
-    print(f"\nadapter saved in {run_dir}")
-    print(f"try it:  lorafit chat --adapter {run_dir}")
+    if is_main_process():
+        print(f"\nadapter saved in {run_dir}")
+        print(f"try it:  lorafit chat --adapter {run_dir}")
     return 0
 
 

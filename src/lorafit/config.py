@@ -25,6 +25,9 @@ from lorafit.inject import LoraConfig
 # TrainingArguments keys that transformers 5 dropped but the Phi-3 samples (and many older
 # configs) still write: each maps to its replacement, or is lorafit's own.
 RENAMED_TRAINING_KEYS = {"evaluation_strategy": "eval_strategy"}
+# TrainingArguments fields whose annotation is narrower than what transformers accepts:
+# ``fsdp`` is typed ``str | None`` but ``fsdp: true`` is its documented form.
+TRAINING_KEY_TYPES: dict[str, Any] = {"fsdp": bool | str | list | None}
 LORAFIT_TRAINING_KEYS = {
     "overwrite_output_dir": bool,  # lorafit refuses to reuse a run folder unless this is set
     "warmup_ratio": float,  # becomes warmup_steps (a float < 1 is a ratio there)
@@ -252,7 +255,7 @@ def check_training_config(values: dict[str, Any], source: str = "config") -> dic
             ok = value is None or _type_ok(value, expected)
             hint = expected
         elif key in fields:
-            hint = hints.get(key, Any)
+            hint = TRAINING_KEY_TYPES.get(key) or hints.get(key, Any)
             value = _coerce(value, hint)
             ok = _type_ok(value, hint)
         else:

@@ -370,8 +370,15 @@ def apply_lora(model: nn.Module, config: LoraConfig | dict[str, Any]) -> nn.Modu
         )
     model.lora_config = config
     # With frozen embeddings and reentrant gradient checkpointing no checkpointed block would
-    # see an input that needs grad ("element 0 of tensors does not require grad").
-    if hasattr(model, "enable_input_require_grads"):
+    # see an input that needs grad ("element 0 of tensors does not require grad"). transformers
+    # adds the hook that fixes this whenever checkpointing is turned on (Trainer does, after
+    # this), so add it here only if checkpointing is already on without it: never twice.
+    checkpointing = getattr(model, "is_activation_checkpointing", False)
+    if (
+        checkpointing
+        and not getattr(model, "_require_grads_hooks", None)
+        and hasattr(model, "enable_input_require_grads")
+    ):
         try:
             model.enable_input_require_grads()
         except NotImplementedError:  # models without input embeddings

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from lorafit import data as lf_data
+from lorafit import distributed as lf_dist
 from lorafit.adapter import load_adapter, save_adapter
 from lorafit.config import DEMO_MODEL, RunConfig
 from lorafit.errors import LorafitError
@@ -43,7 +44,56 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    """Rank 0 under torchrun / accelerate launch (always true in a single process)."""
+    return lf_dist.is_main_process()
+
+
+def join_processes(cfg: RunConfig) -> None:
+    """Under ``torchrun`` / ``accelerate launch``: join the process group before anything is
+    decided, so that rank 0 can choose the run folder for all. Refuses FSDP where accelerate
+    would silently ignore it (CPU)."""
+    tc = cfg.training_config
+    cpu = bool(tc.get("use_cpu")) or not _has_accelerator()
+    if tc.get("fsdp") and cpu:
+        refuse_cpu_fsdp()
+    if tc.get("fsdp") and lf_dist.world_size() == 1:
+        raise LorafitError(
+            "training_config.fsdp shards the model over the processes of a launch, and this is a single "
+            "process (accelerate would train unsharded): torchrun --nproc_per_node N -m lorafit train ..."
+        )
+    if ds := tc.get("deepspeed"):
+        import importlib.util
+
+        if isinstance(ds, str) and not Path(ds).is_file():
+            raise LorafitError(f"training_config.deepspeed: the DeepSpeed config {ds} does not exist")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise LorafitError(
+                "training_config.deepspeed needs the deepspeed package (CUDA machines): pip install deepspeed"
+            )
+    if lf_dist.world_size() > 1 and isinstance(cfg.model.device_map, str):
+        raise LorafitError(
+            f"model.device_map: {cfg.model.device_map!r} spreads one model over every device, but under "
+            f"torchrun each of the {lf_dist.world_size()} processes loads its own copy for its own device. "
+            "Leave device_map null (DDP), or add --fsdp to shard the model over the processes."
+        )
+    lf_dist.init_distributed(
+        cpu=cpu,
+        backend=tc.get("ddp_backend"),
+        timeout_s=int(tc.get("ddp_timeout") or 1800),
+        deepspeed=bool(tc.get("deepspeed")),
+    )
+
+
+def refuse_cpu_fsdp() -> None:
+    """FSDP asked for on CPU: refused, because accelerate would quietly run DDP instead."""
+    import accelerate
+
+    raise LorafitError(
+        f"training_config.fsdp needs GPUs (or other accelerators): accelerate {accelerate.__version__} "
+        "turns FSDP on only for CUDA/XPU/NPU/HPU-type devices, and on CPU it would silently run "
+        "plain DDP with the whole model on every process. On CPU, drop --fsdp and launch with "
+        "torchrun (DDP); to shard the model, run on GPUs."
+    )
 
 
 def new_run_dir(root: Path = Path("runs")) -> Path:
@@ -282,8 +332,14 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool) -> Trainin
     tc.setdefault("dataloader_num_workers", 0)
     tc["remove_unused_columns"] = False  # our rows carry only model inputs
     tc["label_names"] = ["labels"]
-    if tc.get("gradient_checkpointing") and "gradient_checkpointing_kwargs" not in tc:
-        tc["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    # Every LoRA parameter takes part in every forward, so DDP need not search the graph for
+    # unused ones each step (Trainer's default turns that search on without checkpointing).
+    tc.setdefault("ddp_find_unused_parameters", False)
+    # Non-reentrant checkpointing: works under DDP and FSDP with frozen base weights, where the
+    # reentrant kind needs inputs that require grad. transformers 5 renamed the key.
+    for key in ("gradient_checkpointing", "activation_checkpointing"):
+        if tc.get(key) and f"{key}_kwargs" not in tc:
+            tc[f"{key}_kwargs"] = {"use_reentrant": False}
     try:
         return TrainingArguments(**tc)
     except (ValueError, TypeError) as e:
@@ -300,7 +356,12 @@ def _has_accelerator() -> bool:
 
 class LorafitTrainer(Trainer):
     """``Trainer`` whose checkpoints hold the PEFT-format adapter instead of the base model,
-    and which counts real (non-pad) tokens for the tokens/s figure."""
+    and which counts real (non-pad) tokens for the tokens/s figure.
+
+    Under DDP every rank counts its own tokens and :meth:`tokens_seen` sums them. Under FSDP
+    (and DeepSpeed ZeRO-3) Trainer gathers a full state dict on every rank before ``_save``;
+    the adapter is taken from it, and resuming loads the adapter into the sharded parameters.
+    """
 
     def __init__(self, *args: Any, pad_token_id: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -319,26 +380,54 @@ class LorafitTrainer(Trainer):
                 self.real_tokens += ids.numel()
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def tokens_seen(self) -> int:
+        """Real tokens trained on so far by all processes together. A collective under
+        DDP/FSDP: every rank must call it at the same point (Trainer logs on every rank)."""
+        return lf_dist.all_reduce_sum(self.real_tokens, device=self.args.device)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
+        if state_dict is not None and not state_dict:
+            raise LorafitError(
+                "the sharded model handed over no weights to save. With DeepSpeed ZeRO-3 set "
+                "zero_optimization.stage3_gather_16bit_weights_on_model_save: true in its config"
+            )
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        save_adapter(model, output_dir)
+        # Without sharding, Trainer passes no state dict and the model's parameters are whole.
+        save_adapter(model, output_dir, state_dict=state_dict)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Under FSDP, Trainer would also write the whole model (pytorch_model_fsdp.bin: every base
+        # weight) into each checkpoint; the adapter is all a lorafit checkpoint needs.
+        from accelerate.utils import save_fsdp_optimizer
+        from transformers.trainer import SCHEDULER_NAME
+
+        plugin = self.accelerator.state.fsdp_plugin
+        save_fsdp_optimizer(plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
-        load_adapter(model or self.model, resume_from_checkpoint)
+        if self.is_fsdp_enabled:
+            lf_dist.load_adapter_sharded(model or self.model_wrapped, resume_from_checkpoint)
+        else:
+            load_adapter(model or self.model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         if self.state.best_model_checkpoint:
-            load_adapter(self.model, self.state.best_model_checkpoint)
+            self._load_from_checkpoint(self.state.best_model_checkpoint)
 
 
 class RunFilesCallback(TrainerCallback):
     """``metrics.jsonl`` (one line per log and eval), ``loss.png``, and a progress bar with
-    loss, learning rate and tokens/s. Writes on the main process only."""
+    loss, learning rate and tokens/s. Writes on the main process only; token counts in
+    ``metrics.jsonl`` are summed over all processes."""
 
     def __init__(self, run_dir: Path, trainer: LorafitTrainer) -> None:
         self.run_dir = run_dir
@@ -351,7 +440,7 @@ class RunFilesCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         self.t0 = time.perf_counter()
-        self.tokens0 = self.trainer.real_tokens
+        self.tokens0 = self.trainer.tokens_seen()  # every rank runs this callback: a collective is safe
         if state.is_world_process_zero:
             self.bar = tqdm(
                 total=state.max_steps,
@@ -361,23 +450,30 @@ class RunFilesCallback(TrainerCallback):
                 dynamic_ncols=True,
             )
 
-    def tokens_per_s(self) -> float:
-        return (self.trainer.real_tokens - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
+    def tokens_per_s(self, tokens: int) -> float:
+        """Throughput since training began, given the tokens seen by all processes so far."""
+        return (tokens - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
             postfix = {k: v for k, v in self.last.items()}
-            postfix["tok/s"] = f"{self.tokens_per_s():.0f}"
+            # Only rank 0 has a bar, so no collective here: its own count times the number of
+            # processes estimates the total; metrics.jsonl holds the exact sum.
+            postfix["tok/s"] = f"{self.tokens_per_s(self.trainer.real_tokens * args.world_size):.0f}"
             self.bar.set_postfix(postfix, refresh=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
-        if not state.is_world_process_zero or not logs:
+        if not logs:
+            return
+        # Trainer logs on every rank with the same keys, so every rank joins this sum.
+        tokens = self.trainer.tokens_seen() if "loss" in logs else 0
+        if not state.is_world_process_zero:
             return
         row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         if "loss" in logs:
-            row["tokens_per_s"] = round(self.tokens_per_s(), 1)
-            row["tokens_seen"] = self.trainer.real_tokens
+            row["tokens_per_s"] = round(self.tokens_per_s(tokens), 1)
+            row["tokens_seen"] = tokens
             self.last = {"loss": f"{logs['loss']:.4f}", "lr": f"{logs.get('learning_rate', 0):.2e}"}
         if "eval_loss" in logs:
             row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
@@ -504,13 +600,27 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def train(cfg: RunConfig, *, resume: str | bool | None = None, echo: Any = print) -> Path:
-    """Fine-tune with LoRA as ``cfg`` says; returns the run folder holding the adapter."""
-    run_dir, checkpoint = resolve_run_dir(cfg, resume)
+    """Fine-tune with LoRA as ``cfg`` says; returns the run folder holding the adapter.
+
+    Launched by torchrun or accelerate launch, every process runs this: rank 0 picks the run
+    folder and writes the files, the others train their share of each batch.
+    """
+    join_processes(cfg)
+    if not is_main_process():
+        echo = _say_nothing
+    run_dir, checkpoint = lf_dist.decide_on_main(lambda: resolve_run_dir(cfg, resume))
     seed = int(cfg.training_config.get("seed", 42))
     tokenizer = load_tokenizer(cfg)
-    train_set, eval_set, stats = build_data(cfg, tokenizer, seed)
+    with lf_dist.main_process_first():  # one process per machine tokenises; the rest read its cache
+        train_set, eval_set, stats = build_data(cfg, tokenizer, seed)
+    fingerprints = [lf_dist.dataset_fingerprint(d) for d in (train_set, eval_set) if d is not None]
+    lf_dist.check_same_on_all_ranks("/".join(fingerprints), "training rows")
     echo(describe_data(stats))
-    model = add_lora(load_model(cfg, tokenizer), cfg)
+    model = load_model(cfg, tokenizer)
+    # LoRA's random A matrices from the run's seed: the same on every rank and in every launch,
+    # not whatever the global RNG holds after startup (which differs with the launcher).
+    set_seed(seed)
+    model = add_lora(model, cfg)
     echo(trainable_summary(model))
     args = training_arguments(cfg, run_dir, has_eval=eval_set is not None)
 
@@ -537,15 +647,20 @@ def train(cfg: RunConfig, *, resume: str | bool | None = None, echo: Any = print
     trainer.add_callback(files)
     echo(f"training in {run_dir}" + (f", resuming from {checkpoint}" if checkpoint else ""))
     trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(str(run_dir))  # on every rank: FSDP gathers the adapter from all of them
 
-    if is_main_process():
-        save_adapter(model, run_dir, base_model_name_or_path=cfg.model.name_or_path)
-        if prompts:
+    if is_main_process() and prompts:
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            # The weights are spread over the processes; rank 0 alone cannot run the model.
+            after = [f"(not run: the model is sharded; try lorafit chat --adapter {run_dir})"] * len(prompts)
+        else:
             after = answer_prompts(model, tokenizer, prompts)
-            write_samples(
-                run_dir / SAMPLES_NAME, prompts, before or ["(not run: resumed)"] * len(after), after
-            )
+        write_samples(run_dir / SAMPLES_NAME, prompts, before or ["(not run: resumed)"] * len(after), after)
     return run_dir
+
+
+def _say_nothing(*args: Any, **kwargs: Any) -> None:
+    """``echo`` on ranks other than 0: one copy of each message is enough."""
 
 
 def describe_data(stats: dict[str, Any]) -> str:

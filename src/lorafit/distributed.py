@@ -1,0 +1,217 @@
+"""Several processes, one run: rank queries, agreement between ranks, sharded adapters.
+
+``torchrun`` and ``accelerate launch`` start one process per device with ``RANK``,
+``LOCAL_RANK`` and ``WORLD_SIZE`` in the environment; ``transformers.Trainer`` (through
+accelerate) then wraps the model in DDP or FSDP. What the Trainer does not do, and this module
+does, is make the processes agree *before* the Trainer exists:
+
+* one run folder: rank 0 picks it (a timestamped name, or checks ``output_dir``) and sends it
+  to the others, so every rank writes checkpoints into the same folder and a refusal (folder
+  taken) stops every rank with the same message;
+* one copy of the data work: the first process on each machine tokenises and fills the cache
+  while the others wait, then they read the cache; a fingerprint check proves every rank holds
+  the same examples in the same packed rows (the sampler, seeded alike, then orders them alike).
+
+It also moves adapters in and out of sharded models (FSDP), whose parameters no single rank
+holds whole. Without ``WORLD_SIZE > 1`` every function here is a no-op or a plain call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from lorafit.adapter import clean_module_name, read_adapter_weights
+from lorafit.errors import LorafitError
+
+T = TypeVar("T")
+
+# What ``lorafit train --fsdp`` sets (TrainingArguments keys): FSDP2, which shards every
+# parameter on its own, so frozen base weights and trainable LoRA matrices can share a wrapped
+# unit (FSDP1's flat parameters need use_orig_params for that); one unit per decoder layer
+# (the model's ``_no_split_modules``); a full state dict for saving, from which the adapter is
+# taken on rank 0.
+FSDP_OVERRIDES = [
+    "--training_config.fsdp=true",
+    "--training_config.fsdp_config={version: 2, auto_wrap_policy: TRANSFORMER_BASED_WRAP, "
+    "reshard_after_forward: true, state_dict_type: FULL_STATE_DICT}",
+]
+
+
+def rank() -> int:
+    """This process's global rank (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (0 without a launcher)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    """How many processes train together (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0: the one process that writes the run's files."""
+    return rank() == 0
+
+
+def _group_ready() -> bool:
+    return world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def init_distributed(
+    *, cpu: bool, backend: str | None = None, timeout_s: int = 1800, deepspeed: bool = False
+) -> None:
+    """Join the process group now, when launched with ``WORLD_SIZE > 1``.
+
+    The group is accelerate's ``PartialState``, built as ``TrainingArguments`` builds it (same
+    backend choice: gloo on CPU, nccl on CUDA), which later finds it initialised and reuses it.
+    Joining early lets the ranks agree on the run folder and data before the Trainer exists.
+    """
+    if world_size() <= 1 or _group_ready():
+        return
+    from accelerate import PartialState
+
+    kwargs: dict[str, Any] = {"timeout": timedelta(seconds=timeout_s)}
+    if backend:
+        kwargs["backend"] = backend
+    if deepspeed:
+        # As TrainingArguments does: the env var makes accelerate start DeepSpeed's group.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(cpu=cpu, **kwargs)
+    finally:
+        if deepspeed:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+
+
+def decide_on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run on rank 0 only; every rank returns its result.
+
+    A :class:`LorafitError` raised on rank 0 is raised on every rank with the same message, so
+    a refusal (an output folder already in use, say) stops the whole job instead of leaving the
+    other ranks waiting. The result must be picklable.
+    """
+    if not _group_ready():
+        return fn()
+    payload: list[Any] = [None]
+    error: LorafitError | None = None
+    if rank() == 0:
+        try:
+            payload[0] = ("ok", fn())
+        except LorafitError as e:
+            error = e
+            payload[0] = ("error", str(e))
+    torch.distributed.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if error is not None:
+        raise error
+    if status == "error":
+        raise LorafitError(value)
+    return value
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """The first process on each machine runs the block, then the others do.
+
+    For cached work (tokenisation): the first process fills the machine's cache and the others
+    find it there. Every rank passes the barrier once, so on several machines all first
+    processes work in parallel. If the block raises on a first process, the launcher stops the
+    waiting ranks.
+    """
+    if not _group_ready():
+        yield
+        return
+    first = local_rank() == 0
+    if not first:
+        torch.distributed.barrier()
+    yield
+    if first:
+        torch.distributed.barrier()
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """A hash of a lorafit dataset's tokens, labels, example boundaries and packed rows.
+
+    Works on ``TokenizedDataset`` and ``PackedDataset`` (whose ``examples`` and ``rows`` say
+    which examples share a row); any other dataset is hashed through its items.
+    """
+    h = hashlib.sha256()
+    examples = getattr(dataset, "examples", dataset)
+    arrays = [getattr(examples, name, None) for name in ("input_ids", "labels", "offsets")]
+    if all(a is not None for a in arrays):
+        for a in arrays:
+            h.update(np.ascontiguousarray(a).tobytes())
+        rows = getattr(dataset, "rows", None)
+        if rows is not None:
+            h.update(np.asarray([len(r) for r in rows], dtype=np.int64).tobytes())
+            h.update(np.asarray([i for r in rows for i in r], dtype=np.int64).tobytes())
+    else:
+        for i in range(len(dataset)):
+            h.update(repr(dataset[i]).encode())
+    h.update(str(len(dataset)).encode())
+    return h.hexdigest()
+
+
+def check_same_on_all_ranks(value: str, what: str) -> None:
+    """Raise on every rank unless every rank passes the same ``value`` (a short string)."""
+    if not _group_ready():
+        return
+    values: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        groups: dict[str, list[int]] = {}
+        for r, v in enumerate(values):
+            groups.setdefault(v, []).append(r)
+        detail = "; ".join(f"ranks {ranks}: {v[:12]}" for v, ranks in groups.items())
+        raise LorafitError(
+            f"the processes built different {what} ({detail}). Every machine must see the same "
+            "data files, tokenizer and config: check that the files are identical on every machine "
+            "(or on a shared filesystem)."
+        )
+
+
+def all_reduce_sum(value: int, device: torch.device | str = "cpu") -> int:
+    """The sum of an integer over all ranks (a collective: every rank must call it)."""
+    if not _group_ready():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t)
+    return int(t.item())
+
+
+def load_adapter_sharded(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Load an adapter's tensors into a model whose parameters FSDP has sharded.
+
+    Every rank calls this and reads ``folder`` (a shared filesystem, or the same files on each
+    machine); ``set_model_state_dict`` keeps each rank's shard of every full tensor. The model
+    must already carry the adapter's LoRA layers (it does when resuming a lorafit run).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    tensors = read_adapter_weights(folder)
+    names = {clean_module_name(n) for n, _ in model.named_parameters()}
+    state: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        # PEFT names the update "<module>.lora_A.weight"; lorafit's parameter is "<module>.lora_A".
+        name = key[: -len(".weight")] if key.endswith((".lora_A.weight", ".lora_B.weight")) else key
+        if name not in names:
+            raise LorafitError(f"adapter {Path(folder)}: {key} has no parameter {name} in this model")
+        state[name] = value
+    missing = sorted(n for n in names if ".lora_" in n and n not in state)
+    if missing:
+        raise LorafitError(f"adapter {Path(folder)} lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
