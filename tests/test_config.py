@@ -87,6 +87,13 @@ def test_yaml_with_overrides(tmp_path) -> None:
     assert cfg.peft_config["target_modules"] == ["qkv_proj", "o_proj"]
 
 
+def test_yaml_no_is_the_word_where_a_string_is_expected(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("training_config:\n  eval_strategy: no\n  bf16: no\n")
+    cfg = load_config(path, ["--training_config.save_strategy", "no"])
+    assert cfg.training_config == {"eval_strategy": "no", "bf16": False, "save_strategy": "no"}
+
+
 def test_yaml_float_without_dot_is_a_number(tmp_path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("training_config:\n  learning_rate: 5e-6\n")

@@ -210,6 +210,9 @@ def _coerce(value: Any, annotation: Any) -> Any:
             return float(value)
         except ValueError:
             return value
+    # ... and "no" (eval_strategy: no) as false; where only a string fits, it meant the word.
+    if isinstance(value, bool) and not _type_ok(value, annotation) and _type_ok("no", annotation):
+        return "yes" if value else "no"
     return value
 
 
