@@ -201,6 +201,9 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 
 def _coerce(value: Any, annotation: Any) -> Any:
+    # YAML 1.1 reads a bare `no` as false: where only text fits (eval_strategy: no), take the word.
+    if value is False and not _type_ok(False, annotation) and _type_ok("no", annotation):
+        return "no"
     # YAML 1.1 reads "5e-6" (no dot) as a string; where a number is expected, take the number.
     if isinstance(value, str) and not _type_ok(value, annotation) and _type_ok(1.5, annotation):
         try:

@@ -15,5 +15,6 @@ def did_you_mean(word: str, choices: list[str] | tuple[str, ...] | set[str]) -> 
     """Return ``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""``."""
     import difflib
 
-    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.5)
+    # str(): keys read from YAML can be numbers or booleans
+    close = difflib.get_close_matches(str(word), sorted(map(str, choices)), n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
