@@ -30,6 +30,7 @@ LORAFIT_TRAINING_KEYS = {
     "warmup_ratio": float,  # becomes warmup_steps (a float < 1 is a ratio there)
     "logging_dir": str,  # where TensorBoard events go
     "save_safetensors": bool,  # always true in lorafit; accepted for old configs
+    "skip_nonfinite": bool,  # skip an optimizer step whose loss or gradients are NaN/inf, not stop
 }
 
 
@@ -106,6 +107,9 @@ class DataConfig:
         assistant_only_loss: loss on assistant turns (content + end-of-turn token) only.
         overlong: ``truncate`` or ``drop`` examples longer than ``max_length``.
         eval_prompts: how many eval prompts to answer before and after training (0: none).
+        skip_bad_records: train on the good records and list the bad ones (malformed JSON, wrong
+            types, unknown roles, empty turns ...) in ``skipped_records.jsonl`` instead of
+            stopping at the first.
     """
 
     train: str | None = None
@@ -118,6 +122,7 @@ class DataConfig:
     assistant_only_loss: bool = True
     overlong: str = "truncate"
     eval_prompts: int = 3
+    skip_bad_records: bool = False
 
     def __post_init__(self) -> None:
         _one_of(

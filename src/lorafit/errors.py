@@ -1,4 +1,4 @@
-"""The one exception type lorafit raises for problems a user can fix."""
+"""The exception lorafit raises for problems a user can fix, and the one for a run stopped early."""
 
 from __future__ import annotations
 
@@ -9,6 +9,18 @@ class LorafitError(Exception):
     The message names what is wrong (file, line, field) and what was expected; the CLI
     prints it as one paragraph without a traceback (unless ``--debug``).
     """
+
+
+class RunStopped(Exception):
+    """Training stopped on request (SIGINT, SIGTERM) after saving a checkpoint.
+
+    The message says where the checkpoint is and how to resume; ``exit_code`` is the shell's
+    convention for the signal (128 + its number).
+    """
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
