@@ -12,11 +12,13 @@ kind of pre-tokenizer (SentencePiece-style ``▁`` for Phi-3 and Llama 2, byte-l
 
 The fixtures return a fresh tokenizer per test (they are mutable); ``make_tokenizer(family)``
 builds one on demand, ``make_tiny_phi3(vocab_size, ...)`` a tiny random ``Phi3ForCausalLM``.
+``write_broken_dataset(path, records)`` writes a large chat JSONL file with every kind of bad record.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import string
 
 import pytest
@@ -234,3 +236,75 @@ def lorafit_cache(tmp_path, monkeypatch):
     cache = tmp_path / "lorafit-cache"
     monkeypatch.setenv("LORAFIT_CACHE", str(cache))
     return cache
+
+
+# One line of each kind of bad record and the start of the reason lorafit gives for it. The first
+# kind is a bad conversation, the second a line that does not parse: the default must stop at the
+# first bad record in file order, whichever stage finds it.
+BROKEN_KINDS = [
+    (
+        b'{"messages": [{"role": "robot", "content": "beep"}, {"role": "assistant", "content": "ok"}]}',
+        "messages[0].role is 'robot'",
+    ),
+    (b'{"messages": [{"role": "user", "content": "hi"}, oops', "not valid JSON"),
+    (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "byte 0xe9 at column 47 is not valid UTF-8"),
+    (b'["a", "list"]', "found a JSON list; expected a JSON object"),
+    (
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 42}]}',
+        "messages[1].content is a int; expected a string",
+    ),
+    (
+        b'{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "ok"}]}',
+        "messages[0].content is an empty turn",
+    ),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', "field 'messages' has no assistant turn"),
+    (
+        b'{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "ok"}]}',
+        "roles out of order",
+    ),
+    (b'{"messages": [{"role": "user"}]}', "messages[0] has no 'content'"),
+    (b'{"instruction": "Add 2 and 2.", "output": "4"}', "looks like format 'alpaca'"),
+    (
+        b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "ok"}]}',
+        "messages[0].content holds '\\ud800'",
+    ),
+    (b'{"messages": ' + b"9" * 5000 + b"}", "not valid JSON (Exceeds the limit"),
+    (b"[" * 100_000, "not valid JSON (nested too deeply"),
+    (b'{"messages": "hello"}', "field 'messages' is a str"),
+]
+
+
+def _over_long() -> bytes:
+    answer = " ".join(["The tide keeps time, and salt wind carries gull voices."] * 60)
+    messages = [{"role": "user", "content": "Talk at length."}, {"role": "assistant", "content": answer}]
+    return json.dumps({"messages": messages}).encode()
+
+
+def write_broken_dataset(path, records: int = 3000, every: int = 10) -> tuple:
+    """A chat JSONL file of ``records`` lines: the demo's conversations, with line 7 and every
+    ``every``-th line after it bad (each kind of ``BROKEN_KINDS`` in turn, and an over-long one).
+
+    Returns ``(path, {line: (kind, start of the reason)})``; the over-long record's reason assumes
+    ``max_length`` 256 with ``overlong: drop``.
+    """
+    from lorafit.demo import train_file
+
+    good = train_file().read_bytes().splitlines()
+    kinds = [*BROKEN_KINDS, (_over_long(), "longer than max_length 256 tokens")]
+    lines, broken = [], {}
+    for number in range(1, records + 1):
+        if number >= 7 and (number - 7) % every == 0:
+            line, reason = kinds[len(broken) % len(kinds)]
+            broken[number] = (line, reason)
+        else:
+            line = good[number % len(good)]
+        lines.append(line)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path, broken
+
+
+@pytest.fixture
+def broken_dataset():
+    """``broken_dataset(path, records=3000)`` -> (path, {line: (kind, reason start)}); see
+    ``write_broken_dataset``."""
+    return write_broken_dataset

@@ -104,16 +104,42 @@ def test_pickled_adapter_is_refused(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "patch",
-    [{"r": 0}, {"lora_dropout": -1}, {"peft_type": "PREFIX_TUNING"}, {"use_dora": True}, {"lora_alpah": 3}],
+    ("patch", "message"),
+    [
+        ({"r": 0}, "r must be a positive integer"),
+        ({"r": -4}, "r must be a positive integer"),
+        ({"r": 2.5}, "r must be a positive integer"),
+        ({"lora_alpha": "big"}, "lora_alpha must be a positive number"),
+        ({"lora_dropout": -1}, r"lora_dropout must be in \[0, 1\)"),
+        ({"lora_dropout": 1.5}, r"lora_dropout must be in \[0, 1\)"),
+        ({"peft_type": "PREFIX_TUNING"}, "lorafit reads LoRA adapters only"),
+        ({"peft_type": "NO_SUCH_TYPE"}, "lorafit reads LoRA adapters only"),
+        ({"use_dora": True}, "a PEFT feature lorafit does not support"),
+        ({"lora_alpah": 3}, "did you mean 'lora_alpha'"),
+        ({"target_modules": "(qkv"}, "is not a valid regular expression"),
+        ({"modules_to_save": "lm_head"}, "modules_to_save must be a list of module names"),
+        ({"rank_pattern": {"qkv_proj": 0}}, r"rank_pattern\['qkv_proj'\] must be a positive integer"),
+        ({"layers_to_transform": "0"}, "layers_to_transform must be layer indices"),
+    ],
 )
-def test_impossible_adapter_configs_are_refused(patch, tmp_path) -> None:
+def test_impossible_adapter_configs_are_refused(patch, message, tmp_path) -> None:
     save_adapter(trained_lorafit(tiny_phi3), tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     cfg.update(patch)
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(LorafitError):
+    with pytest.raises(LorafitError, match=message):
         read_adapter_config(tmp_path)
+
+
+def test_truncated_adapter_weights_are_refused_before_the_model_changes(tmp_path) -> None:
+    save_adapter(trained_lorafit(tiny_phi3), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    model = tiny_phi3()
+    before = logits(model, IDS)
+    with pytest.raises(LorafitError, match="is not a readable safetensors file"):
+        load_adapter(model, tmp_path)
+    assert not hasattr(model, "lora_config") and torch.equal(logits(model, IDS), before)
 
 
 def test_broken_json_names_the_file(tmp_path) -> None:

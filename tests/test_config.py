@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorafit.config import build_config, load_config, parse_overrides, read_config_file
 from lorafit.errors import LorafitError
@@ -87,13 +90,6 @@ def test_yaml_with_overrides(tmp_path) -> None:
     assert cfg.peft_config["target_modules"] == ["qkv_proj", "o_proj"]
 
 
-def test_yaml_no_is_the_word_where_a_string_is_expected(tmp_path) -> None:
-    path = tmp_path / "run.yaml"
-    path.write_text("training_config:\n  eval_strategy: no\n  bf16: no\n")
-    cfg = load_config(path, ["--training_config.save_strategy", "no"])
-    assert cfg.training_config == {"eval_strategy": "no", "bf16": False, "save_strategy": "no"}
-
-
 def test_yaml_float_without_dot_is_a_number(tmp_path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("training_config:\n  learning_rate: 5e-6\n")
@@ -128,6 +124,15 @@ def test_bad_keys_and_types_name_section_key_and_nearest(raw, message) -> None:
         build_config(raw)
 
 
+def test_yaml_bare_no_is_the_word_where_only_text_fits(tmp_path) -> None:
+    # YAML 1.1 reads `no` as false; TrainingArguments' strategies spell "off" as "no"
+    path = tmp_path / "run.yaml"
+    path.write_text("training_config:\n  eval_strategy: no\n  save_strategy: no\ndata:\n  packing: no\n")
+    cfg = load_config(path, ["--training_config.logging_strategy", "no"])
+    assert cfg.training_config == {"eval_strategy": "no", "save_strategy": "no", "logging_strategy": "no"}
+    assert cfg.data.packing is False  # a real boolean stays one
+
+
 def test_bad_yaml_names_file_and_line(tmp_path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  name_or_path: x\n  torch_dtype: [unclosed\n")
@@ -147,3 +152,116 @@ def test_resolved_config_round_trips_through_yaml(tmp_path) -> None:
     path = tmp_path / "lorafit_run.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path).to_dict() == cfg.to_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# Fuzzing the loader: any input ends in a RunConfig (with a LoRA config that fits a model and
+# TrainingArguments) or a LorafitError, never another exception
+# --------------------------------------------------------------------------------------------
+
+_MODEL_KEYS = [
+    "name_or_path",
+    "torch_dtype",
+    "attn_implementation",
+    "quantization",
+    "trust_remote_code",
+    "nme",
+]
+_DATA_KEYS = [
+    "train",
+    "format",
+    "max_length",
+    "packing",
+    "overlong",
+    "eval_fraction",
+    "skip_bad_records",
+    "eval_prompts",
+]
+_PEFT_KEYS = [
+    *("r", "lora_alpha", "lora_dropout", "bias", "target_modules", "exclude_modules", "modules_to_save"),
+    *("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "init_lora_weights"),
+    *("use_rslora", "fan_in_fan_out", "peft_type", "use_dora", "lora_alpah"),
+]
+_TRAINING_KEYS = [
+    *("learning_rate", "max_steps", "num_train_epochs", "per_device_train_batch_size", "save_steps"),
+    *("save_total_limit", "eval_strategy", "evaluation_strategy", "eval_steps", "logging_steps"),
+    *("warmup_steps", "warmup_ratio", "lr_scheduler_type", "seed", "optim", "weight_decay", "max_grad_norm"),
+    *("skip_nonfinite", "overwrite_output_dir", "save_strategy", "report_to", "gradient_accumulation_steps"),
+    "learning_rat",
+]
+_value = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 70),
+    st.floats(),
+    st.text(max_size=8),
+    st.sampled_from(
+        ["no", "steps", "all-linear", "none", "cosine", "[", "(", ".*proj", "qkv_proj", "LORA", "lm_head"]
+    ),
+    st.lists(st.sampled_from(["qkv_proj", "o_proj", "lm_head", "[", 3, "layers"]), max_size=3),
+    st.dictionaries(
+        st.sampled_from(["qkv_proj", "[", "o_proj"]), st.integers(-2, 9) | st.text(max_size=3), max_size=2
+    ),
+)
+
+
+def _section(keys: list[str]):
+    return st.dictionaries(st.sampled_from(keys), _value, max_size=2) | _value
+
+
+_raw_config = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": _section(_MODEL_KEYS),
+        "data": _section(_DATA_KEYS),
+        "tokenizer": _section(["pad_token", "padding_side", "model_max_length"]),
+        "peft_config": _section(_PEFT_KEYS),
+        "training_config": _section(_TRAINING_KEYS),
+        "modle": _value,
+    },
+)
+
+
+def _loads_or_refuses(raw_or_path, overrides=None) -> None:
+    from lorafit.inject import find_targets
+    from lorafit.train import training_arguments
+
+    from tiny import tiny_phi3
+
+    global _TINY
+    _TINY = _TINY or tiny_phi3()
+    try:
+        if isinstance(raw_or_path, dict):
+            cfg = build_config(raw_or_path)
+        else:
+            cfg = load_config(raw_or_path, overrides)
+        assert find_targets(_TINY, cfg.lora, warn=False)
+        training_arguments(cfg, Path("/nonexistent/run"), has_eval=True)
+    except LorafitError as e:
+        assert str(e).strip()
+
+
+_TINY = None
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=_raw_config)
+def test_fuzz_config_dicts_end_in_a_config_or_a_lorafit_error(raw) -> None:
+    _loads_or_refuses(raw)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    text=st.text(max_size=80) | _raw_config.map(json.dumps),
+    suffix=st.sampled_from([".yaml", ".json"]),
+    overrides=st.lists(
+        st.sampled_from(["--data.max_length", "--peft_config.r", "--x", "1e-4", "no", "[", "=3"])
+    ),
+)
+def test_fuzz_config_files_and_overrides_end_in_a_config_or_a_lorafit_error(text, suffix, overrides) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"run{suffix}"
+        path.write_text(text, encoding="utf-8")
+        _loads_or_refuses(path, overrides)

@@ -199,6 +199,7 @@ def test_trainer_fsdp2_run_on_cpu_matches_and_resumes(one_process, tmp_path) -> 
         "trainer_state.json",
         "rng_state_0.pth",
         "rng_state_1.pth",
+        "lorafit_state.json",  # tokens seen and the training data's fingerprint
     }
 
     shutil.rmtree(run / "checkpoint-6")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, RunStopped
 
 TRAIN_HELP = """\
 Fine-tune a causal LM with LoRA on chat data.
@@ -27,8 +27,12 @@ examples:
   lorafit train phi3.yaml --training_config.learning_rate 1e-4 --data.max_length 1024
   lorafit train phi3.yaml --qlora
   lorafit train --resume runs/20261128-101500
+  lorafit train phi3.yaml --skip-bad-records
   torchrun --nproc_per_node 4 -m lorafit train phi3.yaml           # DDP over 4 GPUs (or CPU processes)
   torchrun --nproc_per_node 8 -m lorafit train phi3.yaml --fsdp    # shard the base model over 8 GPUs
+
+Ctrl-C (SIGINT) or SIGTERM stops after the current step with a checkpoint saved; --resume
+continues it exactly where it stopped.
 """
 
 CHAT_HELP = """\
@@ -89,6 +93,18 @@ def _parser() -> argparse.ArgumentParser:
         "--fsdp",
         action="store_true",
         help="shard the model over the GPUs of a torchrun/accelerate launch (FSDP2, one unit a layer)",
+    )
+    t.add_argument(
+        "--skip-bad-records",
+        action="store_true",
+        help="train on the good records and list the bad ones in RUN/skipped_records.jsonl "
+        "(data.skip_bad_records); by default the first bad record stops the run",
+    )
+    t.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip an optimizer step whose loss or gradients are NaN or inf "
+        "(training_config.skip_nonfinite); by default such a step stops the run",
     )
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
@@ -157,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lorafit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"lorafit {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -187,6 +206,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         from lorafit.distributed import FSDP_OVERRIDES
 
         overrides = [*FSDP_OVERRIDES, *overrides]
+    if args.skip_bad_records:
+        overrides = [*overrides, "--data.skip_bad_records", "true"]
+    if args.skip_nonfinite:
+        overrides = [*overrides, "--training_config.skip_nonfinite", "true"]
     cfg = load_config(config_path, overrides)
     run_dir = train(cfg, resume=args.resume)
     if is_main_process():

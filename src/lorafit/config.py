@@ -33,6 +33,7 @@ LORAFIT_TRAINING_KEYS = {
     "warmup_ratio": float,  # becomes warmup_steps (a float < 1 is a ratio there)
     "logging_dir": str,  # where TensorBoard events go
     "save_safetensors": bool,  # always true in lorafit; accepted for old configs
+    "skip_nonfinite": bool,  # skip an optimizer step whose loss or gradients are NaN/inf, not stop
 }
 
 
@@ -109,6 +110,9 @@ class DataConfig:
         assistant_only_loss: loss on assistant turns (content + end-of-turn token) only.
         overlong: ``truncate`` or ``drop`` examples longer than ``max_length``.
         eval_prompts: how many eval prompts to answer before and after training (0: none).
+        skip_bad_records: train on the good records and list the bad ones (malformed JSON, wrong
+            types, unknown roles, empty turns ...) in ``skipped_records.jsonl`` instead of
+            stopping at the first.
     """
 
     train: str | None = None
@@ -121,6 +125,7 @@ class DataConfig:
     assistant_only_loss: bool = True
     overlong: str = "truncate"
     eval_prompts: int = 3
+    skip_bad_records: bool = False
 
     def __post_init__(self) -> None:
         _one_of(
@@ -204,15 +209,15 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 
 
 def _coerce(value: Any, annotation: Any) -> Any:
+    # YAML 1.1 reads a bare `no` as false: where only text fits (eval_strategy: no), take the word.
+    if value is False and not _type_ok(False, annotation) and _type_ok("no", annotation):
+        return "no"
     # YAML 1.1 reads "5e-6" (no dot) as a string; where a number is expected, take the number.
     if isinstance(value, str) and not _type_ok(value, annotation) and _type_ok(1.5, annotation):
         try:
             return float(value)
         except ValueError:
             return value
-    # ... and "no" (eval_strategy: no) as false; where only a string fits, it meant the word.
-    if isinstance(value, bool) and not _type_ok(value, annotation) and _type_ok("no", annotation):
-        return "yes" if value else "no"
     return value
 
 

@@ -4,6 +4,12 @@ The flow, top to bottom (``build_datasets`` runs it):
 
     read_records -> detect_format -> to_messages / to_text -> tokenize -> pack -> collate
 
+Bad records. Every record is checked in file order before anything is tokenised. By default the
+first bad one (malformed JSON, bytes that are not UTF-8, wrong types, unknown roles, empty turns,
+a record of another format) stops the build with its file, line and field. With
+``skip_bad_records`` each bad record becomes a ``BadRecord`` (where, reason) and the rest train;
+``stats["skipped"]`` lists them, with the examples the length policy dropped.
+
 Labels. With ``assistant_only_loss`` every assistant turn's content tokens and its end-of-turn
 token (``<|end|>`` for Phi-3, ``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3, `` </s>``
 for Llama 2) are labels; system, user and template tokens are -100. Assistant turns are found
@@ -25,6 +31,7 @@ that packed logits equal per-example logits, and that ``use_cache=True`` would b
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -32,6 +39,7 @@ import json
 import os
 import random
 from bisect import bisect_left, insort
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +51,7 @@ import torch
 from lorafit.errors import LorafitError, did_you_mean
 
 __all__ = [
+    "BadRecord",
     "FORMATS",
     "IGNORE_INDEX",
     "PackedCollator",
@@ -80,7 +89,7 @@ SHAREGPT_ROLES = {
 }
 
 # Bump when tokenisation or the cache layout changes, so old cache files are never reused.
-_CACHE_VERSION = "lorafit-data-1"
+_CACHE_VERSION = "lorafit-data-2"
 _PROGRESS_MIN_RECORDS = 1000
 _CHUNK = 512
 
@@ -103,15 +112,49 @@ class Record:
     where: str
 
 
-def read_records(source: str | Path, *, split: str | None = None) -> list[Record]:
+@dataclass(frozen=True)
+class BadRecord:
+    """A record that cannot be trained on: where it is (as ``Record.where``) and why."""
+
+    where: str
+    reason: str
+
+    @classmethod
+    def from_error(cls, where: str, error: LorafitError) -> BadRecord:
+        text = str(error)
+        return cls(where, text[len(where) + 2 :] if text.startswith(f"{where}: ") else text)
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+def read_records(
+    source: str | Path, *, split: str | None = None, bad: list[BadRecord] | None = None
+) -> list[Record]:
     """Read every record of a local file, a folder, or a Hugging Face dataset.
 
     ``source`` is a ``.jsonl``, ``.json`` (a list of records, or an object with one list field),
     ``.csv`` or ``.parquet`` file; a folder (its supported files, sorted by name, not recursive);
     or ``hf:NAME[:SPLIT]``, loaded with ``datasets.load_dataset`` (the split is SPLIT, else
     ``split``, else ``"train"``). Raises ``LorafitError`` naming the file and line for a missing
-    path, an unsupported extension, an empty file, bytes that are not UTF-8, or malformed JSON.
+    path, an unsupported extension, an empty file, or a file that cannot be parsed at all. A bad
+    record (a JSON line that does not parse or is not an object, a line that is not UTF-8, a
+    CSV row with extra fields, a JSON list item that is not an object) raises too, unless ``bad``
+    is a list: then it is appended there and reading goes on.
     """
+    records = []
+    for item in _read_items(source, split):
+        if isinstance(item, Record):
+            records.append(item)
+        elif bad is None:
+            raise LorafitError(str(item))
+        else:
+            bad.append(item)
+    return records
+
+
+def _read_items(source: str | Path, split: str | None = None) -> list[Record | BadRecord]:
+    """The records of ``source`` and its bad records, in file order (see ``read_records``)."""
     text = str(source)
     if text.startswith("hf:"):
         name, _, hf_split = text[3:].partition(":")
@@ -128,7 +171,7 @@ def read_records(source: str | Path, *, split: str | None = None) -> list[Record
                 f"{path}: the folder has no data files; "
                 f"expected files ending in {', '.join(SUPPORTED_SUFFIXES)}."
             )
-        return [record for f in files for record in _read_file(f)]
+        return [item for f in files for item in _read_file(f)]
     if not path.exists():
         siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
         raise LorafitError(f"{path}: no such file or folder{did_you_mean(path.name, siblings)}.")
@@ -139,7 +182,7 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def _read_file(path: Path) -> list[Record]:
+def _read_file(path: Path) -> list[Record | BadRecord]:
     suffix = _suffix(path)
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if suffix not in readers:
@@ -148,10 +191,20 @@ def _read_file(path: Path) -> list[Record]:
             f"{did_you_mean(suffix, SUPPORTED_SUFFIXES)}; "
             f"expected one of {', '.join(SUPPORTED_SUFFIXES)}, a folder of them, or hf:NAME[:SPLIT]."
         )
-    records = readers[suffix](path)
-    if not records:
+    try:
+        items = readers[suffix](path)
+    except OSError as e:
+        raise LorafitError(f"{path}: cannot be read ({e.strerror or e}).") from None
+    if not items:
         raise LorafitError(f"{path}: the file holds no records; expected at least one.")
-    return records
+    return items
+
+
+def _not_utf8(raw: bytes, start: int) -> str:
+    return (
+        f"byte 0x{raw[start]:02x} at column {start + 1} is not valid UTF-8; "
+        "expected UTF-8 text (re-save the file as UTF-8)."
+    )
 
 
 def _decode(path: Path) -> str:
@@ -160,37 +213,67 @@ def _decode(path: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
         line = raw[: e.start].count(b"\n") + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise LorafitError(
-            f"{path} line {line}: byte 0x{raw[e.start]:02x} at column {column} is not valid UTF-8; "
-            "expected UTF-8 text (re-save the file as UTF-8)."
-        ) from None
+        reason = _not_utf8(raw[line_start:], e.start - line_start)
+        raise LorafitError(f"{path} line {line}: {reason}") from None
 
 
-def _read_jsonl(path: Path) -> list[Record]:
-    records = []
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
-        if not line.strip():
-            continue
+def _parse_json(text: str) -> Any:
+    """``json.loads``, with the errors it raises besides JSONDecodeError made into one."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as e:  # e.g. an integer longer than Python's 4300-digit limit
+        raise json.JSONDecodeError(str(e).split(";")[0], text, 0) from None
+
+
+def _read_jsonl(path: Path) -> list[Record | BadRecord]:
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
+    # Split the bytes, not the text: one line that is not UTF-8 is then one bad record, and
+    # characters that str.splitlines() treats as line breaks (U+2028) stay inside their string.
+    items: list[Record | BadRecord] = []
+    for number, chunk in enumerate(raw.split(b"\n"), start=1):
         where = f"{path} line {number}"
         try:
-            data = json.loads(line)
+            line = chunk.decode("utf-8")
+        except UnicodeDecodeError as e:
+            items.append(BadRecord(where, _not_utf8(chunk, e.start)))
+            continue
+        if not line.strip():
+            continue
+        try:
+            data = _parse_json(line)
         except json.JSONDecodeError as e:
-            raise LorafitError(
-                f"{where}: not valid JSON ({e.msg} at column {e.colno}); expected one JSON object per line."
-            ) from None
-        if not isinstance(data, dict):
-            raise LorafitError(
-                f"{where}: found a JSON {type(data).__name__}; expected a JSON object per line."
+            items.append(
+                BadRecord(
+                    where,
+                    f"not valid JSON ({e.msg} at column {e.colno}); expected one JSON object per line.",
+                )
             )
-        records.append(Record(data, where))
-    return records
+            continue
+        if not isinstance(data, dict):
+            items.append(
+                BadRecord(where, f"found a JSON {_json_type(data)}; expected a JSON object per line.")
+            )
+            continue
+        items.append(Record(data, where))
+    return items
 
 
-def _read_json(path: Path) -> list[Record]:
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _read_json(path: Path) -> list[Record | BadRecord]:
     try:
-        data = json.loads(_decode(path))
+        data = _parse_json(_decode(path))
     except json.JSONDecodeError as e:
         hint = " (one JSON object per line? then name the file .jsonl)" if e.msg == "Extra data" else ""
         raise LorafitError(
@@ -207,32 +290,36 @@ def _read_json(path: Path) -> list[Record]:
             )
         data = data[lists[0]]
     if not isinstance(data, list):
-        raise LorafitError(f"{path}: found a JSON {type(data).__name__}; expected a list of records.")
-    records = []
+        raise LorafitError(f"{path}: found a JSON {_json_type(data)}; expected a list of records.")
+    items: list[Record | BadRecord] = []
     for number, item in enumerate(data, start=1):
-        if not isinstance(item, dict):
-            raise LorafitError(
-                f"{path} record {number}: found a JSON {type(item).__name__}; expected a JSON object."
-            )
-        records.append(Record(item, f"{path} record {number}"))
-    return records
+        where = f"{path} record {number}"
+        if isinstance(item, dict):
+            items.append(Record(item, where))
+        else:
+            items.append(BadRecord(where, f"found a JSON {_json_type(item)}; expected a JSON object."))
+    return items
 
 
-def _read_csv(path: Path) -> list[Record]:
+def _read_csv(path: Path) -> list[Record | BadRecord]:
     reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
-    records = []
+    items: list[Record | BadRecord] = []
     try:
         for number, row in enumerate(reader, start=1):
             where = f"{path} row {number}"
             if None in row:
-                raise LorafitError(
-                    f"{where} (line {reader.line_num}): more fields than the header's "
-                    f"{len(reader.fieldnames or [])}; expected one value per column (quote text with commas)."
+                items.append(
+                    BadRecord(
+                        f"{where} (line {reader.line_num})",
+                        f"more fields than the header's {len(reader.fieldnames or [])}; "
+                        "expected one value per column (quote text with commas).",
+                    )
                 )
-            records.append(Record(_parse_json_cells(row), where))
+                continue
+            items.append(Record(_parse_json_cells(row), where))
     except csv.Error as e:
         raise LorafitError(f"{path} line {reader.line_num}: malformed CSV ({e}).") from None
-    return records
+    return items
 
 
 def _parse_json_cells(row: dict) -> dict:
@@ -241,13 +328,13 @@ def _parse_json_cells(row: dict) -> dict:
         cell = row.get(key)
         if isinstance(cell, str) and cell.lstrip().startswith("["):
             try:
-                row[key] = json.loads(cell)
+                row[key] = _parse_json(cell)
             except json.JSONDecodeError:
                 pass  # left as text; to_messages reports that it is not a list of messages
     return row
 
 
-def _read_parquet(path: Path) -> list[Record]:
+def _read_parquet(path: Path) -> list[Record | BadRecord]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -258,7 +345,7 @@ def _read_parquet(path: Path) -> list[Record]:
     return [Record(row, f"{path} row {number}") for number, row in enumerate(rows, start=1)]
 
 
-def _read_hf(name: str, split: str) -> list[Record]:
+def _read_hf(name: str, split: str) -> list[Record | BadRecord]:
     import datasets
 
     if not name:
@@ -335,6 +422,49 @@ def _unknown_format_message(record: Record) -> str:
     )
 
 
+def _convert_items(
+    items: Sequence[Record | BadRecord], fmt: str, skip: bool
+) -> tuple[str, list[tuple[Record, Any]], list[BadRecord]]:
+    """Check and convert every record, in file order: ``(format, [(record, messages or text)], bad)``.
+
+    With ``format: auto`` the first record decides the format (the most common one when
+    ``skip``); a record in another format is bad. Without ``skip`` the first bad record raises.
+    """
+    records = [item for item in items if isinstance(item, Record)]
+    reference = None
+    if fmt == "auto":
+        found = [(f, r) for r in records if (f := _record_format(r.data)) is not None]
+        if found:
+            counts = Counter(f for f, _ in found)
+            fmt = counts.most_common(1)[0][0] if skip else found[0][0]
+            reference = next(r for f, r in found if f == fmt)
+    good: list[tuple[Record, Any]] = []
+    bad: list[BadRecord] = []
+    for item in items:
+        try:
+            if isinstance(item, BadRecord):
+                raise LorafitError(str(item))
+            if fmt == "auto" or reference is not None and _record_format(item.data) != fmt:
+                raise LorafitError(_format_mismatch(item, fmt, reference, skip))
+            good.append((item, to_text(item) if fmt == "text" else to_messages(item, fmt)))
+        except LorafitError as e:
+            if not skip:
+                raise
+            bad.append(item if isinstance(item, BadRecord) else BadRecord.from_error(item.where, e))
+    return fmt, good, bad
+
+
+def _format_mismatch(record: Record, fmt: str, reference: Record | None, skip: bool) -> str:
+    own = _record_format(record.data)
+    if own is None or reference is None:
+        return _unknown_format_message(record)
+    others = "most records look like" if skip else f"{reference.where} looks like"
+    return (
+        f"{record.where}: looks like format '{own}' but {others} '{fmt}'; "
+        "expected every record in one format."
+    )
+
+
 def _field(record: Record, key: str, fmt: str) -> Any:
     if key not in record.data:
         raise LorafitError(
@@ -349,7 +479,19 @@ def _string(record: Record, key: str, value: Any) -> str:
         raise LorafitError(f"{record.where}: field '{key}' is a {type(value).__name__}; expected a string.")
     if not value.strip():
         raise LorafitError(f"{record.where}: field '{key}' is empty; expected text.")
+    _check_unicode(record, key, value)
     return value
+
+
+def _check_unicode(record: Record, key: str, value: str) -> None:
+    # JSON's "\ud800" escapes decode to unpaired surrogates, which no tokenizer can encode.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise LorafitError(
+            f"{record.where}: {key} holds {value[e.start]!r} at character {e.start + 1}, an unpaired "
+            "surrogate that is not valid Unicode; expected text (fix the \\u escape in the file)."
+        ) from None
 
 
 def to_text(record: Record | dict) -> str:
@@ -382,6 +524,8 @@ def to_messages(record: Record | dict, fmt: str) -> list[dict]:
             raise LorafitError(
                 f"{record.where}: field 'input' is a {type(extra).__name__}; expected a string."
             )
+        if extra:
+            _check_unicode(record, "input", extra)
         user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         output = _string(record, "output", _field(record, "output", fmt))
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
@@ -405,6 +549,7 @@ def to_messages(record: Record | dict, fmt: str) -> list[dict]:
 
     system = record.data.get("system")
     if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
+        _check_unicode(record, "system", system)
         messages.insert(0, {"role": "system", "content": system})
     _check_order(record, messages, {"messages": "messages", "sharegpt": "conversations"}.get(fmt, fmt))
     return messages
@@ -451,6 +596,7 @@ def _normalise_turns(
             )
         if not content.strip():
             raise LorafitError(f"{record.where}: {name}.{content_key} is an empty turn; expected text.")
+        _check_unicode(record, f"{name}.{content_key}", content)
         messages.append({"role": roles[role], "content": content})
     return messages
 
@@ -977,65 +1123,93 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
 def _records_fingerprint(records: Sequence[Record]) -> str:
     h = hashlib.sha256()
     for record in records:
-        h.update(json.dumps(record.data, sort_keys=True, ensure_ascii=False, default=str).encode())
+        text = json.dumps(record.data, sort_keys=True, ensure_ascii=False, default=str)
+        h.update(text.encode("utf-8", "surrogatepass"))
         h.update(b"\n")
     return h.hexdigest()
 
 
+def _encode(tokenizer: Any, fmt: str, chunk: Sequence[tuple[Record, Any]], assistant_only_loss: bool) -> list:
+    if fmt == "text":
+        return _encode_texts(tokenizer, [text for _, text in chunk])
+    return _encode_conversations(
+        tokenizer, [messages for _, messages in chunk], [r.where for r, _ in chunk], assistant_only_loss
+    )
+
+
 def _tokenize_records(
     tokenizer: Any,
-    records: Sequence[Record],
+    converted: Sequence[tuple[Record, Any]],
     fmt: str,
     *,
     max_length: int,
     assistant_only_loss: bool,
     overlong: str,
+    skip: bool,
     progress: bool,
     desc: str,
 ) -> tuple[TokenizedDataset, dict]:
+    """Tokenise ``(record, messages or text)`` pairs in chunks and apply the length policy.
+
+    ``stats["skipped"]`` holds ``[where, reason]`` for each record the template could not
+    tokenise (with ``skip``; else that raises) and each the length policy dropped.
+    """
     from tqdm.auto import tqdm
 
     examples: list[dict] = []
+    skipped: list[list[str]] = []
     counts = {"ok": 0, "truncated": 0, "too_long": 0, "no_labels": 0}
+    reasons = {
+        "too_long": f"longer than max_length {max_length} tokens (data.overlong: drop)",
+        "no_labels": f"no assistant tokens left within max_length {max_length} tokens",
+    }
     bar = tqdm(
-        total=len(records),
+        total=len(converted),
         desc=desc,
         unit="rec",
-        disable=not progress or len(records) < _PROGRESS_MIN_RECORDS,
+        disable=not progress or len(converted) < _PROGRESS_MIN_RECORDS,
     )
     with bar:
-        for begin in range(0, len(records), _CHUNK):
-            chunk = records[begin : begin + _CHUNK]
-            if fmt == "text":
-                encoded = _encode_texts(tokenizer, [to_text(r) for r in chunk])
-            else:
-                encoded = _encode_conversations(
-                    tokenizer,
-                    [to_messages(r, fmt) for r in chunk],
-                    [r.where for r in chunk],
-                    assistant_only_loss,
-                )
-            for ids, labels in encoded:
-                example, status = _fit(ids, labels, max_length, overlong)
+        for begin in range(0, len(converted), _CHUNK):
+            chunk = converted[begin : begin + _CHUNK]
+            try:
+                encoded: list = _encode(tokenizer, fmt, chunk, assistant_only_loss)
+            except LorafitError:
+                if not skip:
+                    raise
+                encoded = []  # find the records that fail, one at a time
+                for pair in chunk:
+                    try:
+                        encoded += _encode(tokenizer, fmt, [pair], assistant_only_loss)
+                    except LorafitError as e:
+                        encoded.append(BadRecord.from_error(pair[0].where, e))
+            for (record, _), result in zip(chunk, encoded, strict=True):
+                if isinstance(result, BadRecord):
+                    skipped.append([result.where, result.reason])
+                    continue
+                example, status = _fit(*result, max_length, overlong)
                 counts[status] += 1
                 if example is not None:
                     examples.append(example)
+                elif status in reasons:
+                    skipped.append([record.where, reasons[status]])
             bar.update(len(chunk))
     dataset = TokenizedDataset.from_examples(examples)
     stats = {
-        "records": len(records),
+        "records": len(converted),
         "examples": len(dataset),
         "dropped_too_long": counts["too_long"],
         "dropped_no_assistant": counts["no_labels"],
         "truncated": counts["truncated"],
         "tokens": int(len(dataset.input_ids)),
         "label_tokens": int((dataset.labels != IGNORE_INDEX).sum()),
+        "skipped": skipped,
     }
     return dataset, stats
 
 
 def _cached_tokenize(
-    tokenizer: Any, records: Sequence[Record], fmt: str, cache_root: Path, **settings
+    tokenizer: Any, converted: Sequence[tuple[Record, Any]], fmt: str, cache_root: Path, **settings
 ) -> tuple:
     """``_tokenize_records`` behind an on-disk cache (safetensors arrays + JSON stats in its metadata)."""
     from safetensors import safe_open
@@ -1043,10 +1217,10 @@ def _cached_tokenize(
 
     key_fields = {
         "version": _CACHE_VERSION,
-        "records": _records_fingerprint(records),
+        "records": _records_fingerprint([record for record, _ in converted]),
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "format": fmt,
-        **{k: settings[k] for k in ("max_length", "assistant_only_loss", "overlong")},
+        **{k: settings[k] for k in ("max_length", "assistant_only_loss", "overlong", "skip")},
     }
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     path = cache_root / "tokenized" / f"{key}.safetensors"
@@ -1060,7 +1234,7 @@ def _cached_tokenize(
             return dataset, stats, True
         except Exception:  # a truncated or foreign file: tokenise again and overwrite it
             pass
-    dataset, stats = _tokenize_records(tokenizer, records, fmt, **settings)
+    dataset, stats = _tokenize_records(tokenizer, converted, fmt, **settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
     arrays = {"input_ids": dataset.input_ids, "labels": dataset.labels, "offsets": dataset.offsets}
@@ -1071,7 +1245,7 @@ def _cached_tokenize(
 
 def _build_split(
     tokenizer: Any,
-    records: list[Record],
+    items: list[Record | BadRecord],
     fmt: str,
     name: str,
     *,
@@ -1079,28 +1253,46 @@ def _build_split(
     packing: bool,
     assistant_only_loss: bool,
     overlong: str,
+    skip_bad_records: bool,
     cache_root: Path,
     progress: bool,
 ) -> tuple[torch.utils.data.Dataset, dict]:
-    fmt = detect_format(records) if fmt == "auto" else fmt
+    fmt, converted, bad = _convert_items(items, fmt, skip_bad_records)
+    if not converted:
+        raise LorafitError(
+            f"data.{name}: all {len(items)} records are bad (the first: {bad[0]}); "
+            "expected at least one record to train on."
+        )
     dataset, stats, hit = _cached_tokenize(
         tokenizer,
-        records,
+        converted,
         fmt,
         cache_root,
         max_length=max_length,
         assistant_only_loss=assistant_only_loss,
         overlong=overlong,
+        skip=skip_bad_records,
         progress=progress,
         desc=f"Tokenising {name}",
     )
-    stats = {"format": fmt, **stats, "cache_hit": hit}
+    failed = len(stats["skipped"]) - stats["dropped_too_long"] - stats["dropped_no_assistant"]
+    skipped = [{"where": b.where, "reason": b.reason} for b in bad]
+    skipped += [{"where": where, "reason": reason} for where, reason in stats["skipped"]]
+    stats = {
+        "format": fmt,
+        **stats,
+        "records": len(items),
+        "bad_records": len(bad) + failed,
+        "skipped": skipped,
+        "cache_hit": hit,
+    }
     if len(dataset) == 0:
         raise LorafitError(
             f"data.{name}: no example left out of {stats['records']} records "
             f"({stats['dropped_too_long']} longer than max_length {max_length}, "
-            f"{stats['dropped_no_assistant']} with no assistant tokens after truncation); "
-            "raise data.max_length or use overlong: truncate."
+            f"{stats['dropped_no_assistant']} with no assistant tokens after truncation"
+            + (f", {stats['bad_records']} bad" if stats["bad_records"] else "")
+            + "); raise data.max_length or use overlong: truncate."
         )
     if packing:
         rows = pack(dataset.lengths.tolist(), max_length)
@@ -1124,21 +1316,25 @@ def build_datasets(
     packing: bool = True,
     assistant_only_loss: bool = True,
     overlong: str = "truncate",
+    skip_bad_records: bool = False,
     seed: int = 0,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None, dict]:
-    """Read, convert, tokenise (cached) and pack the train and optional eval data.
+    """Read, check, convert, tokenise (cached) and pack the train and optional eval data.
 
     ``train`` / ``eval`` are sources for ``read_records``. At most one of ``eval`` (a source),
     ``eval_split`` (another split of an ``hf:`` train source) and ``eval_fraction`` (that share of
-    the train records, drawn with ``seed``). Tokenisation is cached under ``cache_dir`` (default
+    the train records, drawn with ``seed``). The first bad record stops the build with its file
+    and line, unless ``skip_bad_records``. Tokenisation is cached under ``cache_dir`` (default
     ``$LORAFIT_CACHE`` or ``~/.cache/lorafit``), keyed by the records' content, the tokenizer and
     the settings. Returns ``(train, eval or None, stats)``: ``PackedDataset`` rows for
     ``PackedCollator`` when ``packing``, else ``TokenizedDataset`` examples for ``PaddedCollator``
-    (``collator_for`` picks). ``stats`` holds the train counts (records, examples,
+    (``collator_for`` picks). ``stats`` holds the train counts (records, examples, bad_records,
     dropped_too_long, dropped_no_assistant, truncated, tokens, label_tokens, packed_rows,
-    packing_efficiency, format, cache_hit) and ``stats["eval"]`` the same for eval, or None.
+    packing_efficiency, format, cache_hit), ``skipped`` (``{"where", "reason"}`` for every record
+    not trained on: bad ones and those the length policy dropped) and ``stats["eval"]`` the same
+    for eval, or None.
     """
     _check_length_settings(max_length, overlong)
     if format != "auto" and format not in FORMATS:
@@ -1156,10 +1352,10 @@ def build_datasets(
             f"data: {' and '.join(chosen)} are both set; expected at most one way to get eval data."
         )
 
-    train_records = read_records(train)
-    eval_records = None
+    train_items = _read_items(train)
+    eval_items: list[Record | BadRecord] | None = None
     if eval is not None:
-        eval_records = read_records(eval)
+        eval_items = _read_items(eval)
     elif eval_split is not None:
         if not str(train).startswith("hf:"):
             raise LorafitError(
@@ -1168,22 +1364,27 @@ def build_datasets(
                 "use data.eval (a file) or data.eval_fraction for local files."
             )
         name = str(train)[3:].partition(":")[0]
-        eval_records = read_records(f"hf:{name}:{eval_split}")
+        eval_items = _read_items(f"hf:{name}:{eval_split}")
     elif eval_fraction is not None:
-        train_records, eval_records = _split_fraction(train_records, eval_fraction, seed)
+        if not skip_bad_records:
+            _convert_items(train_items, format, skip=False)  # the first bad record, in file order
+        records = [item for item in train_items if isinstance(item, Record)]
+        kept, eval_items = _split_fraction(records, eval_fraction, seed)
+        train_items = [item for item in train_items if isinstance(item, BadRecord)] + kept
 
     common = {
         "max_length": max_length,
         "packing": packing,
         "assistant_only_loss": assistant_only_loss,
         "overlong": overlong,
+        "skip_bad_records": skip_bad_records,
         "cache_root": _cache_root(cache_dir),
         "progress": progress,
     }
-    train_set, stats = _build_split(tokenizer, train_records, format, "train", **common)
+    train_set, stats = _build_split(tokenizer, train_items, format, "train", **common)
     eval_set, stats["eval"] = None, None
-    if eval_records is not None:
-        eval_set, stats["eval"] = _build_split(tokenizer, eval_records, format, "eval", **common)
+    if eval_items is not None:
+        eval_set, stats["eval"] = _build_split(tokenizer, eval_items, format, "eval", **common)
     return train_set, eval_set, stats
 
 

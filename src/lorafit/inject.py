@@ -112,25 +112,52 @@ class LoraConfig:
             self.layers_to_transform = [self.layers_to_transform]
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise LorafitError(f"peft_config.r must be a positive integer, got {self.r!r}")
-        for name, ranks in self.rank_pattern.items():
-            if not isinstance(ranks, int) or ranks <= 0:
-                raise LorafitError(f"peft_config.rank_pattern[{name!r}] must be a positive integer")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
             raise LorafitError(f"peft_config.lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+        if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise LorafitError(f"peft_config.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise LorafitError(
                 f"peft_config.bias must be one of none, all, lora_only; got {self.bias!r}"
                 + did_you_mean(str(self.bias), ["none", "all", "lora_only"])
             )
-        if self.init_lora_weights not in (True, False, "gaussian"):
+        if not isinstance(self.init_lora_weights, bool) and self.init_lora_weights != "gaussian":
             raise LorafitError(
                 "peft_config.init_lora_weights must be true, false or 'gaussian'; "
                 f"got {self.init_lora_weights!r}"
             )
         if self.target_modules is None or self.target_modules == []:
             raise LorafitError("peft_config.target_modules is empty: name modules, a regex, or 'all-linear'")
+        # Names and patterns are checked here, where the config is read, not when a model is matched.
+        _check_names("target_modules", self.target_modules)
+        _check_names("exclude_modules", self.exclude_modules)
+        _check_names("layers_pattern", self.layers_pattern, regex=r"(?:^|.*?\.){}\.(\d+)\.")
+        if self.modules_to_save is not None and not _is_str_list(self.modules_to_save):
+            raise LorafitError(
+                f"peft_config.modules_to_save must be a list of module names, got {self.modules_to_save!r}"
+            )
+        for key, value, what in (
+            ("rank_pattern", self.rank_pattern, "a positive integer"),
+            ("alpha_pattern", self.alpha_pattern, "a positive number"),
+        ):
+            if not isinstance(value, dict):
+                raise LorafitError(f"peft_config.{key} must map module-name regexes to {what}, got {value!r}")
+            for name, item in value.items():
+                _check_names(f"{key} key", name, regex=r"(.*\.)?({})$")
+                ok = isinstance(item, int) and not isinstance(item, bool) if key == "rank_pattern" else True
+                if not (ok and _is_number(item) and item > 0):
+                    raise LorafitError(f"peft_config.{key}[{name!r}] must be {what}, got {item!r}")
+        layers = self.layers_to_transform
+        if layers is not None and not (
+            isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+        ):
+            raise LorafitError(f"peft_config.layers_to_transform must be layer indices, got {layers!r}")
+        for key in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, key), bool):
+                raise LorafitError(f"peft_config.{key} must be true or false, got {getattr(self, key)!r}")
+        for key in ("task_type", "base_model_name_or_path"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
+                raise LorafitError(f"peft_config.{key} must be a string, got {getattr(self, key)!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, where: str = "peft_config") -> LoraConfig:
@@ -164,6 +191,27 @@ class LoraConfig:
     def alpha_for(self, name: str) -> float:
         key = _pattern_key(self.alpha_pattern, name)
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _check_names(key: str, value: Any, regex: str = "{}") -> None:
+    """``value`` is None, a list of module names, or a regular expression (placed in ``regex``,
+    the pattern it is used in) that compiles."""
+    if value is None or _is_str_list(value):
+        return
+    if not isinstance(value, str):
+        raise LorafitError(f"peft_config.{key} must be a list of module names or a regex, got {value!r}")
+    try:
+        re.compile(regex.replace("{}", value))
+    except re.error as e:
+        raise LorafitError(f"peft_config.{key}: {value!r} is not a valid regular expression ({e})") from None
 
 
 def _pattern_key(patterns: dict[str, Any], name: str) -> str | None:

@@ -4,7 +4,15 @@
 ``transformers.Trainer`` does the loop, so schedules, gradient accumulation, evaluation,
 logging, resume and accelerate (DDP, FSDP, DeepSpeed) come from the library. lorafit's
 ``LorafitTrainer`` changes what a checkpoint holds (the PEFT-format adapter, never the base
-model) and adds the run's files: ``metrics.jsonl``, ``loss.png``, ``samples.md``.
+model), writes each checkpoint atomically, and adds the run's files: ``metrics.jsonl``,
+``loss.png``, ``samples.md``, ``skipped_records.jsonl``. ``lorafit.safety`` holds the pieces that
+keep work safe (checks before training, signals, non-finite steps); ``train`` wires them in.
+
+Resuming is exact: a run killed at any moment and resumed from its last checkpoint ends with the
+same adapter, bit for bit on CPU, as one never interrupted. The Trainer restores the optimizer,
+scheduler, every RNG and the data position; the packing is a pure function of the data; LoRA's
+initial weights come from the run's seed; and the run's own counters and metrics rows are
+restored from the checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import signal
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -20,21 +30,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lorafit import data as lf_data
 from lorafit import distributed as lf_dist
-from lorafit.adapter import load_adapter, save_adapter
+from lorafit import safety
+from lorafit.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from lorafit.config import DEMO_MODEL, RunConfig
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, RunStopped
 from lorafit.inject import apply_lora, trainable_summary
 
 RUN_CONFIG_NAME = "lorafit_run.yaml"
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_NAME = "samples.md"
+SKIPPED_NAME = "skipped_records.jsonl"
+# What a run writes at the top of its folder: removed when overwrite_output_dir reuses one.
+RUN_FILES = (METRICS_NAME, "loss.png", SAMPLES_NAME, SKIPPED_NAME, CONFIG_NAME, WEIGHTS_NAME, "tensorboard")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "auto": "auto"}
 
 
@@ -110,7 +125,8 @@ def resolve_run_dir(cfg: RunConfig, resume: str | bool | None) -> tuple[Path, st
     """The folder this run writes to and the checkpoint it resumes from (or None).
 
     An existing, non-empty ``output_dir`` is refused unless ``--resume`` or
-    ``overwrite_output_dir`` says what to do with it.
+    ``overwrite_output_dir`` says what to do with it. A run folder resumes from its newest
+    complete checkpoint; a ``checkpoint-N`` folder named directly must be complete.
     """
     tc = cfg.training_config
     out = tc.get("output_dir")
@@ -118,21 +134,21 @@ def resolve_run_dir(cfg: RunConfig, resume: str | bool | None) -> tuple[Path, st
         path = Path(resume)
         if not path.is_dir():
             raise LorafitError(f"--resume {resume}: no such run or checkpoint folder")
-        if (path / "trainer_state.json").is_file():
-            return path.parent, str(path)
-        last = get_last_checkpoint(str(path))
+        if safety.checkpoint_step(path) is not None or (path / safety.TRAINER_STATE_NAME).exists():
+            return path.parent, str(path)  # train() checks that it is complete and safe
+        last = safety.last_checkpoint(path)
         if last is None:
-            raise LorafitError(f"--resume {resume}: the folder holds no checkpoint-N/ to resume from")
-        return path, last
+            raise LorafitError(f"--resume {resume}: the folder holds no complete checkpoint-N/ to resume")
+        return path, str(last)
     if resume:
         if not out:
             raise LorafitError(
                 "--resume needs the run folder: --resume runs/NAME, or set training_config.output_dir"
             )
-        last = get_last_checkpoint(out) if Path(out).is_dir() else None
+        last = safety.last_checkpoint(Path(out))
         if last is None:
-            raise LorafitError(f"--resume: {out} holds no checkpoint-N/ to resume from")
-        return Path(out), last
+            raise LorafitError(f"--resume: {out} holds no complete checkpoint-N/ to resume from")
+        return Path(out), str(last)
     if not out:
         return new_run_dir(), None
     path = Path(out)
@@ -144,6 +160,35 @@ def resolve_run_dir(cfg: RunConfig, resume: str | bool | None) -> tuple[Path, st
     return path, None
 
 
+def prepare_run_dir(run_dir: Path, *, fresh: bool, echo: Any = print) -> None:
+    """Create the run folder and clear what a kill during a save left there. A fresh run in a
+    used folder (``overwrite_output_dir``) first removes the old run's checkpoints and files, so
+    they are never mistaken for its own (by ``--resume``, by rotation, in ``metrics.jsonl``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    safety.remove_partial_checkpoints(run_dir)
+    if not fresh:
+        return
+    old = [p for p in run_dir.iterdir() if p.name in RUN_FILES or safety.checkpoint_step(p) is not None]
+    for path in old:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if old:
+        echo(f"overwrite_output_dir: removed the previous run's {', '.join(sorted(p.name for p in old))}")
+
+
+def check_same_data(checkpoint: Path, fingerprint: str, echo: Any = print) -> None:
+    """Warn when the training rows differ from those the checkpoint was trained on."""
+    own = checkpoint / safety.LORAFIT_STATE_NAME
+    if not own.is_file():
+        return
+    saved = json.loads(own.read_text(encoding="utf-8")).get("train_data")
+    if saved and saved != fingerprint:
+        echo(
+            f"warning: the training data differ from those {checkpoint} was trained on (an edited file, "
+            "or other data settings); the resumed run continues, but not on the batches the interrupted "
+            "run would have seen."
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Tokenizer and model
 # --------------------------------------------------------------------------------------------
@@ -153,6 +198,16 @@ def _check_local_path(name: str, what: str) -> None:
     looks_local = name.startswith((".", "/", "~")) or os.sep in name and Path(name).parent.exists()
     if looks_local and not Path(name).expanduser().exists():
         raise LorafitError(f"{what} folder {name} does not exist")
+
+
+def _load_error(what: str, name: str, error: Exception) -> LorafitError:
+    if "trust_remote_code" in str(error):
+        return LorafitError(
+            f"could not load the {what} {name}: it ships its own Python code (auto_map in its config), "
+            "which lorafit never runs unless you set model.trust_remote_code: true; do that only for a "
+            "source you trust, or use a model that transformers supports natively."
+        )
+    return LorafitError(f"could not load the {what} {name}: {' '.join(str(error).split())}")
 
 
 def load_tokenizer(cfg: RunConfig) -> Any:
@@ -171,7 +226,7 @@ def load_tokenizer(cfg: RunConfig) -> Any:
                 name, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
             )
         except (OSError, ValueError) as e:
-            raise LorafitError(f"could not load the tokenizer {name}: {e}") from None
+            raise _load_error("tokenizer", name, e) from None
     if cfg.tokenizer.chat_template:
         tokenizer.chat_template = cfg.tokenizer.chat_template
     return lf_data.prepare_tokenizer(
@@ -225,7 +280,7 @@ def load_model(cfg: RunConfig, tokenizer: Any) -> torch.nn.Module:
         try:
             model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
         except (OSError, ValueError, ImportError) as e:
-            raise LorafitError(f"could not load the model {m.name_or_path}: {e}") from None
+            raise _load_error("model", m.name_or_path, e) from None
     if m.quantization:
         from lorafit.quant import prepare_kbit_model
 
@@ -276,26 +331,50 @@ def build_data(cfg: RunConfig, tokenizer: Any, seed: int) -> tuple[Any, Any, dic
         packing=d.packing,
         assistant_only_loss=d.assistant_only_loss,
         overlong=d.overlong,
+        skip_bad_records=d.skip_bad_records,
         seed=seed,
         progress=is_main_process(),
     )
 
 
-def eval_conversations(cfg: RunConfig, n: int) -> list[list[dict]]:
+def write_skipped_records(run_dir: Path, stats: dict[str, Any]) -> tuple[int, Path]:
+    """``skipped_records.jsonl``: one line per record not trained on (split, where, reason)."""
+    rows = [{"split": "train", **row} for row in stats["skipped"]]
+    if stats.get("eval"):
+        rows += [{"split": "eval", **row} for row in stats["eval"]["skipped"]]
+    path = run_dir / SKIPPED_NAME
+    safety.write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return len(rows), path
+
+
+def write_run_files(
+    run_dir: Path, cfg: RunConfig, tokenizer: Any, stats: dict[str, Any], *, fresh: bool, echo: Any = print
+) -> None:
+    """The run folder with the resolved config, the tokenizer and (``skip_bad_records``) the report."""
+    prepare_run_dir(run_dir, fresh=fresh, echo=echo)
+    (run_dir / RUN_CONFIG_NAME).write_text(cfg.to_yaml(), encoding="utf-8")
+    tokenizer.save_pretrained(run_dir)
+    if cfg.data.skip_bad_records:
+        n, path = write_skipped_records(run_dir, stats)
+        echo(f"skipped {n} records; each with its reason is in {path}" if n else "no record skipped")
+
+
+def eval_conversations(cfg: RunConfig, n: int, stats: dict[str, Any]) -> list[list[dict]]:
     """Up to ``n`` chat prompts (a conversation up to its last assistant turn) for samples."""
-    if n <= 0:
-        return []
     train_src, eval_src = data_sources(cfg)
-    source = eval_src or train_src
-    records = lf_data.read_records(source)
-    fmt = cfg.data.format if cfg.data.format != "auto" else lf_data.detect_format(records)
-    if fmt == "text":
+    fmt = stats["eval"]["format"] if eval_src and stats.get("eval") else stats["format"]
+    if n <= 0 or fmt == "text":
         return []
     out = []
-    for record in records[:n]:
-        messages = lf_data.to_messages(record, fmt)
+    for record in lf_data.read_records(eval_src or train_src, bad=[]):
+        try:
+            messages = lf_data.to_messages(record, fmt)
+        except LorafitError:
+            continue  # a bad record: build_data already stopped on it or reported it
         last = max(i for i, msg in enumerate(messages) if msg["role"] == "assistant")
         out.append(messages[: last + 1])
+        if len(out) == n:
+            break
     return out
 
 
@@ -309,6 +388,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool) -> Trainin
     tc = dict(cfg.training_config)
     tc.pop("overwrite_output_dir", None)
     tc.pop("save_safetensors", None)
+    tc.pop("skip_nonfinite", None)
     logging_dir = tc.pop("logging_dir", None)
     if "warmup_ratio" in tc:
         ratio = tc.pop("warmup_ratio")
@@ -322,6 +402,11 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool) -> Trainin
     if has_eval and "eval_strategy" not in tc and tc.get("do_eval", True) is not False:
         tc.setdefault("eval_strategy", "steps")
         tc.setdefault("eval_steps", 0.25)
+    if not has_eval and str(tc.get("eval_strategy", "no")) not in ("no", "IntervalStrategy.NO"):
+        raise LorafitError(
+            f"training_config.eval_strategy is {tc['eval_strategy']!r} but there is no eval data; set "
+            "data.eval (a file), data.eval_fraction (e.g. 0.05), or training_config.eval_strategy: no"
+        )
     if "report_to" not in tc:
         import importlib.util
 
@@ -355,18 +440,37 @@ def _has_accelerator() -> bool:
 
 
 class LorafitTrainer(Trainer):
-    """``Trainer`` whose checkpoints hold the PEFT-format adapter instead of the base model,
-    and which counts real (non-pad) tokens for the tokens/s figure.
+    """``Trainer`` whose checkpoints hold the PEFT-format adapter instead of the base model and
+    appear whole or not at all, which counts real (non-pad) tokens for the tokens/s figure, and
+    which records whether each step's loss was finite (for ``safety.NonFiniteGuard``).
 
     Under DDP every rank counts its own tokens and :meth:`tokens_seen` sums them. Under FSDP
     (and DeepSpeed ZeRO-3) Trainer gathers a full state dict on every rank before ``_save``;
     the adapter is taken from it, and resuming loads the adapter into the sharded parameters.
+
+    ``training_args.bin`` is never written: it is a pickle, and nothing here reads it back.
     """
 
-    def __init__(self, *args: Any, pad_token_id: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, pad_token_id: int | None = None, data_fingerprint: str | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.pad_token_id = pad_token_id
+        self.data_fingerprint = data_fingerprint
         self.real_tokens = 0
+        self._loss_finite: torch.Tensor | None = None  # all micro-batch losses of this step finite
+        self._staging: str | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001, ANN201
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss).all()  # stays on the device: no sync per micro-batch
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        return loss
+
+    def take_loss_finite(self) -> bool:
+        """Whether every loss since the last call was finite (True when none was computed)."""
+        finite, self._loss_finite = self._loss_finite, None
+        return finite is None or bool(finite)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
         if model.training:
@@ -411,6 +515,49 @@ class LorafitTrainer(Trainer):
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
+    def _get_output_dir(self, trial: Any) -> str:
+        # While _save_checkpoint runs, Trainer writes checkpoint-N into the staging folder.
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Trainer's checkpoint, written into ``.partial-checkpoint-N/`` and renamed into place.
+
+        A kill during the save leaves the previous checkpoints whole (the partial folder is
+        cleared at the next start); a failed write (disk full) removes the partial folder and
+        raises a ``LorafitError`` naming the last good checkpoint. Rotation (``save_total_limit``)
+        runs after the rename, on complete checkpoints only.
+        """
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f"{safety.PARTIAL}{name}"
+        self._staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every rank's RNG file is written
+            if self.args.should_save:
+                self._publish(staging / name, run_dir / name)
+        except BaseException as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, (OSError, RuntimeError, SafetensorError)):  # torch.save's write errors
+                raise LorafitError(
+                    f"saving {name} in {run_dir} failed ({e}); nothing of it was kept. "
+                    + safety.resume_hint(run_dir)
+                ) from e
+            raise
+        finally:
+            self._staging = None
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+            safety.rotate_checkpoints(run_dir, self.args.save_total_limit, [self.state.best_model_checkpoint])
+
+    def _publish(self, staged: Path, final: Path) -> None:
+        if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
+            self.state.best_model_checkpoint = str(final)  # the path it will have after the rename
+            self.state.save_to_json(str(staged / safety.TRAINER_STATE_NAME))
+        own = {"real_tokens": self.real_tokens, "train_data": self.data_fingerprint}
+        (staged / safety.LORAFIT_STATE_NAME).write_text(json.dumps(own), encoding="utf-8")
+        safety.publish_checkpoint(staged, final)
+
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
@@ -418,6 +565,9 @@ class LorafitTrainer(Trainer):
             lf_dist.load_adapter_sharded(model or self.model_wrapped, resume_from_checkpoint)
         else:
             load_adapter(model or self.model, resume_from_checkpoint)
+        own = Path(resume_from_checkpoint) / safety.LORAFIT_STATE_NAME
+        if own.is_file():
+            self.real_tokens = int(json.loads(own.read_text(encoding="utf-8")).get("real_tokens", 0))
 
     def _load_best_model(self) -> None:
         if self.state.best_model_checkpoint:
@@ -441,6 +591,8 @@ class RunFilesCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         self.t0 = time.perf_counter()
         self.tokens0 = self.trainer.tokens_seen()  # every rank runs this callback: a collective is safe
+        if state.is_world_process_zero and state.global_step > 0:
+            self.history = metrics_up_to(self.run_dir / METRICS_NAME, state.global_step)
         if state.is_world_process_zero:
             self.bar = tqdm(
                 total=state.max_steps,
@@ -449,6 +601,15 @@ class RunFilesCallback(TrainerCallback):
                 unit="step",
                 dynamic_ncols=True,
             )
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar."""
+        (self.bar.write if self.bar is not None else print)(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def tokens_per_s(self, tokens: int) -> float:
         """Throughput since training began, given the tokens seen by all processes so far."""
@@ -481,7 +642,7 @@ class RunFilesCallback(TrainerCallback):
                 f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}, "
                 f"perplexity {row['eval_perplexity']:.2f}"
             )
-            (self.bar.write if self.bar else print)(msg)
+            self.write(msg)
         self.history.append(row)
         with open(self.run_dir / METRICS_NAME, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -491,11 +652,28 @@ class RunFilesCallback(TrainerCallback):
             plot_loss(self.history, self.run_dir / "loss.png")
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self.close()
         if state.is_world_process_zero:
             plot_loss(self.history, self.run_dir / "loss.png")
+
+
+def metrics_up_to(path: Path, step: int) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` logged up to ``step``; the file is rewritten to hold just those.
+
+    On resume from checkpoint-N the rows after N (logged by the interrupted run, and about to be
+    logged again) and a last line cut short by a kill go, so the file reads as one run.
+    """
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                rows.append(row)
+    safety.write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    return rows
 
 
 def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
@@ -523,6 +701,56 @@ def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def build_trainer(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    args: TrainingArguments,
+    train_set: Any,
+    eval_set: Any,
+    fingerprint: str,
+) -> LorafitTrainer:
+    """The Trainer with lorafit's callbacks: run files, the non-finite guard, stop on signals."""
+    with _quiet_transformers():
+        trainer = LorafitTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            data_collator=lf_data.collator_for(tokenizer, packing=cfg.data.packing),
+            pad_token_id=tokenizer.pad_token_id,
+            data_fingerprint=fingerprint,
+        )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    run_dir = Path(args.output_dir)
+    files = RunFilesCallback(run_dir, trainer)
+    trainer.add_callback(files)
+    skip = bool(cfg.training_config.get("skip_nonfinite"))
+    trainer.add_callback(safety.NonFiniteGuard(trainer, run_dir, skip=skip, echo=files.write))
+    trainer.add_callback(safety.StopOnSignal(echo=files.write))
+    return trainer
+
+
+def run_trainer(trainer: LorafitTrainer, checkpoint: str | None) -> None:
+    """``trainer.train`` with SIGINT/SIGTERM turned into a stop after the step (``RunStopped``)."""
+    callbacks = trainer.callback_handler.callbacks
+    files = next(cb for cb in callbacks if isinstance(cb, RunFilesCallback))
+    stop = next(cb for cb in callbacks if isinstance(cb, safety.StopOnSignal))
+    try:
+        with stop.installed():
+            trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        files.close()  # an error message then starts on a line of its own
+    state = trainer.state
+    if stop.received is not None and state.global_step < state.max_steps:
+        raise RunStopped(
+            f"stopped by {signal.Signals(stop.received).name} after step {state.global_step} of "
+            f"{state.max_steps}. " + safety.resume_hint(Path(trainer.args.output_dir)),
+            exit_code=128 + stop.received,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,8 +827,19 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def train(cfg: RunConfig, *, resume: str | bool | None = None, echo: Any = print) -> Path:
+def train(
+    cfg: RunConfig,
+    *,
+    resume: str | bool | None = None,
+    echo: Any = print,
+    callbacks: list[TrainerCallback] | None = None,
+) -> Path:
     """Fine-tune with LoRA as ``cfg`` says; returns the run folder holding the adapter.
+
+    Raises ``LorafitError`` for bad input (before training where it can be known: the
+    checkpoint to resume, the output folder and its free space, the data), for a non-finite
+    step and for a failed write; ``RunStopped`` when SIGINT/SIGTERM stopped the run after a
+    checkpoint. ``callbacks`` are added to the Trainer after lorafit's own.
 
     Launched by torchrun or accelerate launch, every process runs this: rank 0 picks the run
     folder and writes the files, the others train their share of each batch.
@@ -609,6 +848,10 @@ def train(cfg: RunConfig, *, resume: str | bool | None = None, echo: Any = print
     if not is_main_process():
         echo = _say_nothing
     run_dir, checkpoint = lf_dist.decide_on_main(lambda: resolve_run_dir(cfg, resume))
+    if checkpoint is not None:
+        safety.check_checkpoint(Path(checkpoint))
+    if is_main_process():
+        safety.check_output_dir(run_dir)
     seed = int(cfg.training_config.get("seed", 42))
     tokenizer = load_tokenizer(cfg)
     with lf_dist.main_process_first():  # one process per machine tokenises; the rest read its cache
@@ -616,46 +859,41 @@ def train(cfg: RunConfig, *, resume: str | bool | None = None, echo: Any = print
     fingerprints = [lf_dist.dataset_fingerprint(d) for d in (train_set, eval_set) if d is not None]
     lf_dist.check_same_on_all_ranks("/".join(fingerprints), "training rows")
     echo(describe_data(stats))
-    model = load_model(cfg, tokenizer)
+    args = training_arguments(cfg, run_dir, has_eval=eval_set is not None)
     # LoRA's random A matrices from the run's seed: the same on every rank and in every launch,
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
-    model = add_lora(model, cfg)
+    model = add_lora(load_model(cfg, tokenizer), cfg)
     echo(trainable_summary(model))
-    args = training_arguments(cfg, run_dir, has_eval=eval_set is not None)
+    fingerprint = safety.data_fingerprint(train_set)
+    if checkpoint is not None:
+        check_same_data(Path(checkpoint), fingerprint, echo)
 
     if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_CONFIG_NAME).write_text(cfg.to_yaml(), encoding="utf-8")
-        tokenizer.save_pretrained(run_dir)
+        safety.check_free_space(run_dir, safety.checkpoint_bytes(model))
 
-    prompts = eval_conversations(cfg, cfg.data.eval_prompts) if is_main_process() else []
-    before = answer_prompts(model, tokenizer, prompts) if prompts and checkpoint is None else []
-
-    with _quiet_transformers():
-        trainer = LorafitTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_set,
-            eval_dataset=eval_set,
-            data_collator=lf_data.collator_for(tokenizer, packing=cfg.data.packing),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    files = RunFilesCallback(run_dir, trainer)
-    trainer.add_callback(files)
-    echo(f"training in {run_dir}" + (f", resuming from {checkpoint}" if checkpoint else ""))
-    trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(str(run_dir))  # on every rank: FSDP gathers the adapter from all of them
-
-    if is_main_process() and prompts:
-        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-            # The weights are spread over the processes; rank 0 alone cannot run the model.
-            after = [f"(not run: the model is sharded; try lorafit chat --adapter {run_dir})"] * len(prompts)
-        else:
-            after = answer_prompts(model, tokenizer, prompts)
-        write_samples(run_dir / SAMPLES_NAME, prompts, before or ["(not run: resumed)"] * len(after), after)
+    with safety.write_errors_reported(run_dir):
+        if is_main_process():
+            write_run_files(run_dir, cfg, tokenizer, stats, fresh=checkpoint is None, echo=echo)
+        prompts = eval_conversations(cfg, cfg.data.eval_prompts, stats) if is_main_process() else []
+        before = answer_prompts(model, tokenizer, prompts) if prompts and checkpoint is None else []
+        trainer = build_trainer(cfg, model, tokenizer, args, train_set, eval_set, fingerprint)
+        for callback in callbacks or []:
+            trainer.add_callback(callback)
+        echo(f"training in {run_dir}" + (f", resuming from {checkpoint}" if checkpoint else ""))
+        run_trainer(trainer, checkpoint)
+        trainer.save_model(str(run_dir))  # on every rank: FSDP gathers the adapter from all of them
+        if is_main_process() and prompts:
+            if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+                # The weights are spread over the processes; rank 0 alone cannot run the model.
+                after = [f"(not run: the model is sharded; try lorafit chat --adapter {run_dir})"] * len(
+                    prompts
+                )
+            else:
+                after = answer_prompts(model, tokenizer, prompts)
+            write_samples(
+                run_dir / SAMPLES_NAME, prompts, before or ["(not run: resumed)"] * len(after), after
+            )
     return run_dir
 
 
@@ -673,6 +911,8 @@ def describe_data(stats: dict[str, Any]) -> str:
         parts.append(
             f"{stats['packed_rows']} packed rows, {100 * stats.get('packing_efficiency', 0):.1f}% full"
         )
+    if stats.get("bad_records"):
+        parts.append(f"skipped {stats['bad_records']} bad records")
     dropped = stats.get("dropped_too_long", 0) + stats.get("dropped_no_assistant", 0)
     if dropped or stats.get("truncated"):
         parts.append(
