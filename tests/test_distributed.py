@@ -266,7 +266,7 @@ def test_fingerprint_sees_packing_and_tokens(phi3_tokenizer, tmp_path) -> None:
 
     def fingerprint(**kw) -> str:
         train, _, _ = lf_data.build_datasets(phi3_tokenizer, train=path, cache_dir=tmp_path / "c", **kw)
-        return lf_dist.dataset_fingerprint(train)
+        return lf_data.dataset_fingerprint(train)
 
     packed = fingerprint(max_length=64)
     assert packed == fingerprint(max_length=64)

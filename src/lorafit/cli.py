@@ -211,7 +211,14 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.skip_nonfinite:
         overrides = [*overrides, "--training_config.skip_nonfinite", "true"]
     cfg = load_config(config_path, overrides)
-    run_dir = train(cfg, resume=args.resume)
+    from lorafit import distributed
+
+    ok = False
+    try:
+        run_dir = train(cfg, resume=args.resume)
+        ok = True
+    finally:
+        distributed.shutdown(wait_for_all=ok)
     if is_main_process():
         print(f"\nadapter saved in {run_dir}")
         print(f"try it:  lorafit chat --adapter {run_dir}")

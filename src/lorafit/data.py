@@ -1405,3 +1405,26 @@ def _split_fraction(records: list[Record], fraction: float, seed: int) -> tuple[
     train = [r for i, r in enumerate(records) if i not in held_out]
     eval_ = [r for i, r in enumerate(records) if i in held_out]
     return train, eval_
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """A hash of a lorafit dataset's tokens, labels, example boundaries and packed rows.
+
+    Works on ``TokenizedDataset`` and ``PackedDataset`` (whose ``examples`` and ``rows`` say
+    which examples share a row); any other dataset is hashed through its items.
+    """
+    h = hashlib.sha256()
+    examples = getattr(dataset, "examples", dataset)
+    arrays = [getattr(examples, name, None) for name in ("input_ids", "labels", "offsets")]
+    if all(a is not None for a in arrays):
+        for a in arrays:
+            h.update(np.ascontiguousarray(a).tobytes())
+        rows = getattr(dataset, "rows", None)
+        if rows is not None:
+            h.update(np.asarray([len(r) for r in rows], dtype=np.int64).tobytes())
+            h.update(np.asarray([i for r in rows for i in r], dtype=np.int64).tobytes())
+    else:
+        for i in range(len(dataset)):
+            h.update(repr(dataset[i]).encode())
+    h.update(str(len(dataset)).encode())
+    return h.hexdigest()

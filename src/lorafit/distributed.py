@@ -19,14 +19,12 @@ holds whole. Without ``WORLD_SIZE > 1`` every function here is a no-op or a plai
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -97,6 +95,19 @@ def init_distributed(
             del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
+def shutdown(*, wait_for_all: bool) -> None:
+    """Leave the process group at the end of a run. ``wait_for_all`` (after a successful run)
+    first waits for every rank, so no process tears down gloo while another still uses it; a
+    process exiting with its group alive can abort in C++ ("terminate called ...")."""
+    if not _group_ready():
+        return
+    import torch.distributed as dist
+
+    if wait_for_all:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def decide_on_main(fn: Callable[[], T]) -> T:
     """``fn()`` run on rank 0 only; every rank returns its result.
 
@@ -141,29 +152,6 @@ def main_process_first() -> Iterator[None]:
     yield
     if first:
         torch.distributed.barrier()
-
-
-def dataset_fingerprint(dataset: Any) -> str:
-    """A hash of a lorafit dataset's tokens, labels, example boundaries and packed rows.
-
-    Works on ``TokenizedDataset`` and ``PackedDataset`` (whose ``examples`` and ``rows`` say
-    which examples share a row); any other dataset is hashed through its items.
-    """
-    h = hashlib.sha256()
-    examples = getattr(dataset, "examples", dataset)
-    arrays = [getattr(examples, name, None) for name in ("input_ids", "labels", "offsets")]
-    if all(a is not None for a in arrays):
-        for a in arrays:
-            h.update(np.ascontiguousarray(a).tobytes())
-        rows = getattr(dataset, "rows", None)
-        if rows is not None:
-            h.update(np.asarray([len(r) for r in rows], dtype=np.int64).tobytes())
-            h.update(np.asarray([i for r in rows for i in r], dtype=np.int64).tobytes())
-    else:
-        for i in range(len(dataset)):
-            h.update(repr(dataset[i]).encode())
-    h.update(str(len(dataset)).encode())
-    return h.hexdigest()
 
 
 def check_same_on_all_ranks(value: str, what: str) -> None:

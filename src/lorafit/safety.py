@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -30,7 +29,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -215,18 +213,6 @@ def check_checkpoint(path: Path) -> None:
                 f"{file} is not a readable PyTorch file ({type(e).__name__}: {str(e).splitlines()[0]}); "
                 "resume from another checkpoint-N of the run."
             ) from None
-
-
-def data_fingerprint(dataset: Any) -> str:
-    """A hash of the training rows in order (tokens, labels, packing): equal means same batches."""
-    h = hashlib.sha256()
-    examples = getattr(dataset, "examples", dataset)
-    for name in ("input_ids", "labels", "offsets"):
-        h.update(np.ascontiguousarray(getattr(examples, name)).tobytes())
-    rows = getattr(dataset, "rows", None)
-    if rows is not None:
-        h.update(json.dumps(rows).encode())
-    return h.hexdigest()[:32]
 
 
 # --------------------------------------------------------------------------------------------

@@ -856,7 +856,7 @@ def train(
     tokenizer = load_tokenizer(cfg)
     with lf_dist.main_process_first():  # one process per machine tokenises; the rest read its cache
         train_set, eval_set, stats = build_data(cfg, tokenizer, seed)
-    fingerprints = [lf_dist.dataset_fingerprint(d) for d in (train_set, eval_set) if d is not None]
+    fingerprints = [lf_data.dataset_fingerprint(d) for d in (train_set, eval_set) if d is not None]
     lf_dist.check_same_on_all_ranks("/".join(fingerprints), "training rows")
     echo(describe_data(stats))
     args = training_arguments(cfg, run_dir, has_eval=eval_set is not None)
@@ -865,7 +865,7 @@ def train(
     set_seed(seed)
     model = add_lora(load_model(cfg, tokenizer), cfg)
     echo(trainable_summary(model))
-    fingerprint = safety.data_fingerprint(train_set)
+    fingerprint = fingerprints[0]  # the training rows, kept in checkpoints to check resumes
     if checkpoint is not None:
         check_same_data(Path(checkpoint), fingerprint, echo)
 
