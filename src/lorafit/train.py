@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from lorafit.adapter import load_adapter, save_adapter
 from lorafit.config import DEMO_MODEL, RunConfig
 from lorafit.errors import LorafitError
 from lorafit.inject import apply_lora, trainable_summary
+from lorafit.loss import causal_lm_loss, supports_fast_loss
 
 RUN_CONFIG_NAME = "lorafit_run.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -297,7 +298,9 @@ def _has_accelerator() -> bool:
 
 class LorafitTrainer(Trainer):
     """``Trainer`` whose checkpoints hold the PEFT-format adapter instead of the base model,
-    and which counts real (non-pad) tokens for the tokens/s figure."""
+    which counts real (non-pad) tokens for the tokens/s figure, and whose loss is
+    :func:`lorafit.loss.causal_lm_loss` (the model's own loss, without full-vocabulary logits)
+    wherever that applies."""
 
     def __init__(self, *args: Any, pad_token_id: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -314,7 +317,28 @@ class LorafitTrainer(Trainer):
                 self.real_tokens += int((ids != self.pad_token_id).sum())
             else:
                 self.real_tokens += ids.numel()
+        # Eval asks for outputs; without compute_metrics only their loss is used.
+        if (not return_outputs or self.compute_metrics is None) and self._fast_loss_applies(inputs):
+            loss = causal_lm_loss(
+                model, inputs, num_items_in_batch, unwrapped=self.accelerator.unwrap_model(model)
+            )
+            # as Trainer.compute_loss does for a loss normalised by num_items_in_batch
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                n_gpu = self.args.n_gpu
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size() if n_gpu <= 1 else n_gpu)
+            return (loss, {"loss": loss}) if return_outputs else loss
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _fast_loss_applies(self, inputs: dict) -> bool:
+        # Trainer scales a loss for gradient accumulation as it would the model's own only when
+        # the model takes num_items_in_batch (model_accepts_loss_kwargs); keep to that case.
+        return (
+            "labels" in inputs
+            and self.model_accepts_loss_kwargs
+            and self.label_smoother is None
+            and self.compute_loss_func is None
+            and supports_fast_loss(self.accelerator.unwrap_model(self.model))
+        )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -500,8 +524,16 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def train(cfg: RunConfig, *, resume: str | bool | None = None, echo: Any = print) -> Path:
-    """Fine-tune with LoRA as ``cfg`` says; returns the run folder holding the adapter."""
+def train(
+    cfg: RunConfig,
+    *,
+    resume: str | bool | None = None,
+    echo: Any = print,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> Path:
+    """Fine-tune with LoRA as ``cfg`` says; returns the run folder holding the adapter.
+
+    ``callbacks`` are added to the Trainer's (``lorafit bench`` times steps with one)."""
     run_dir, checkpoint = resolve_run_dir(cfg, resume)
     seed = int(cfg.training_config.get("seed", 42))
     tokenizer = load_tokenizer(cfg)
@@ -532,6 +564,8 @@ def train(cfg: RunConfig, *, resume: str | bool | None = None, echo: Any = print
     trainer.remove_callback(ProgressCallback)
     files = RunFilesCallback(run_dir, trainer)
     trainer.add_callback(files)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     echo(f"training in {run_dir}" + (f", resuming from {checkpoint}" if checkpoint else ""))
     trainer.train(resume_from_checkpoint=checkpoint)
 
