@@ -373,3 +373,17 @@ def test_autocast_update_equals_the_op_by_op_update(dropout) -> None:
     assert fused[2].dtype == fused[3].dtype == torch.float32
     for a, b in zip(fused, reference, strict=True):
         assert _rel(a, b) < 5e-3  # about one bf16 rounding (2^-8) of the output
+
+
+def test_parallel_dropout_mask_is_bernoulli_and_seeded(monkeypatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # four pieces on any machine
+    shape = torch.Size([512, 1024])  # above the size drawn in parallel
+    torch.manual_seed(0)
+    keep = lora.dropout_keep_mask(shape, 0.25, torch.device("cpu"))
+    torch.manual_seed(0)
+    assert torch.equal(keep, lora.dropout_keep_mask(shape, 0.25, torch.device("cpu")))
+    assert keep.shape == shape and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - 0.75) < 3e-3  # 12 standard deviations of 2^19 draws
+    pieces = keep.view(4, -1)
+    assert all(not torch.equal(pieces[0], pieces[i]) for i in (1, 2, 3))  # independent generators
+    assert abs(pieces.float().mean(1) - 0.75).max() < 6e-3

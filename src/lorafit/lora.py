@@ -32,7 +32,9 @@ Code that shards weights (FSDP) should build layers with ``merge_weights=False``
 
 from __future__ import annotations
 
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
@@ -319,6 +321,41 @@ def lora_update(
     return _LoRAUpdate.apply(result, x, lora_A, lora_B, scaling, dropout)
 
 
+_PARALLEL_MASK_MIN = 1 << 18  # below this many elements a thread hand-off costs more than it saves
+
+
+@functools.cache
+def _mask_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorafit-dropout")
+
+
+def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """``nn.Dropout(p)``'s keep mask: i.i.d. True with probability ``1 - p``, shaped ``shape``.
+
+    PyTorch draws CPU random numbers on one thread, a few nanoseconds each: for LoRA dropout on
+    every linear layer that is a tenth of a training step. On CPU the mask is cut into one
+    piece per intra-op thread, each drawn by its own generator on its own thread. The
+    generators are seeded from the default one, so ``torch.manual_seed`` and gradient
+    checkpointing's RNG replay decide the mask as they decide ``nn.Dropout``'s.
+    """
+    keep = torch.empty(shape, dtype=torch.bool, device=device)
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2 or keep.numel() < _PARALLEL_MASK_MIN:
+        return keep.bernoulli_(1.0 - p)
+    pool = _mask_pool(threads - 1)
+    pieces = keep.view(-1).chunk(threads)
+    seeds = torch.randint(0, 2**62, (len(pieces),)).tolist()
+
+    def draw(piece: torch.Tensor, seed: int) -> None:
+        piece.bernoulli_(1.0 - p, generator=torch.Generator().manual_seed(seed))
+
+    others = [pool.submit(draw, piece, seed) for piece, seed in zip(pieces[1:], seeds[1:], strict=True)]
+    draw(pieces[0], seeds[0])
+    for future in others:
+        future.result()
+    return keep
+
+
 class _LoRAUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, x, lora_A, lora_B, scaling, dropout):  # noqa: ANN001, ANN205
@@ -328,7 +365,7 @@ class _LoRAUpdate(torch.autograd.Function):
             A, B = lora_A.to(dtype), lora_B.to(dtype)  # (r, in), (out, r)
             keep = None
             if dropout > 0.0:
-                keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout)
+                keep = dropout_keep_mask(x.shape, dropout, x.device)
                 x = (x * keep).mul_(1.0 / (1.0 - dropout))  # nn.Dropout's arithmetic
             after_A = x @ A.t()  # (..., r)
             flat = torch.addmm(
