@@ -76,6 +76,8 @@ def test_summary_ratios_use_trls_fastest_and_leanest() -> None:
             "tokens_per_s": tps,
             "peak_rss_mb": rss,
             "step_tokens": [100],
+            "step_cpu_seconds": [1.0],
+            "step_minor_faults": [10],
             "losses": [2.0],
         }
 
@@ -85,7 +87,7 @@ def test_summary_ratios_use_trls_fastest_and_leanest() -> None:
         run("trl", "packing", 200, 8000),
         run("trl", "padded+checkpointing", 150, 2000),
     ]
-    summary = bench.summarise(runs, bench.BenchSettings())
+    summary = bench.summarise(runs, bench.BenchSettings(warmup=0))
     assert summary["fastest_trl"] == "packing" and summary["leanest_trl"] == "padded+checkpointing"
     assert summary["speedup_vs_fastest_trl"] == pytest.approx(5.0)
     assert summary["memory_vs_fastest_trl"] == pytest.approx(0.125)

@@ -282,13 +282,19 @@ def _meter() -> Any:
     from transformers import TrainerCallback
 
     class Meter(TrainerCallback):
-        """Step end times, real tokens per batch (counted as the collator sees them) and losses."""
+        """Per step: end time, CPU time and minor page faults of the process, real tokens (as the
+        collator sees them) and loss."""
 
         def __init__(self) -> None:
             self.batch_tokens: list[int] = []
-            self.step_ends: list[float] = []
-            self.start: float | None = None
+            self.step_ends: list[tuple[float, float, int]] = []  # (wall, CPU seconds, minor faults)
+            self.start: tuple[float, float, int] | None = None
             self.losses: list[float] = []
+
+        @staticmethod
+        def now() -> tuple[float, float, int]:
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            return time.perf_counter(), usage.ru_utime + usage.ru_stime, usage.ru_minflt
 
         def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):  # noqa: ANN001, ANN201
             # accelerate's DataLoaderShard iterates the DataLoader it wraps
@@ -304,10 +310,10 @@ def _meter() -> Any:
 
         def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
             if self.start is None:
-                self.start = time.perf_counter()
+                self.start = self.now()
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-            self.step_ends.append(time.perf_counter())
+            self.step_ends.append(self.now())
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
             if logs and "loss" in logs:
@@ -315,13 +321,16 @@ def _meter() -> Any:
 
         def result(self, warmup: int) -> dict[str, Any]:
             ends = [self.start, *self.step_ends]
-            seconds = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+            steps = [[b - a for a, b in zip(x, y, strict=True)] for x, y in zip(ends, ends[1:], strict=False)]
+            seconds = [s[0] for s in steps]
             tokens = self.batch_tokens[: len(seconds)]
             timed_tokens = sum(tokens[warmup:])
             timed_seconds = sum(seconds[warmup:])
             return {
                 "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else 0.0,
                 "step_seconds": seconds,
+                "step_cpu_seconds": [s[1] for s in steps],
+                "step_minor_faults": [s[2] for s in steps],
                 "step_tokens": tokens,
                 "losses": self.losses,
             }
@@ -620,6 +629,13 @@ def summarise(runs: list[dict], settings: BenchSettings) -> dict[str, Any]:
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in group),
             "peak_rss_mb_runs": [round(r["peak_rss_mb"]) for r in group],
             "real_tokens_per_step": statistics.mean(t for r in group for t in r["step_tokens"]),
+            # after warm-up: CPU seconds (all threads) and minor page faults of one step
+            "cpu_s_per_step": statistics.median(
+                x for r in group for x in r.get("step_cpu_seconds", [])[settings.warmup :]
+            ),
+            "faults_per_step": statistics.median(
+                x for r in group for x in r.get("step_minor_faults", [])[settings.warmup :]
+            ),
             "loss": [statistics.median(r["losses"][s] for r in group) for s in range(steps)],
         }
     ours = table[f"lorafit:{LORAFIT_CONFIG}"]
@@ -646,15 +662,15 @@ def format_report(report: dict[str, Any]) -> str:
         f"lorafit bench: {report['model']}; {report['settings_line']}",
         f"machine: {report['machine']}",
         "",
-        f"{'side':8} {'configuration':24} {'tokens/s':>9} {'runs':>24} {'peak RSS MB':>12} "
-        f"{'real tok/step':>13} {'loss first->last':>17}",
+        f"{'side':8} {'configuration':22} {'tokens/s':>8} {'runs':>18} {'peak RSS MB':>11} "
+        f"{'real tok/step':>13} {'CPU s/step':>10} {'faults/step':>11} {'loss first->last':>17}",
     ]
     for row in s["configs"].values():
         runs = ", ".join(f"{x:.0f}" for x in row["tokens_per_s_runs"])
         lines.append(
-            f"{row['side']:8} {row['config']:24} {row['tokens_per_s']:9.0f} {runs:>24} "
-            f"{row['peak_rss_mb']:12.0f} {row['real_tokens_per_step']:13.0f} "
-            f"{row['loss'][0]:8.3f}->{row['loss'][-1]:.3f}"
+            f"{row['side']:8} {row['config']:22} {row['tokens_per_s']:8.0f} {runs:>18} "
+            f"{row['peak_rss_mb']:11.0f} {row['real_tokens_per_step']:13.0f} {row['cpu_s_per_step']:10.1f} "
+            f"{row['faults_per_step']:11.0f} {row['loss'][0]:8.3f}->{row['loss'][-1]:.3f}"
         )
     lines += [
         "",
