@@ -235,3 +235,23 @@ def test_input_grad_hook_is_registered_once(checkpointing_first) -> None:
     assert len(model.get_input_embeddings()._forward_hooks) == 1
     model(input_ids=IDS, labels=IDS).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_checkpointing_replays_lora_dropout_under_autocast(monkeypatch) -> None:
+    """Recomputed forward passes draw the same dropout masks (in parallel pieces too)."""
+    monkeypatch.setattr(lora, "_PARALLEL_MASK_MIN", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # the test suite runs one thread
+
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        model = apply_lora(tiny_phi3(), LoraConfig(r=4, lora_dropout=0.3, init_lora_weights=False))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=IDS, labels=IDS, use_cache=False).loss
+        loss.backward()
+        return [p.grad for n, p in model.named_parameters() if "lora_" in n]
+
+    plain, checkpointed = grads(False), grads(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed, strict=True))

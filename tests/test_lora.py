@@ -334,3 +334,56 @@ def test_rank_zero_layers_are_plain() -> None:
     close(m(x), nn.functional.linear(x, m.weight, m.bias))
     m.eval()
     close(m(x), nn.functional.linear(x, m.weight, m.bias))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_autocast_update_equals_the_op_by_op_update(dropout) -> None:
+    """Under bf16 autocast Linear runs lora_update: same output and gradients as the op-by-op
+    update (what PEFT computes under autocast) with the same dropout mask, to bf16 rounding."""
+    torch.manual_seed(0)
+    layer = lora.Linear(48, 40, r=4, lora_alpha=8, lora_dropout=dropout, merge_weights=False)
+    layer.weight.data = layer.weight.data.bfloat16()  # a bf16 base under fp32 LoRA, as apply_lora leaves it
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 5, 48, dtype=torch.bfloat16, requires_grad=True)
+    upstream = torch.randn(3, 5, 40)
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        layer.zero_grad()
+        x.grad = None
+        torch.manual_seed(7)  # the same mask: lora_update draws it first, as below
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                out = layer(x)
+            else:
+                xd = x
+                if dropout:
+                    keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1.0 - dropout)
+                    xd = (x * keep).mul_(1.0 / (1.0 - dropout))
+                update = nn.functional.linear(nn.functional.linear(xd, layer.lora_A), layer.lora_B)
+                out = nn.functional.linear(x, layer.weight, layer.bias) + update * layer.scaling
+        out.backward(upstream.to(out.dtype))
+        return [out.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad]
+
+    fused, reference = run(True), run(False)
+    assert fused[0].dtype == torch.bfloat16
+    assert fused[2].dtype == fused[3].dtype == torch.float32
+    for a, b in zip(fused, reference, strict=True):
+        assert _rel(a, b) < 5e-3  # about one bf16 rounding (2^-8) of the output
+
+
+def test_parallel_dropout_mask_is_bernoulli_and_seeded(monkeypatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # four pieces on any machine
+    shape = torch.Size([512, 1024])  # above the size drawn in parallel
+    torch.manual_seed(0)
+    keep = lora.dropout_keep_mask(shape, 0.25, torch.device("cpu"))
+    torch.manual_seed(0)
+    assert torch.equal(keep, lora.dropout_keep_mask(shape, 0.25, torch.device("cpu")))
+    assert keep.shape == shape and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - 0.75) < 3e-3  # 12 standard deviations of 2^19 draws
+    pieces = keep.view(4, -1)
+    assert all(not torch.equal(pieces[0], pieces[i]) for i in (1, 2, 3))  # independent generators
+    assert abs(pieces.float().mean(1) - 0.75).max() < 6e-3

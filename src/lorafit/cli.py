@@ -1,4 +1,4 @@
-"""``lorafit train | eval | chat | merge``: the command line.
+"""``lorafit train | eval | chat | merge | bench``: the command line.
 
 Errors a user can fix (``LorafitError``) print as one paragraph without a traceback;
 ``--debug`` shows the traceback.
@@ -59,6 +59,19 @@ AutoModelForCausalLM.from_pretrained, no lorafit or PEFT needed.
 
 example:
   lorafit merge --adapter runs/20261128-101500 --out merged/
+"""
+
+BENCH_HELP = """\
+Benchmark lorafit against PEFT + TRL: the same Phi-3-architecture model (random weights),
+synthetic chat data, LoRA settings, optimizer and batch on both sides, each run in its own
+process, alternately. Prints tokens/s, peak memory and loss per configuration with ratios, a
+parity check of loss and gradients on one batch, and the machine's matmul ceiling; writes
+bench.json, bench.png and bench.txt to --out. Needs peft and trl (pip install -e ".[bench]").
+
+examples:
+  lorafit bench                          # the full benchmark (about an hour on 2 CPU cores)
+  lorafit bench --quick                  # a tiny smoke test of the whole pipeline (under a minute)
+  lorafit bench --steps 10 --repeats 1 --trl packing
 """
 
 
@@ -131,6 +144,21 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
     m.add_argument("--out", required=True, help="folder for the merged model (must be new or empty)")
     m.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+    b = sub.add_parser(
+        "bench", help="benchmark against PEFT + TRL", description=BENCH_HELP, formatter_class=fmt
+    )
+    b.add_argument("--out", default="bench_out", help="folder for the results (default bench_out)")
+    b.add_argument("--steps", type=int, help="optimizer steps per run (default 15)")
+    b.add_argument("--warmup", type=int, help="first steps left out of tokens/s (default 2)")
+    b.add_argument("--repeats", type=int, help="runs of each configuration (default 3)")
+    b.add_argument(
+        "--trl",
+        help="comma-separated PEFT+TRL configurations: packing, packing+checkpointing, padded, "
+        "padded+checkpointing (default: all)",
+    )
+    b.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke test")
+    b.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
 
@@ -165,9 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return {"train": cmd_train, "chat": cmd_chat, "eval": cmd_eval, "merge": cmd_merge}[args.command](
-            args, rest
-        )
+        commands = {
+            "train": cmd_train,
+            "chat": cmd_chat,
+            "eval": cmd_eval,
+            "merge": cmd_merge,
+            "bench": cmd_bench,
+        }
+        return commands[args.command](args, rest)
     except LorafitError as e:
         if args.debug:
             raise
@@ -346,6 +379,14 @@ def cmd_merge(args: argparse.Namespace, _: list[str]) -> int:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"merged model saved in {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, _: list[str]) -> int:
+    from lorafit.bench import BenchSettings, run_bench
+
+    settings = BenchSettings.from_options(args.quick, args.steps, args.warmup, args.repeats, args.trl)
+    run_bench(Path(args.out), settings)
     return 0
 
 

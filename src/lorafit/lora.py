@@ -32,7 +32,9 @@ Code that shards weights (FSDP) should build layers with ``merge_weights=False``
 
 from __future__ import annotations
 
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
@@ -282,6 +284,11 @@ class Linear(nn.Linear, LoRALayer):
             result = self.base_layer(x)
         else:
             result = F.linear(x, self._w(), self.bias)
+        if self.has_lora and not self.merged and torch.is_autocast_enabled(x.device.type):
+            # Mixed-precision training: autocast would run the update in its dtype anyway, so do
+            # that in one op that skips the casts and keeps less for backward.
+            p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+            return lora_update(result, x, self.lora_A, self.lora_B, self.scaling, p)
         if self.has_lora and not self.merged:
             # Two thin products (x A^T) B^T instead of forming B A: r << in, out. The update is
             # computed in the LoRA dtype (fp32 over a bf16 base). PEFT adds it before the one cast
@@ -295,6 +302,106 @@ class Linear(nn.Linear, LoRALayer):
             else:
                 result = (result + update).to(dtype)
         return result
+
+
+def lora_update(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """``result + scaling * drop(x) A^T B^T`` under autocast, as one autograd op.
+
+    It computes what autocast makes of :class:`Linear`'s update (``x``, ``A`` and ``B`` cast to
+    the autocast dtype, products in that dtype, dropout as ``nn.Dropout``'s) with less work:
+    no fp32 copy of ``x``, the scaling and the sum folded into one ``addmm``. The sum is
+    rounded once instead of three times, so results agree with the op-by-op path (and with
+    PEFT's under autocast) to bf16 rounding. Backward keeps ``drop(x)`` (plus the dropout mask)
+    and the rank-r ``drop(x) A^T``, as the op-by-op path does, and returns fp32 gradients for
+    fp32 ``A`` and ``B``.
+    """
+    return _LoRAUpdate.apply(result, x, lora_A, lora_B, scaling, dropout)
+
+
+_PARALLEL_MASK_MIN = 1 << 18  # below this many elements a thread hand-off costs more than it saves
+
+
+@functools.cache
+def _mask_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorafit-dropout")
+
+
+def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """``nn.Dropout(p)``'s keep mask: i.i.d. True with probability ``1 - p``, shaped ``shape``.
+
+    PyTorch draws CPU random numbers on one thread, a few nanoseconds each: for LoRA dropout on
+    every linear layer that is a tenth of a training step. On CPU the mask is cut into one
+    piece per intra-op thread, each drawn by its own generator on its own thread. The
+    generators are seeded from the default one, so ``torch.manual_seed`` and gradient
+    checkpointing's RNG replay decide the mask as they decide ``nn.Dropout``'s.
+    """
+    keep = torch.empty(shape, dtype=torch.bool, device=device)
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2 or keep.numel() < _PARALLEL_MASK_MIN:
+        return keep.bernoulli_(1.0 - p)
+    pool = _mask_pool(threads - 1)
+    pieces = keep.view(-1).chunk(threads)
+    seeds = torch.randint(0, 2**62, (len(pieces),)).tolist()
+
+    def draw(piece: torch.Tensor, seed: int) -> None:
+        piece.bernoulli_(1.0 - p, generator=torch.Generator().manual_seed(seed))
+
+    others = [pool.submit(draw, piece, seed) for piece, seed in zip(pieces[1:], seeds[1:], strict=True)]
+    draw(pieces[0], seeds[0])
+    for future in others:
+        future.result()
+    return keep
+
+
+class _LoRAUpdate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, result, x, lora_A, lora_B, scaling, dropout):  # noqa: ANN001, ANN205
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            A, B = lora_A.to(dtype), lora_B.to(dtype)  # (r, in), (out, r)
+            keep = None
+            if dropout > 0.0:
+                keep = dropout_keep_mask(x.shape, dropout, x.device)
+                x = (x * keep).mul_(1.0 / (1.0 - dropout))  # nn.Dropout's arithmetic
+            after_A = x @ A.t()  # (..., r)
+            flat = torch.addmm(
+                result.reshape(-1, result.shape[-1]).to(dtype),
+                after_A.reshape(-1, after_A.shape[-1]),
+                B.t(),
+                alpha=scaling,
+            )
+        ctx.save_for_backward(x, keep, after_A, A, B)
+        ctx.scaling, ctx.dropout = scaling, dropout
+        ctx.dtypes = (result.dtype, lora_A.dtype, lora_B.dtype)
+        return flat.view(result.shape[:-1] + (flat.shape[-1],))
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, keep, after_A, A, B = ctx.saved_tensors
+        s = ctx.scaling
+        result_dtype, A_dtype, B_dtype = ctx.dtypes
+        g = grad.reshape(-1, grad.shape[-1]).to(x.dtype)  # (N, out)
+        xs = x.reshape(-1, x.shape[-1])  # (N, in): drop(x)
+        u = after_A.reshape(-1, after_A.shape[-1])  # (N, r)
+        g_u = (g @ B).mul_(s)  # (N, r)
+        grad_B = (g.t() @ u).mul_(s).to(B_dtype)  # (out, r)
+        grad_A = (g_u.t() @ xs).to(A_dtype)  # (r, in)
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = g_u @ A  # (N, in)
+            if keep is not None:
+                grad_x = (grad_x * keep.reshape(grad_x.shape)).mul_(1.0 / (1.0 - ctx.dropout))
+            grad_x = grad_x.view(x.shape)
+        grad_result = grad.to(result_dtype) if ctx.needs_input_grad[0] else None
+        return grad_result, grad_x, grad_A, grad_B, None, None
 
 
 class MergedLinear(nn.Linear, LoRALayer):

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -43,6 +44,7 @@ from lorafit.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapte
 from lorafit.config import DEMO_MODEL, RunConfig
 from lorafit.errors import LorafitError, RunStopped
 from lorafit.inject import apply_lora, trainable_summary
+from lorafit.loss import causal_lm_loss, supports_fast_loss
 
 RUN_CONFIG_NAME = "lorafit_run.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -441,8 +443,10 @@ def _has_accelerator() -> bool:
 
 class LorafitTrainer(Trainer):
     """``Trainer`` whose checkpoints hold the PEFT-format adapter instead of the base model and
-    appear whole or not at all, which counts real (non-pad) tokens for the tokens/s figure, and
-    which records whether each step's loss was finite (for ``safety.NonFiniteGuard``).
+    appear whole or not at all, which counts real (non-pad) tokens for the tokens/s figure,
+    which records whether each step's loss was finite (for ``safety.NonFiniteGuard``), and whose
+    loss is :func:`lorafit.loss.causal_lm_loss` (the model's own loss, without full-vocabulary
+    logits) wherever that applies.
 
     Under DDP every rank counts its own tokens and :meth:`tokens_seen` sums them. Under FSDP
     (and DeepSpeed ZeRO-3) Trainer gathers a full state dict on every rank before ``_save``;
@@ -482,12 +486,33 @@ class LorafitTrainer(Trainer):
                 self.real_tokens += int((ids != self.pad_token_id).sum())
             else:
                 self.real_tokens += ids.numel()
+        # Eval asks for outputs; without compute_metrics only their loss is used.
+        if (not return_outputs or self.compute_metrics is None) and self._fast_loss_applies(inputs):
+            loss = causal_lm_loss(
+                model, inputs, num_items_in_batch, unwrapped=self.accelerator.unwrap_model(model)
+            )
+            # as Trainer.compute_loss does for a loss normalised by num_items_in_batch
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                n_gpu = self.args.n_gpu
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size() if n_gpu <= 1 else n_gpu)
+            return (loss, {"loss": loss}) if return_outputs else loss
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def tokens_seen(self) -> int:
         """Real tokens trained on so far by all processes together. A collective under
         DDP/FSDP: every rank must call it at the same point (Trainer logs on every rank)."""
         return lf_dist.all_reduce_sum(self.real_tokens, device=self.args.device)
+
+    def _fast_loss_applies(self, inputs: dict) -> bool:
+        # Trainer scales a loss for gradient accumulation as it would the model's own only when
+        # the model takes num_items_in_batch (model_accepts_loss_kwargs); keep to that case.
+        return (
+            "labels" in inputs
+            and self.model_accepts_loss_kwargs
+            and self.label_smoother is None
+            and self.compute_loss_func is None
+            and supports_fast_loss(self.accelerator.unwrap_model(self.model))
+        )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -827,6 +852,30 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of returning it to the kernel.
+
+    A training step frees and re-allocates the same activations every time. glibc's defaults
+    serve blocks above a (dynamic) threshold with fresh mmap()s and trim the heap top once
+    enough is free, so every step page-faults its activations in again: tens of thousands of
+    faults, some 5% of a CPU step. Fixing the mmap threshold at its maximum (32 MiB) and
+    never trimming keeps the process at its peak, which it reaches every step anyway. Linux
+    with glibc only; returns whether the settings took.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def train(
     cfg: RunConfig,
     *,
@@ -852,6 +901,7 @@ def train(
         safety.check_checkpoint(Path(checkpoint))
     if is_main_process():
         safety.check_output_dir(run_dir)
+    keep_freed_memory()
     seed = int(cfg.training_config.get("seed", 42))
     tokenizer = load_tokenizer(cfg)
     with lf_dist.main_process_first():  # one process per machine tokenises; the rest read its cache
@@ -864,6 +914,8 @@ def train(
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
     model = add_lora(load_model(cfg, tokenizer), cfg)
+    if cfg.data.packing:  # attention within each packed example, not over whole rows
+        lf_data.use_packed_attention(model)
     echo(trainable_summary(model))
     fingerprint = fingerprints[0]  # the training rows, kept in checkpoints to check resumes
     if checkpoint is not None:
