@@ -566,8 +566,6 @@ def train(
     train_set, eval_set, stats = build_data(cfg, tokenizer, seed)
     echo(describe_data(stats))
     model = add_lora(load_model(cfg, tokenizer), cfg)
-    if cfg.data.packing:  # attention within each packed example, not over whole rows
-        lf_data.use_packed_attention(model)
     echo(trainable_summary(model))
     args = training_arguments(cfg, run_dir, has_eval=eval_set is not None)
 
