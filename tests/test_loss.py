@@ -151,9 +151,14 @@ def test_trainer_compute_loss_equals_the_default(tmp_path) -> None:
         default = Trainer.compute_loss(trainer, model, dict(inputs), num_items_in_batch=num_items)
         torch.testing.assert_close(ours, default, atol=1e-6, rtol=1e-6)
     model.eval()
-    with torch.no_grad():  # evaluation asks for outputs; only their loss is used
-        loss, outputs = trainer.compute_loss(model, dict(inputs), return_outputs=True)
-    torch.testing.assert_close(loss, model(**inputs, use_cache=False).loss, atol=1e-6, rtol=1e-6)
+    loss, logits, _ = trainer.prediction_step(model, dict(inputs), prediction_loss_only=True)
+    default = Trainer.prediction_step(trainer, model, dict(inputs), prediction_loss_only=True)[0]
+    assert logits is None
+    torch.testing.assert_close(loss, default, atol=1e-6, rtol=1e-6)
+    # predictions (logits) asked for: the model's own forward
+    loss, logits, labels = trainer.prediction_step(model, dict(inputs), prediction_loss_only=False)
+    assert logits.shape == (*inputs["input_ids"].shape, VOCAB)
+    torch.testing.assert_close(loss, default, atol=1e-6, rtol=1e-6)
 
 
 def test_training_with_gradient_accumulation_matches_the_default_trainer(tmp_path, monkeypatch) -> None:

@@ -47,7 +47,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lorafit.errors import LorafitError, did_you_mean
 
@@ -963,8 +962,7 @@ def _padded_length(longest: int, multiple: int | None) -> int:
 
 @dataclass
 class PackedCollator:
-    """Collate packed rows into ``input_ids``, ``labels``, ``position_ids``, all (B, T) int64, and
-    the example boundaries ``cu_seq_lens_q`` = ``cu_seq_lens_k`` (int32, over the B * T tokens).
+    """Collate packed rows into ``input_ids``, ``labels``, ``position_ids``, all (B, T) int64.
 
     A row is a list of examples (``{"input_ids", "labels"}``), one such example, or a row already
     concatenated with ``position_ids`` (what ``PackedDataset`` yields). There is deliberately no
@@ -994,103 +992,7 @@ class PackedCollator:
             labels[b, :n] = torch.tensor(row_labels)
             position_ids[b, :n] = torch.tensor(positions)
             position_ids[b, n:] = torch.arange(width - n)
-        # Example boundaries over the flattened (B * T) tokens, padding blocks included, under the
-        # names transformers passes on to attention functions: packed_sdpa_attention reads them;
-        # sdpa and eager ignore them, and flash-attention (without max_length_q/k) still goes by
-        # the position_ids.
-        starts = (position_ids.view(-1) == 0).nonzero().view(-1)
-        cu_seq_lens = torch.cat([starts, torch.tensor([position_ids.numel()])]).to(torch.int32)
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "position_ids": position_ids,
-            "cu_seq_lens_q": cu_seq_lens,
-            "cu_seq_lens_k": cu_seq_lens,
-        }
-
-
-PACKED_ATTENTION = "lorafit_packed_sdpa"
-"""The attention implementation name :func:`use_packed_attention` gives a model."""
-
-
-def packed_sdpa_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention, one causal call per packed example.
-
-    ``query``: (B, H, T, D); ``key``, ``value``: (B, H_kv, T, D); returns (B, T, H, D). With
-    packed rows, transformers builds a block-diagonal (B, 1, T, T) mask from the position_ids
-    and sdpa computes every score of every row before masking most away. Here each example
-    (delimited by the collator's ``cu_seq_lens_q``) attends causally to itself alone: the
-    same result, with the cost of ``sum(len^2)`` scores instead of ``B T^2``. Anything else (no
-    ``cu_seq_lens_q``, a KV cache, a sliding window shorter than an example, a non-causal
-    module) goes to transformers' own sdpa function with the mask it was given.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    cu_seq_lens = kwargs.get("cu_seq_lens_q")
-    window = kwargs.get("sliding_window")
-    batch, heads, length, _ = query.shape
-    lengths = cu_seq_lens.diff().tolist() if cu_seq_lens is not None else []
-    if (
-        not lengths
-        or sum(lengths) != batch * length
-        or key.shape[2] != length
-        or not getattr(module, "is_causal", True)
-        or (window is not None and max(lengths) > window)
-    ):
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    if key.shape[1] != heads:  # grouped-query attention: repeat each key/value head
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-        value = value.repeat_interleave(heads // value.shape[1], dim=1)
-    rows, segment = [], 0
-    for b in range(batch):  # each row's examples end at the row's end (padding is a block of its own)
-        row_lengths, total = [], 0
-        while total < length:
-            row_lengths.append(lengths[segment])
-            total += lengths[segment]
-            segment += 1
-        pieces = zip(*(t[b].split(row_lengths, dim=1) for t in (query, key, value)), strict=True)
-        rows.append(
-            torch.cat(
-                [
-                    F.scaled_dot_product_attention(
-                        q[None], k[None], v[None], dropout_p=dropout, is_causal=True, scale=scaling
-                    )  # 4-D: the fused kernels take no other shape
-                    for q, k, v in pieces
-                ],
-                dim=2,
-            )
-        )  # (1, H, T, D)
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
-
-
-def use_packed_attention(model: torch.nn.Module) -> bool:
-    """Give an sdpa model :func:`packed_sdpa_attention`; returns whether it did.
-
-    Call ``model.set_attn_implementation("sdpa")`` to go back (lorafit's ``train`` does after
-    training). Masks are built as for sdpa, so every case the function hands back to sdpa gets
-    the mask it expects.
-    """
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if implementation != "sdpa" or not hasattr(model, "set_attn_implementation"):
-        return False
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(PACKED_ATTENTION)
-    return model.config._attn_implementation == PACKED_ATTENTION
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
 @dataclass

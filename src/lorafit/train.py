@@ -486,17 +486,25 @@ class LorafitTrainer(Trainer):
                 self.real_tokens += int((ids != self.pad_token_id).sum())
             else:
                 self.real_tokens += ids.numel()
-        # Eval asks for outputs; without compute_metrics only their loss is used.
-        if (not return_outputs or self.compute_metrics is None) and self._fast_loss_applies(inputs):
-            loss = causal_lm_loss(
-                model, inputs, num_items_in_batch, unwrapped=self.accelerator.unwrap_model(model)
-            )
-            # as Trainer.compute_loss does for a loss normalised by num_items_in_batch
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                n_gpu = self.args.n_gpu
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size() if n_gpu <= 1 else n_gpu)
-            return (loss, {"loss": loss}) if return_outputs else loss
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if return_outputs or not self._fast_loss_applies(inputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        unwrapped = self.accelerator.unwrap_model(model)
+        loss = causal_lm_loss(model, inputs, num_items_in_batch, unwrapped=unwrapped)
+        # as Trainer.compute_loss does for a loss normalised by num_items_in_batch
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            n_gpu = self.args.n_gpu
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if n_gpu <= 1 else n_gpu)
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: ANN001, ANN201
+        # Evaluation without metrics needs the loss only: take it without the logits. (One
+        # batch's loss over its own label tokens, as Trainer's num_items_in_batch makes it.)
+        if not (prediction_loss_only and self._fast_loss_applies(inputs)):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def tokens_seen(self) -> int:
         """Real tokens trained on so far by all processes together. A collective under
@@ -857,8 +865,8 @@ def keep_freed_memory() -> bool:
 
     A training step frees and re-allocates the same activations every time. glibc's defaults
     serve blocks above a (dynamic) threshold with fresh mmap()s and trim the heap top once
-    enough is free, so every step page-faults its activations in again: tens of thousands of
-    faults, some 5% of a CPU step. Fixing the mmap threshold at its maximum (32 MiB) and
+    enough is free, so a step can page-fault its activations in again: tens of thousands of
+    faults, up to 5% of a CPU step. Fixing the mmap threshold at its maximum (32 MiB) and
     never trimming keeps the process at its peak, which it reaches every step anyway. Linux
     with glibc only; returns whether the settings took.
     """
@@ -914,8 +922,6 @@ def train(
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
     model = add_lora(load_model(cfg, tokenizer), cfg)
-    if cfg.data.packing:  # attention within each packed example, not over whole rows
-        lf_data.use_packed_attention(model)
     echo(trainable_summary(model))
     fingerprint = fingerprints[0]  # the training rows, kept in checkpoints to check resumes
     if checkpoint is not None:
