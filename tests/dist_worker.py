@@ -148,8 +148,7 @@ def main() -> None:
             "reloaded_logits_max_diff": diffs.item(),
         }
         (out / "fsdp.json").write_text(json.dumps(report))
-    dist.barrier()  # rank 1 must not tear gloo down while rank 0 still writes its report
-    dist.destroy_process_group()
+    lf_dist.shutdown(wait_for_all=True)  # rank 1 must not leave while rank 0 still writes
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +33,8 @@ from lorafit.adapter import clean_module_name, read_adapter_weights
 from lorafit.errors import LorafitError
 
 T = TypeVar("T")
+
+_GLOO_DRAIN_SECONDS = 0.2  # see shutdown()
 
 # What ``lorafit train --fsdp`` sets (TrainingArguments keys): FSDP2, which shards every
 # parameter on its own, so frozen base weights and trainable LoRA matrices can share a wrapped
@@ -106,6 +109,13 @@ def shutdown(*, wait_for_all: bool) -> None:
     if wait_for_all:
         dist.barrier()
     dist.destroy_process_group()
+    # gloo's worker thread frees each finished collective after the caller has been woken, and
+    # a collective's tensors can hold the last reference to a Python object, so that thread may
+    # still be waiting for the GIL here. Should the interpreter start finalising first, the
+    # thread is forced to exit from inside a destructor and C++ aborts the whole process
+    # ("terminate called without an active exception", SIGABRT after a successful run; seen
+    # about once in 20 runs of tests/dist_worker.py). Sleeping releases the GIL to it.
+    time.sleep(_GLOO_DRAIN_SECONDS)
 
 
 def decide_on_main(fn: Callable[[], T]) -> T:
