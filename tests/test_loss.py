@@ -79,6 +79,21 @@ def test_tiles_add_up_to_the_whole(monkeypatch) -> None:
         torch.testing.assert_close(tiled[1][name], whole[1][name], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1.0, 300.0])  # 300: most softmax terms underflow in fp32
+def test_head_cross_entropy_equals_torch_cross_entropy(scale) -> None:
+    gen = torch.Generator().manual_seed(3)
+    hidden = (torch.randn(37, 16, generator=gen) * scale).requires_grad_()
+    weight, bias = torch.randn(50, 16, generator=gen), torch.randn(50, generator=gen)
+    targets = torch.randint(0, 50, (37,), generator=gen)
+    ours = lf_loss.head_cross_entropy_sum(hidden, weight, bias, targets)
+    (ours_grad,) = torch.autograd.grad(ours, hidden)
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.t() + bias, targets, reduction="sum")
+    (plain_grad,) = torch.autograd.grad(plain, hidden)
+    assert torch.isfinite(ours)
+    torch.testing.assert_close(ours, plain, atol=1e-6 * scale, rtol=1e-6)
+    torch.testing.assert_close(ours_grad, plain_grad, atol=1e-5, rtol=1e-5)
+
+
 def test_bf16_autocast_is_as_accurate_as_the_models_own_loss() -> None:
     inputs = batch()
     model = lora_model(dtype=torch.bfloat16)

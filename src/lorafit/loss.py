@@ -165,10 +165,18 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 h = hidden[start : start + rows].to(dtype)  # (c, H)
                 t = targets[start : start + rows]  # (c,)
                 logits = F.linear(h, w, b).float()  # (c, V): rounded to dtype as nn.Linear's would be
-                lse = torch.logsumexp(logits, dim=-1)  # (c,)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                picked = logits.gather(1, t[:, None]).squeeze(1)  # z_i[t_i], before z is overwritten
+                # The softmax as exp(z - max) / sum, not exp(z - logsumexp): z - max is exact for
+                # the largest logits, where z - lse would carry lse's rounding (1e-4 relative
+                # error in the gradient for logits in the thousands); one exp over the tile,
+                # in place, serves both the loss and the gradient.
+                top = logits.amax(dim=-1, keepdim=True)  # (c, 1)
+                top = top.masked_fill(~top.isfinite(), 0.0)  # as torch.logsumexp: no inf - inf
+                exps = logits.sub_(top).exp_()  # (c, V)
+                sums = exps.sum(dim=-1, keepdim=True)  # (c, 1)
+                total += (sums.log() + top).squeeze(1).sub_(picked).sum()
                 if need_grad:
-                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
+                    probs = exps.div_(sums)  # softmax, in place: (c, V)
                     probs[torch.arange(len(t), device=t.device), t] -= 1.0
                     grad[start : start + rows] = probs.to(dtype) @ w  # d(sum CE)/dh: (c, H)
         ctx.save_for_backward(grad)
