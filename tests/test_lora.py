@@ -361,7 +361,7 @@ def test_autocast_update_equals_the_op_by_op_update(dropout) -> None:
             else:
                 xd = x
                 if dropout:
-                    keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1.0 - dropout)
+                    keep = lora.dropout_keep_mask(x.shape, dropout, x.device)  # tested below
                     xd = (x * keep).mul_(1.0 / (1.0 - dropout))
                 update = nn.functional.linear(nn.functional.linear(xd, layer.lora_A), layer.lora_B)
                 out = nn.functional.linear(x, layer.weight, layer.bias) + update * layer.scaling
@@ -373,6 +373,18 @@ def test_autocast_update_equals_the_op_by_op_update(dropout) -> None:
     assert fused[2].dtype == fused[3].dtype == torch.float32
     for a, b in zip(fused, reference, strict=True):
         assert _rel(a, b) < 5e-3  # about one bf16 rounding (2^-8) of the output
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_mask_keeps_one_minus_p(p) -> None:
+    torch.manual_seed(0)
+    n = 1 << 20
+    keep = lora.dropout_keep_mask(torch.Size([n]), p, torch.device("cpu"))
+    assert keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - (1 - p)) < 6 * (p * (1 - p) / n) ** 0.5
+    # no structure: neighbours are independent (a shared or repeated draw would correlate them)
+    both = (keep[1:] & keep[:-1]).float().mean().item()
+    assert abs(both - (1 - p) ** 2) < 6 * ((1 - p) ** 2 / n) ** 0.5
 
 
 def test_parallel_dropout_mask_is_bernoulli_and_seeded(monkeypatch) -> None:

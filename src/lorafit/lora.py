@@ -336,25 +336,33 @@ def _mask_pool(workers: int) -> ThreadPoolExecutor:
 def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """``nn.Dropout(p)``'s keep mask: i.i.d. True with probability ``1 - p``, shaped ``shape``.
 
-    PyTorch draws CPU random numbers on one thread, a few nanoseconds each: for LoRA dropout on
-    every linear layer that is a tenth of a training step. On CPU the mask is cut into one
-    piece per intra-op thread, each drawn by its own generator on its own thread. The
-    generators are seeded from the default one, so ``torch.manual_seed`` and gradient
-    checkpointing's RNG replay decide the mask as they decide ``nn.Dropout``'s.
+    On CPU each element is a uniform 31-bit integer ``u`` (``random_`` on int32), kept where
+    ``u >= round(p * 2^31)``: the keep probability is ``1 - p`` to within 2^-32 (``bernoulli_``
+    resolves it to 2^-24), at half ``bernoulli_``'s cost per element. PyTorch draws CPU random
+    numbers on one thread, and for LoRA dropout on every linear layer that is a tenth of a
+    training step, so large masks are cut into one piece per intra-op thread, each drawn by its
+    own generator on its own thread. Those generators are seeded from the default one (which
+    draws small masks itself), so ``torch.manual_seed`` and gradient checkpointing's RNG
+    replay decide the mask as they decide ``nn.Dropout``'s.
     """
     keep = torch.empty(shape, dtype=torch.bool, device=device)
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads < 2 or keep.numel() < _PARALLEL_MASK_MIN:
+    if device.type != "cpu":
         return keep.bernoulli_(1.0 - p)
+    threshold = round(p * 2**31)
+
+    def draw(piece: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        bits = torch.empty(piece.shape, dtype=torch.int32).random_(generator=generator)  # [0, 2^31)
+        torch.ge(bits, threshold, out=piece)
+
+    threads = torch.get_num_threads()
+    if threads < 2 or keep.numel() < _PARALLEL_MASK_MIN:
+        draw(keep)
+        return keep
     pool = _mask_pool(threads - 1)
     pieces = keep.view(-1).chunk(threads)
-    seeds = torch.randint(0, 2**62, (len(pieces),)).tolist()
-
-    def draw(piece: torch.Tensor, seed: int) -> None:
-        piece.bernoulli_(1.0 - p, generator=torch.Generator().manual_seed(seed))
-
-    others = [pool.submit(draw, piece, seed) for piece, seed in zip(pieces[1:], seeds[1:], strict=True)]
-    draw(pieces[0], seeds[0])
+    generators = [torch.Generator().manual_seed(s) for s in torch.randint(0, 2**62, (len(pieces),)).tolist()]
+    others = [pool.submit(draw, piece, g) for piece, g in zip(pieces[1:], generators[1:], strict=True)]
+    draw(pieces[0], generators[0])
     for future in others:
         future.result()
     return keep
