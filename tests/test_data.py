@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorafit import data
+from lorafit.attention import PACKED_ATTENTION, use_packed_attention
 from lorafit.data import (
     IGNORE_INDEX,
     PackedCollator,
@@ -470,6 +471,11 @@ def test_packed_collator_positions_labels_and_padding():
     c = {"input_ids": [31], "labels": [-100]}
     batch = PackedCollator(pad_token_id=0)([[a, b], [c]])
     assert batch.keys() == {"input_ids", "labels", "position_ids"}
+    bounded = PackedCollator(pad_token_id=0, example_boundaries=True)([[a, b], [c]])
+    assert bounded.keys() == {"input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"}
+    # example boundaries over the flattened rows: 3 and 2 tokens, then 1 and the padding's 4
+    assert bounded["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 10]
+    assert bounded["cu_seq_lens_k"] is bounded["cu_seq_lens_q"]
     assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22], [31, 0, 0, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 12, 13, -100, 22], [-100, -100, -100, -100, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
@@ -518,20 +524,25 @@ def _packed_batch(tokenizer, tmp_path, max_length=96):
     )
     assert stats["packed_rows"] < stats["examples"]  # several examples share rows
     rows = [train[i] for i in range(len(train))]
-    batch = PackedCollator(tokenizer.pad_token_id)(rows)
+    batch = PackedCollator(tokenizer.pad_token_id, example_boundaries=True)(rows)
     assert (batch["input_ids"] == tokenizer.pad_token_id).any()  # rows of unequal length got padding
     return train, batch
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", PACKED_ATTENTION])
 @pytest.mark.parametrize("sliding_window", [None, 8])
 def test_packed_logits_equal_per_example_logits(
     phi3_tokenizer, make_tiny_phi3, tmp_path, attn_implementation, sliding_window
 ):
     train, batch = _packed_batch(phi3_tokenizer, tmp_path)
+    packed_attention = attn_implementation == PACKED_ATTENTION
     model = make_tiny_phi3(
-        len(phi3_tokenizer), attn_implementation=attn_implementation, sliding_window=sliding_window
+        len(phi3_tokenizer),
+        attn_implementation="sdpa" if packed_attention else attn_implementation,
+        sliding_window=sliding_window,
     )
+    if packed_attention:
+        assert use_packed_attention(model)
     with torch.no_grad():
         packed = model(**batch, use_cache=False)
         packed_loss_sum = packed.loss * (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
@@ -552,6 +563,35 @@ def test_packed_logits_equal_per_example_logits(
     # the loss over the packed batch is the loss over the examples: nothing crosses a boundary
     torch.testing.assert_close(packed_loss_sum, loss_sum, atol=1e-4, rtol=1e-5)
     assert count == (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def test_packed_attention_gradients_equal_sdpa_and_it_hands_back_other_cases(
+    phi3_tokenizer, make_tiny_phi3, tmp_path, monkeypatch
+):
+    """Per-example attention gives sdpa's gradients; padded batches and generation (a mask, a
+    cache) go to sdpa itself, and use_packed_attention refuses a model that is not sdpa."""
+    from transformers.integrations import sdpa_attention
+
+    _, batch = _packed_batch(phi3_tokenizer, tmp_path)
+    reference, model = (make_tiny_phi3(len(phi3_tokenizer)).train() for _ in range(2))
+    reference(**batch, use_cache=False).loss.backward()
+    assert use_packed_attention(model) and model.config._attn_implementation == PACKED_ATTENTION
+    with monkeypatch.context() as patch:
+        patch.setattr(sdpa_attention, "sdpa_attention_forward", None)  # packed rows never need it
+        model(**batch, use_cache=False).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+    padded = PaddedCollator(phi3_tokenizer.pad_token_id)(
+        [{"input_ids": [5, 6, 7, 8], "labels": [5, 6, 7, 8]}, {"input_ids": [9, 10], "labels": [9, 10]}]
+    )
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**padded).logits, reference(**padded).logits)
+        prompt = torch.tensor([[5, 6, 7]])
+        settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(model.generate(prompt, **settings), reference.generate(prompt, **settings))
+    assert not use_packed_attention(make_tiny_phi3(len(phi3_tokenizer), attn_implementation="eager"))
 
 
 def test_packed_isolation_needs_use_cache_false(phi3_tokenizer, make_tiny_phi3, tmp_path):

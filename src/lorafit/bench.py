@@ -12,8 +12,9 @@ most 512 tokens a step; bf16 autocast; the loss is the mean cross-entropy over l
 :func:`run_bench` then
 
 1. checks parity: one batch through lorafit (its layers and its loss) and through PEFT (its
-   layers and the model's own loss) with the same LoRA weights; the loss and every LoRA
-   gradient must agree as closely as either agrees with an fp32 computation of the same batch;
+   layers and the model's own loss) with the same LoRA weights: the losses must agree within
+   bf16's rounding (2^-8 relative) and lorafit's LoRA gradients must be as close to an fp32
+   computation of the same batch as PEFT's are;
 2. measures the ceiling: the machine's bf16 matrix-product rate (on the model's own shapes)
    divided by the model's FLOPs per trained token;
 3. trains each side in its own process, alternately, ``repeats`` times: lorafit as a user
@@ -443,15 +444,20 @@ def parity_check(paths: dict[str, str], settings: BenchSettings) -> dict[str, An
 
     All three start from the same bf16 base weights and the same LoRA weights (``B`` random,
     not zero, so every gradient is non-trivial); dropout is off so the batch is deterministic.
-    lorafit runs its layers and :func:`lorafit.loss.causal_lm_loss` under bf16 autocast (what
-    its Trainer does); PEFT runs its layers and the model's own loss under bf16 autocast (what
-    TRL's Trainer does); the reference is PEFT's computation in fp32 without autocast. The
-    check passes when lorafit and PEFT differ by no more than the larger of their distances to
-    the reference (plus 10%): the two differ only by bf16 rounding.
+    lorafit runs its layers, its packed attention and :func:`lorafit.loss.causal_lm_loss`
+    under bf16 autocast (what its Trainer does); PEFT runs its layers, sdpa and the model's own
+    loss under bf16 autocast (what TRL's Trainer does); the reference is PEFT's computation in
+    fp32 without autocast. The check passes when the two losses differ by at most bf16's unit
+    roundoff (2^-8) relative and lorafit's largest relative LoRA-gradient error against the
+    reference is at most 1.5 times PEFT's. (The two attention paths round independently, so
+    the one-number loss errors scatter either way by a factor of 2 or 3, and gradient errors,
+    carried back through every layer, by about a quarter; lorafit.attention alone is at least as
+    accurate as sdpa: tests/test_attention.py.)
     """
     import peft
     from transformers import AutoModelForCausalLM
 
+    from lorafit.attention import use_packed_attention
     from lorafit.data import PackedCollator, pack
     from lorafit.inject import LoraConfig, apply_lora
     from lorafit.loss import causal_lm_loss
@@ -460,6 +466,11 @@ def parity_check(paths: dict[str, str], settings: BenchSettings) -> dict[str, An
     rows = pack(examples.lengths.tolist(), settings.max_length)[: settings.batch_size]
     tokenizer = bench_tokenizer(paths["model"])
     batch = PackedCollator(tokenizer.pad_token_id)([[examples[j] for j in row] for row in rows])
+    # lorafit trains packed rows with its per-example attention (lorafit.attention), which reads
+    # the example boundaries; PEFT's model gets the same rows without them and runs sdpa.
+    bounded = PackedCollator(tokenizer.pad_token_id, example_boundaries=True)(
+        [[examples[j] for j in row] for row in rows]
+    )
     config = {**LORA, "lora_dropout": 0.0}
 
     def load(dtype: torch.dtype) -> torch.nn.Module:
@@ -467,6 +478,8 @@ def parity_check(paths: dict[str, str], settings: BenchSettings) -> dict[str, An
         return model.to(dtype).train()
 
     ours = apply_lora(load(torch.bfloat16), LoraConfig.from_dict(config))
+    if not use_packed_attention(ours):
+        raise LorafitError("the bench model did not take lorafit's packed attention")
     generator = torch.Generator().manual_seed(settings.seed)
     with torch.no_grad():
         for module in ours.modules():
@@ -484,7 +497,7 @@ def parity_check(paths: dict[str, str], settings: BenchSettings) -> dict[str, An
 
     def run(model: torch.nn.Module, ours_loss: bool, autocast: bool) -> tuple[float, dict[str, torch.Tensor]]:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = causal_lm_loss(model, batch) if ours_loss else model(**batch, use_cache=False).loss
+            loss = causal_lm_loss(model, bounded) if ours_loss else model(**batch, use_cache=False).loss
         loss.backward()
         grads = {_lorafit_name(n): p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
         return loss.item(), grads
@@ -507,11 +520,10 @@ def parity_check(paths: dict[str, str], settings: BenchSettings) -> dict[str, An
         "lorafit_vs_fp32": distance("lorafit", "fp32 reference"),
         "peft_vs_fp32": distance("peft", "fp32 reference"),
     }
-    bound = {
-        key: 1.1 * max(report["lorafit_vs_fp32"][key], report["peft_vs_fp32"][key])
-        for key in ("loss_abs", "grad_rel_max")
-    }
-    report["passed"] = all(report["lorafit_vs_peft"][key] <= bound[key] for key in bound)
+    report["passed"] = (
+        report["lorafit_vs_peft"]["loss_abs"] <= 2**-8 * abs(report["loss"]["peft"])
+        and report["lorafit_vs_fp32"]["grad_rel_max"] <= 1.5 * report["peft_vs_fp32"]["grad_rel_max"]
+    )
     return report
 
 

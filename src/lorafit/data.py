@@ -962,7 +962,9 @@ def _padded_length(longest: int, multiple: int | None) -> int:
 
 @dataclass
 class PackedCollator:
-    """Collate packed rows into ``input_ids``, ``labels``, ``position_ids``, all (B, T) int64.
+    """Collate packed rows into ``input_ids``, ``labels``, ``position_ids``, all (B, T) int64, and
+    with ``example_boundaries`` the examples' starts ``cu_seq_lens_q`` = ``cu_seq_lens_k`` (int32,
+    over the B * T tokens, then B * T).
 
     A row is a list of examples (``{"input_ids", "labels"}``), one such example, or a row already
     concatenated with ``position_ids`` (what ``PackedDataset`` yields). There is deliberately no
@@ -976,6 +978,7 @@ class PackedCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    example_boundaries: bool = False  # add cu_seq_lens_q/k (a model given lorafit.attention needs them)
 
     def __post_init__(self) -> None:
         _check_pad_id(self.pad_token_id, "PackedCollator")
@@ -992,7 +995,16 @@ class PackedCollator:
             labels[b, :n] = torch.tensor(row_labels)
             position_ids[b, :n] = torch.tensor(positions)
             position_ids[b, n:] = torch.arange(width - n)
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        if self.example_boundaries:
+            # Over the flattened (B * T) tokens, padding blocks included, under the names
+            # transformers passes on to attention functions (only to models whose forward takes
+            # **kwargs: hence opt-in). sdpa and eager ignore them; flash-attention (without
+            # max_length_q/k) still goes by the position_ids.
+            starts = (position_ids.view(-1) == 0).nonzero().view(-1)
+            cu_seq_lens = torch.cat([starts, torch.tensor([position_ids.numel()])]).to(torch.int32)
+            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu_seq_lens
+        return batch
 
 
 @dataclass
@@ -1018,10 +1030,14 @@ class PaddedCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collator_for(tokenizer: Any, *, packing: bool, pad_to_multiple_of: int | None = None):
-    """The collator matching ``build_datasets(packing=...)``, padding with the tokenizer's pad id."""
-    cls = PackedCollator if packing else PaddedCollator
-    return cls(tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+def collator_for(
+    tokenizer: Any, *, packing: bool, pad_to_multiple_of: int | None = None, example_boundaries: bool = False
+):
+    """The collator matching ``build_datasets(packing=...)``, padding with the tokenizer's pad id;
+    ``example_boundaries`` (packed rows only) is :class:`PackedCollator`'s."""
+    if packing:
+        return PackedCollator(tokenizer.pad_token_id, pad_to_multiple_of, example_boundaries)
+    return PaddedCollator(tokenizer.pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
 
 
 # --------------------------------------------------------------------------------------------

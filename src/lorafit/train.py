@@ -41,6 +41,7 @@ from lorafit import data as lf_data
 from lorafit import distributed as lf_dist
 from lorafit import safety
 from lorafit.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+from lorafit.attention import PACKED_ATTENTION, use_packed_attention
 from lorafit.config import DEMO_MODEL, RunConfig
 from lorafit.errors import LorafitError, RunStopped
 from lorafit.inject import apply_lora, trainable_summary
@@ -752,7 +753,11 @@ def build_trainer(
             args=args,
             train_dataset=train_set,
             eval_dataset=eval_set,
-            data_collator=lf_data.collator_for(tokenizer, packing=cfg.data.packing),
+            data_collator=lf_data.collator_for(
+                tokenizer,
+                packing=cfg.data.packing,
+                example_boundaries=model.config._attn_implementation == PACKED_ATTENTION,
+            ),
             pad_token_id=tokenizer.pad_token_id,
             data_fingerprint=fingerprint,
         )
@@ -922,6 +927,8 @@ def train(
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
     model = add_lora(load_model(cfg, tokenizer), cfg)
+    if cfg.data.packing:  # attention within each packed example (sdpa models), not over whole rows
+        use_packed_attention(model)
     echo(trainable_summary(model))
     fingerprint = fingerprints[0]  # the training rows, kept in checkpoints to check resumes
     if checkpoint is not None:
@@ -941,6 +948,8 @@ def train(
         echo(f"training in {run_dir}" + (f", resuming from {checkpoint}" if checkpoint else ""))
         run_trainer(trainer, checkpoint)
         trainer.save_model(str(run_dir))  # on every rank: FSDP gathers the adapter from all of them
+        if model.config._attn_implementation == PACKED_ATTENTION:
+            model.set_attn_implementation("sdpa")  # the model goes back as loaded
         if is_main_process() and prompts:
             if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
                 # The weights are spread over the processes; rank 0 alone cannot run the model.
