@@ -21,7 +21,13 @@ def test_quick_bench_runs_both_sides_end_to_end(tmp_path, capsys) -> None:
     report = json.loads((out / "bench.json").read_text())
     assert (out / "bench.png").stat().st_size > 0
     assert (out / "bench.txt").read_text() == report["text"] + "\n"
-    assert "lorafit vs PEFT+TRL's fastest (packing)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "lorafit vs PEFT+TRL's fastest (packing)" in printed
+    versus = report["summary"]["versus"]["packing"]
+    assert (
+        versus["speedup"] == pytest.approx(report["summary"]["speedup_vs_fastest_trl"])
+        and f"  vs packing: {versus['speedup']:.2f}x tokens/s" in printed
+    )
 
     assert report["parity"]["passed"]
     rows = report["summary"]["configs"]

@@ -662,10 +662,22 @@ def summarise(runs: list[dict], settings: BenchSettings) -> dict[str, Any]:
         "memory_vs_fastest_trl": ours["peak_rss_mb"] / fastest["peak_rss_mb"],
         "speedup_vs_leanest_trl": ours["tokens_per_s"] / leanest["tokens_per_s"],
         "memory_vs_leanest_trl": ours["peak_rss_mb"] / leanest["peak_rss_mb"],
-        "loss_gap_vs_fastest_trl": statistics.mean(
-            abs(a - b) for a, b in zip(ours["loss"], fastest["loss"], strict=False)
-        ),
+        "loss_gap_vs_fastest_trl": _loss_gap(ours, fastest),
+        # every TRL configuration: (tokens/s ratio, peak memory ratio, mean |loss gap| per step)
+        "versus": {
+            row["config"]: {
+                "speedup": ours["tokens_per_s"] / row["tokens_per_s"],
+                "memory": ours["peak_rss_mb"] / row["peak_rss_mb"],
+                "loss_gap": _loss_gap(ours, row),
+            }
+            for row in trl
+        },
     }
+
+
+def _loss_gap(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Mean absolute difference of two median loss curves, step by step."""
+    return statistics.mean(abs(x - y) for x, y in zip(a["loss"], b["loss"], strict=False))
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -691,6 +703,13 @@ def format_report(report: dict[str, Any]) -> str:
         f"{s['loss_gap_vs_fastest_trl']:.3f}",
         f"lorafit vs PEFT+TRL's leanest ({s['leanest_trl']}): {s['speedup_vs_leanest_trl']:.2f}x tokens/s, "
         f"{s['memory_vs_leanest_trl']:.2f}x peak memory",
+    ]
+    for config, v in s.get("versus", {}).items():
+        lines.append(
+            f"  vs {config}: {v['speedup']:.2f}x tokens/s, {v['memory']:.2f}x peak memory, "
+            f"mean |loss gap| per step {v['loss_gap']:.3f}"
+        )
+    lines += [
         "",
         f"ceiling: bf16 matmul {c['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s / "
         f"{c['flops_per_token'] / 1e6:.0f} MFLOP per trained token = {c['tokens_per_s']:.0f} tokens/s; "
