@@ -465,12 +465,12 @@ def parity_check(paths: dict[str, str], settings: BenchSettings) -> dict[str, An
     examples = tokenized_examples(paths, settings)
     rows = pack(examples.lengths.tolist(), settings.max_length)[: settings.batch_size]
     tokenizer = bench_tokenizer(paths["model"])
-    batch = PackedCollator(tokenizer.pad_token_id)([[examples[j] for j in row] for row in rows])
     # lorafit trains packed rows with its per-example attention (lorafit.attention), which reads
     # the example boundaries; PEFT's model gets the same rows without them and runs sdpa.
     bounded = PackedCollator(tokenizer.pad_token_id, example_boundaries=True)(
         [[examples[j] for j in row] for row in rows]
     )
+    batch = {k: v for k, v in bounded.items() if not k.startswith("cu_seq_lens")}
     config = {**LORA, "lora_dropout": 0.0}
 
     def load(dtype: torch.dtype) -> torch.nn.Module:
