@@ -396,14 +396,8 @@ def detect_format(records: Sequence[Record]) -> str:
     if first is None:
         raise LorafitError(_unknown_format_message(records[0]))
     for record in records[1:]:
-        fmt = _record_format(record.data)
-        if fmt != first:
-            if fmt is None:
-                raise LorafitError(_unknown_format_message(record))
-            raise LorafitError(
-                f"{record.where}: looks like format '{fmt}' but {records[0].where} looks like '{first}'; "
-                "expected every record in one format."
-            )
+        if _record_format(record.data) != first:
+            raise LorafitError(_format_mismatch(record, first, records[0], skip=False))
     return first
 
 
