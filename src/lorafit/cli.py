@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from lorafit.config import load_config
-    from lorafit.train import RUN_CONFIG_NAME, is_main_process, train
+    from lorafit.train import RUN_CONFIG_NAME, train
 
     config_path = args.config
     if (
@@ -252,7 +252,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         ok = True
     finally:
         distributed.shutdown(wait_for_all=ok)
-    if is_main_process():
+    if distributed.is_main_process():
         print(f"\nadapter saved in {run_dir}")
         print(f"try it:  lorafit chat --adapter {run_dir}")
     return 0

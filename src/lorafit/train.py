@@ -43,6 +43,7 @@ from lorafit import safety
 from lorafit.adapter import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
 from lorafit.attention import PACKED_ATTENTION, use_packed_attention
 from lorafit.config import DEMO_MODEL, RunConfig
+from lorafit.distributed import is_main_process
 from lorafit.errors import LorafitError, RunStopped
 from lorafit.inject import apply_lora, trainable_summary
 from lorafit.loss import causal_lm_loss, supports_fast_loss
@@ -59,11 +60,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # --------------------------------------------------------------------------------------------
 # 1. The run folder
 # --------------------------------------------------------------------------------------------
-
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun / accelerate launch (always true in a single process)."""
-    return lf_dist.is_main_process()
 
 
 def join_processes(cfg: RunConfig) -> None:
