@@ -45,8 +45,8 @@ def run_one(mode: str, steps: int, batch: int, seq: int) -> dict:
     """One measurement in this process: ``mode`` is ``lora`` or ``qlora``."""
     import torch
 
-    from lorafit.inject import LoraConfig, apply_lora
-    from lorafit.quant import QLORA_SETTINGS, prepare_kbit_model
+    from lorafit.adapters import LoraConfig, apply_lora
+    from lorafit.models.quant import QLORA_SETTINGS, prepare_kbit_model
 
     model = bench_model(torch.bfloat16)
     if mode == "qlora":

@@ -101,12 +101,12 @@ def test_eval_prints_loss_and_perplexity(trained, capsys) -> None:
 def test_merge_gives_a_plain_transformers_model(trained, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from lorafit.cli import _load_run
+    from lorafit.models import load_trained
 
     out = tmp_path / "merged"
     assert main(["merge", "--adapter", str(trained), "--out", str(out)]) == 0
     plain = AutoModelForCausalLM.from_pretrained(out)
-    _, _, with_adapter = _load_run(str(trained))
+    _, _, with_adapter = load_trained(str(trained))
     ids = torch.randint(20, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (plain(input_ids=ids).logits - with_adapter(input_ids=ids).logits).abs().max().item()

@@ -64,7 +64,7 @@ def test_phi3_sample_dicts_are_accepted_verbatim(tmp_path) -> None:
 
 
 def test_training_arguments_from_the_sample(tmp_path) -> None:
-    from lorafit.train import training_arguments
+    from lorafit.training.arguments import training_arguments
 
     cfg = build_config({"training_config": PHI3_TRAINING_CONFIG, "peft_config": PHI3_PEFT_CONFIG})
     args = training_arguments(cfg, tmp_path / "run", has_eval=False)
@@ -223,8 +223,8 @@ _raw_config = st.fixed_dictionaries(
 
 
 def _loads_or_refuses(raw_or_path, overrides=None) -> None:
-    from lorafit.inject import find_targets
-    from lorafit.train import training_arguments
+    from lorafit.adapters import find_targets
+    from lorafit.training.arguments import training_arguments
 
     from tiny import tiny_phi3
 

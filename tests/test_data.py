@@ -20,7 +20,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorafit import data
-from lorafit.attention import PACKED_ATTENTION, use_packed_attention
 from lorafit.data import (
     IGNORE_INDEX,
     PackedCollator,
@@ -40,6 +39,7 @@ from lorafit.data import (
     tokenize_text,
 )
 from lorafit.errors import LorafitError
+from lorafit.models.attention import PACKED_ATTENTION, use_packed_attention
 
 # what each template puts after an assistant answer: all of it is labelled
 END_OF_TURN = {"phi3": "<|end|>", "llama2": " </s>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
@@ -661,7 +661,7 @@ def test_build_datasets_stats_and_cache_hit(phi3_tokenizer, tmp_path, lorafit_ca
     def no_tokenising(*args, **kwargs):
         raise AssertionError("tokenised again despite the cache")
 
-    monkeypatch.setattr(data, "_tokenize_records", no_tokenising)
+    monkeypatch.setattr(data.build, "_tokenize_records", no_tokenising)
     train2, _, stats2 = build_datasets(phi3_tokenizer, **settings_)
     assert stats2["cache_hit"] is True and stats2["eval"]["cache_hit"] is True
     assert {k: v for k, v in stats2.items() if k not in ("cache_hit", "eval")} == {

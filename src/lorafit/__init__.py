@@ -18,14 +18,15 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 __version__ = "0.1.0"
 
 _LAZY = {
-    "LoraConfig": "lorafit.inject",
-    "apply_lora": "lorafit.inject",
-    "merge_lora": "lorafit.inject",
-    "unmerge_lora": "lorafit.inject",
-    "trainable_summary": "lorafit.inject",
-    "save_adapter": "lorafit.adapter",
-    "load_adapter": "lorafit.adapter",
+    "LoraConfig": "lorafit.adapters",
+    "apply_lora": "lorafit.adapters",
+    "merge_lora": "lorafit.adapters",
+    "unmerge_lora": "lorafit.adapters",
+    "trainable_summary": "lorafit.adapters",
+    "save_adapter": "lorafit.adapters",
+    "load_adapter": "lorafit.adapters",
     "LorafitError": "lorafit.errors",
+    "train": "lorafit.training",
 }
 
 __all__ = ["lora", "__version__", *_LAZY]

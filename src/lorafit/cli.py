@@ -7,10 +7,8 @@ Errors a user can fix (``LorafitError``) print as one paragraph without a traceb
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
-from typing import Any
 
 from lorafit.errors import LorafitError, RunStopped
 
@@ -219,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from lorafit.config import load_config
-    from lorafit.train import RUN_CONFIG_NAME, train
+    from lorafit.constants import RUN_CONFIG_NAME
+    from lorafit.training import distributed, train
 
     config_path = args.config
     if (
@@ -232,20 +231,16 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         parent = Path(args.resume).parent / RUN_CONFIG_NAME
         config_path = str(parent) if parent.is_file() else None
     if args.qlora:
-        from lorafit.quant import QLORA_OVERRIDES
+        from lorafit.models.quant import QLORA_OVERRIDES
 
         overrides = [*QLORA_OVERRIDES, *overrides]
     if args.fsdp:
-        from lorafit.distributed import FSDP_OVERRIDES
-
-        overrides = [*FSDP_OVERRIDES, *overrides]
+        overrides = [*distributed.FSDP_OVERRIDES, *overrides]
     if args.skip_bad_records:
         overrides = [*overrides, "--data.skip_bad_records", "true"]
     if args.skip_nonfinite:
         overrides = [*overrides, "--training_config.skip_nonfinite", "true"]
     cfg = load_config(config_path, overrides)
-    from lorafit import distributed
-
     ok = False
     try:
         run_dir = train(cfg, resume=args.resume)
@@ -258,41 +253,13 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _load_run(adapter: str) -> tuple[Any, Any, Any]:
-    """(config, tokenizer, model with the adapter) for a run folder or a PEFT adapter folder."""
-    import json
-
-    from lorafit.adapter import CONFIG_NAME, load_adapter
-    from lorafit.config import build_config, load_config
-    from lorafit.train import RUN_CONFIG_NAME, load_model, load_tokenizer
-
-    folder = Path(adapter)
-    if not folder.is_dir():
-        raise LorafitError(f"--adapter {adapter}: no such folder")
-    if (folder / RUN_CONFIG_NAME).is_file():
-        cfg = load_config(folder / RUN_CONFIG_NAME)
-    elif (folder / CONFIG_NAME).is_file():
-        base = json.loads((folder / CONFIG_NAME).read_text()).get("base_model_name_or_path")
-        if not base:
-            raise LorafitError(f"{folder / CONFIG_NAME} names no base_model_name_or_path")
-        cfg = build_config({"model": {"name_or_path": base}})
-    else:
-        raise LorafitError(f"{folder} is neither a lorafit run folder nor an adapter folder ({CONFIG_NAME})")
-    if (folder / "tokenizer_config.json").is_file():
-        cfg.tokenizer.name_or_path = str(folder)
-    tokenizer = load_tokenizer(cfg)
-    model = load_model(cfg, tokenizer)
-    load_adapter(model, folder)
-    model.eval()
-    return cfg, tokenizer, model
-
-
 def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:
     from transformers import TextStreamer
 
-    from lorafit.train import generate
+    from lorafit.inference import generate
+    from lorafit.models import load_trained
 
-    _, tokenizer, model = _load_run(args.adapter)
+    _, tokenizer, model = load_trained(args.adapter)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
 
@@ -324,60 +291,24 @@ def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
-    import torch
+    from lorafit.inference import evaluate_loss
+    from lorafit.models import load_trained
 
-    from lorafit import data as lf_data
-
-    cfg, tokenizer, model = _load_run(args.adapter)
-    d = cfg.data
-    dataset, _, stats = lf_data.build_datasets(
-        tokenizer,
-        train=args.data,
-        format=d.format,
-        max_length=d.max_length,
-        packing=d.packing,
-        assistant_only_loss=d.assistant_only_loss,
-        overlong=d.overlong,
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, collate_fn=lf_data.collator_for(tokenizer, packing=d.packing)
-    )
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch.pop("labels")
-            logits = model(**batch, use_cache=False).logits[:, :-1].float()
-            target = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            total += loss.item()
-            count += int((target != -100).sum())
-    if count == 0:
-        raise LorafitError(f"{args.data}: no tokens to evaluate on (no assistant tokens left)")
-    mean = total / count
-    print(f"eval on {args.data}: {stats['examples']} examples, {count:,} label tokens")
-    print(f"loss {mean:.4f}  perplexity {math.exp(min(mean, 50)):.3f}")
+    cfg, tokenizer, model = load_trained(args.adapter)
+    result = evaluate_loss(model, tokenizer, args.data, cfg.data, batch_size=args.batch_size)
+    print(f"eval on {args.data}: {result['examples']} examples, {result['label_tokens']:,} label tokens")
+    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}")
     return 0
 
 
 def cmd_merge(args: argparse.Namespace, _: list[str]) -> int:
-    from lorafit.inject import merge_lora
+    from lorafit.export import check_new_folder, save_merged
+    from lorafit.models import load_trained
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise LorafitError(f"--out {out} already holds files; choose a new or empty folder")
-    cfg, tokenizer, model = _load_run(args.adapter)
-    if cfg.model.quantization:
-        from lorafit.quant import dequantize_model
-
-        dequantize_model(model)
-    merge_lora(model, unload=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    check_new_folder(out)  # before the model loads, not after
+    cfg, tokenizer, model = load_trained(args.adapter)
+    save_merged(model, tokenizer, out, quantized=bool(cfg.model.quantization))
     print(f"merged model saved in {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 

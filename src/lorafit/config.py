@@ -18,9 +18,10 @@ from typing import Any
 
 import yaml
 
-from lorafit.demo import DEMO_MODEL
+from lorafit.adapters.config import LoraConfig
+from lorafit.constants import ATTN_IMPLEMENTATIONS, DEMO_MODEL, DTYPE_NAMES, FORMATS
+from lorafit.data.template import check_length_settings
 from lorafit.errors import LorafitError, did_you_mean
-from lorafit.inject import LoraConfig
 
 # TrainingArguments keys that transformers 5 dropped but the Phi-3 samples (and many older
 # configs) still write: each maps to its replacement, or is lorafit's own.
@@ -62,13 +63,8 @@ class ModelConfig:
     revision: str | None = None
 
     def __post_init__(self) -> None:
-        _one_of("model", "torch_dtype", self.torch_dtype, ("bfloat16", "float16", "float32", "auto"))
-        _one_of(
-            "model",
-            "attn_implementation",
-            self.attn_implementation,
-            ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
-        )
+        _one_of("model", "torch_dtype", self.torch_dtype, (*DTYPE_NAMES, "auto"))
+        _one_of("model", "attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
 
 
 @dataclass
@@ -128,15 +124,8 @@ class DataConfig:
     skip_bad_records: bool = False
 
     def __post_init__(self) -> None:
-        _one_of(
-            "data",
-            "format",
-            self.format,
-            ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"),
-        )
-        _one_of("data", "overlong", self.overlong, ("truncate", "drop"))
-        if self.max_length < 8:
-            raise LorafitError(f"data.max_length must be at least 8 tokens, got {self.max_length}")
+        _one_of("data", "format", self.format, ("auto", *FORMATS))
+        check_length_settings(self.max_length, self.overlong)
         if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
             raise LorafitError(f"data.eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         if self.eval_prompts < 0:

@@ -21,6 +21,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lorafit.constants import DEMO_MODEL
+
 if TYPE_CHECKING:
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerBase
@@ -37,8 +39,6 @@ __all__ = [
     "train_file",
 ]
 
-DEMO_MODEL = "lorafit-demo"
-"""The ``model.name_or_path`` that selects the demo model."""
 
 DEMO_SEED = 1234
 """Seed of the demo model's random weights."""

@@ -1,0 +1,148 @@
+"""Loading a base model and its tokenizer: a hub id, a local folder, or the embedded demo.
+
+The model comes in the configured dtype and attention implementation (4-bit when
+``model.quantization`` says so); the tokenizer is set up for training (pad token, padding side,
+maximum length) and the model's generation config stops at the chat template's end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafit.config import RunConfig
+from lorafit.constants import DEMO_MODEL, RUN_CONFIG_NAME, torch_dtype
+from lorafit.data import prepare_tokenizer
+from lorafit.errors import LorafitError
+
+
+def _check_local_path(name: str, what: str) -> None:
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name and Path(name).parent.exists()
+    if looks_local and not Path(name).expanduser().exists():
+        raise LorafitError(f"{what} folder {name} does not exist")
+
+
+def _load_error(what: str, name: str, error: Exception) -> LorafitError:
+    if "trust_remote_code" in str(error):
+        return LorafitError(
+            f"could not load the {what} {name}: it ships its own Python code (auto_map in its config), "
+            "which lorafit never runs unless you set model.trust_remote_code: true; do that only for a "
+            "source you trust, or use a model that transformers supports natively."
+        )
+    return LorafitError(f"could not load the {what} {name}: {' '.join(str(error).split())}")
+
+
+def load_tokenizer(cfg: RunConfig) -> Any:
+    """The model's tokenizer (or ``tokenizer.name_or_path``), set up for training."""
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer.name_or_path or cfg.model.name_or_path
+    if name == DEMO_MODEL:
+        from lorafit.demo import load_demo_tokenizer
+
+        tokenizer = load_demo_tokenizer()
+    else:
+        _check_local_path(name, "tokenizer")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                name, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
+            )
+        except (OSError, ValueError) as e:
+            raise _load_error("tokenizer", name, e) from None
+    if cfg.tokenizer.chat_template:
+        tokenizer.chat_template = cfg.tokenizer.chat_template
+    return prepare_tokenizer(
+        tokenizer,
+        pad_token=cfg.tokenizer.pad_token,
+        padding_side=cfg.tokenizer.padding_side,
+        model_max_length=cfg.tokenizer.model_max_length,
+    )
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """eos plus the chat template's end-of-turn token (``<|end|>`` for Phi-3) where it exists."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for token in ("<|end|>", "<|eot_id|>", "<|im_end|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def load_model(cfg: RunConfig, tokenizer: Any) -> torch.nn.Module:
+    """The base model in the configured dtype and attention implementation."""
+    m = cfg.model
+    dtype = torch_dtype(m.torch_dtype)
+    if m.name_or_path == DEMO_MODEL:
+        from lorafit.demo import build_demo_model
+
+        model = build_demo_model(
+            dtype=torch.float32 if dtype == "auto" else dtype, attn_implementation=m.attn_implementation
+        )
+        if m.quantization:  # built in memory, so quantized here (hub models quantize while loading)
+            from lorafit.models.quant import quantize_model
+
+            quantize_model(model, m.quantization)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        _check_local_path(m.name_or_path, "model")
+        kwargs: dict[str, Any] = {
+            "dtype": dtype,
+            "attn_implementation": m.attn_implementation,
+            "trust_remote_code": m.trust_remote_code,
+            "revision": m.revision,
+        }
+        if m.device_map is not None:
+            kwargs["device_map"] = m.device_map
+        if m.quantization:
+            from lorafit.models.quant import bnb_config
+
+            kwargs["quantization_config"] = bnb_config(m.quantization)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+        except (OSError, ValueError, ImportError) as e:
+            raise _load_error("model", m.name_or_path, e) from None
+    if m.quantization:
+        from lorafit.models.quant import prepare_kbit_model
+
+        prepare_kbit_model(model, m.quantization)
+    model.config.use_cache = m.use_cache
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.eos_token_id = stop_token_ids(tokenizer)
+        gen.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_trained(folder: str | os.PathLike) -> tuple[RunConfig, Any, torch.nn.Module]:
+    """``(config, tokenizer, model with the adapter, in eval mode)`` for a run folder or any PEFT
+    adapter folder: the base model is the one the run's ``lorafit_run.yaml`` (or the adapter's
+    ``base_model_name_or_path``) names, loaded as it was trained (dtype, 4-bit)."""
+    import json
+
+    from lorafit.adapters.files import CONFIG_NAME, load_adapter
+    from lorafit.config import build_config, load_config
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorafitError(f"--adapter {folder}: no such folder")
+    if (folder / RUN_CONFIG_NAME).is_file():
+        cfg = load_config(folder / RUN_CONFIG_NAME)
+    elif (folder / CONFIG_NAME).is_file():
+        base = json.loads((folder / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+        if not base:
+            raise LorafitError(f"{folder / CONFIG_NAME} names no base_model_name_or_path")
+        cfg = build_config({"model": {"name_or_path": base}})
+    else:
+        raise LorafitError(f"{folder} is neither a lorafit run folder nor an adapter folder ({CONFIG_NAME})")
+    if (folder / "tokenizer_config.json").is_file():
+        cfg.tokenizer.name_or_path = str(folder)  # the run's own copy, with its pad token and template
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, tokenizer)
+    load_adapter(model, folder)
+    model.eval()
+    return cfg, tokenizer, model

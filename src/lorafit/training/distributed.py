@@ -1,0 +1,247 @@
+"""Several processes, one run: rank queries, agreement between ranks, sharded adapters.
+
+``torchrun`` and ``accelerate launch`` start one process per device with ``RANK``,
+``LOCAL_RANK`` and ``WORLD_SIZE`` in the environment; ``transformers.Trainer`` (through
+accelerate) then wraps the model in DDP or FSDP. What the Trainer does not do, and this module
+does, is make the processes agree *before* the Trainer exists:
+
+* one run folder: rank 0 picks it (a timestamped name, or checks ``output_dir``) and sends it
+  to the others, so every rank writes checkpoints into the same folder and a refusal (folder
+  taken) stops every rank with the same message;
+* one copy of the data work: the first process on each machine tokenises and fills the cache
+  while the others wait, then they read the cache; a fingerprint check proves every rank holds
+  the same examples in the same packed rows (the sampler, seeded alike, then orders them alike).
+
+Loading an adapter into a sharded model is :func:`lorafit.adapters.files.load_adapter_sharded`.
+Without ``WORLD_SIZE > 1`` every function here is a no-op or a plain call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from lorafit.config import RunConfig
+from lorafit.errors import LorafitError
+
+T = TypeVar("T")
+
+_GLOO_DRAIN_SECONDS = 0.2  # see shutdown()
+
+# What ``lorafit train --fsdp`` sets (TrainingArguments keys): FSDP2, which shards every
+# parameter on its own, so frozen base weights and trainable LoRA matrices can share a wrapped
+# unit (FSDP1's flat parameters need use_orig_params for that); one unit per decoder layer
+# (the model's ``_no_split_modules``); a full state dict for saving, from which the adapter is
+# taken on rank 0.
+FSDP_OVERRIDES = [
+    "--training_config.fsdp=true",
+    "--training_config.fsdp_config={version: 2, auto_wrap_policy: TRANSFORMER_BASED_WRAP, "
+    "reshard_after_forward: true, state_dict_type: FULL_STATE_DICT}",
+]
+
+
+def rank() -> int:
+    """This process's global rank (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (0 without a launcher)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    """How many processes train together (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0: the one process that writes the run's files."""
+    return rank() == 0
+
+
+def _group_ready() -> bool:
+    return world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def init_distributed(
+    *, cpu: bool, backend: str | None = None, timeout_s: int = 1800, deepspeed: bool = False
+) -> None:
+    """Join the process group now, when launched with ``WORLD_SIZE > 1``.
+
+    The group is accelerate's ``PartialState``, built as ``TrainingArguments`` builds it (same
+    backend choice: gloo on CPU, nccl on CUDA), which later finds it initialised and reuses it.
+    Joining early lets the ranks agree on the run folder and data before the Trainer exists.
+    """
+    if world_size() <= 1 or _group_ready():
+        return
+    from accelerate import PartialState
+
+    kwargs: dict[str, Any] = {"timeout": timedelta(seconds=timeout_s)}
+    if backend:
+        kwargs["backend"] = backend
+    if deepspeed:
+        # As TrainingArguments does: the env var makes accelerate start DeepSpeed's group.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(cpu=cpu, **kwargs)
+    finally:
+        if deepspeed:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+
+
+def shutdown(*, wait_for_all: bool) -> None:
+    """Leave the process group at the end of a run. ``wait_for_all`` (after a successful run)
+    first waits for every rank, so no process tears down gloo while another still uses it; a
+    process exiting with its group alive can abort in C++ ("terminate called ...")."""
+    if not _group_ready():
+        return
+    import torch.distributed as dist
+
+    if wait_for_all:
+        dist.barrier()
+    dist.destroy_process_group()
+    # gloo's worker thread frees each finished collective after the caller has been woken, and
+    # a collective's tensors can hold the last reference to a Python object, so that thread may
+    # still be waiting for the GIL here. Should the interpreter start finalising first, the
+    # thread is forced to exit from inside a destructor and C++ aborts the whole process
+    # ("terminate called without an active exception", SIGABRT after a successful run; seen
+    # about once in 20 runs of tests/dist_worker.py). Sleeping releases the GIL to it.
+    time.sleep(_GLOO_DRAIN_SECONDS)
+
+
+def decide_on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run on rank 0 only; every rank returns its result.
+
+    A :class:`LorafitError` raised on rank 0 is raised on every rank with the same message, so
+    a refusal (an output folder already in use, say) stops the whole job instead of leaving the
+    other ranks waiting. The result must be picklable.
+    """
+    if not _group_ready():
+        return fn()
+    payload: list[Any] = [None]
+    error: LorafitError | None = None
+    if rank() == 0:
+        try:
+            payload[0] = ("ok", fn())
+        except LorafitError as e:
+            error = e
+            payload[0] = ("error", str(e))
+    torch.distributed.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if error is not None:
+        raise error
+    if status == "error":
+        raise LorafitError(value)
+    return value
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """The first process on each machine runs the block, then the others do.
+
+    For cached work (tokenisation): the first process fills the machine's cache and the others
+    find it there. Every rank passes the barrier once, so on several machines all first
+    processes work in parallel. If the block raises on a first process, the launcher stops the
+    waiting ranks.
+    """
+    if not _group_ready():
+        yield
+        return
+    first = local_rank() == 0
+    if not first:
+        torch.distributed.barrier()
+    yield
+    if first:
+        torch.distributed.barrier()
+
+
+def check_same_on_all_ranks(value: str, what: str) -> None:
+    """Raise on every rank unless every rank passes the same ``value`` (a short string)."""
+    if not _group_ready():
+        return
+    values: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        groups: dict[str, list[int]] = {}
+        for r, v in enumerate(values):
+            groups.setdefault(v, []).append(r)
+        detail = "; ".join(f"ranks {ranks}: {v[:12]}" for v, ranks in groups.items())
+        raise LorafitError(
+            f"the processes built different {what} ({detail}). Every machine must see the same "
+            "data files, tokenizer and config: check that the files are identical on every machine "
+            "(or on a shared filesystem)."
+        )
+
+
+def all_reduce_sum(value: int, device: torch.device | str = "cpu") -> int:
+    """The sum of an integer over all ranks (a collective: every rank must call it)."""
+    if not _group_ready():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t)
+    return int(t.item())
+
+
+def join_processes(cfg: RunConfig) -> None:
+    """Under ``torchrun`` / ``accelerate launch``: join the process group before anything is
+    decided, so that rank 0 can choose the run folder for all. Refuses FSDP where accelerate
+    would silently ignore it (CPU)."""
+    tc = cfg.training_config
+    cpu = bool(tc.get("use_cpu")) or not has_accelerator()
+    if tc.get("fsdp") and cpu:
+        refuse_cpu_fsdp()
+    if tc.get("fsdp") and world_size() == 1:
+        raise LorafitError(
+            "training_config.fsdp shards the model over the processes of a launch, and this is a single "
+            "process (accelerate would train unsharded): torchrun --nproc_per_node N -m lorafit train ..."
+        )
+    if ds := tc.get("deepspeed"):
+        import importlib.util
+
+        if isinstance(ds, str) and not Path(ds).is_file():
+            raise LorafitError(f"training_config.deepspeed: the DeepSpeed config {ds} does not exist")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise LorafitError(
+                "training_config.deepspeed needs the deepspeed package (CUDA machines): pip install deepspeed"
+            )
+    if world_size() > 1 and isinstance(cfg.model.device_map, str):
+        raise LorafitError(
+            f"model.device_map: {cfg.model.device_map!r} spreads one model over every device, but under "
+            f"torchrun each of the {world_size()} processes loads its own copy for its own device. "
+            "Leave device_map null (DDP), or add --fsdp to shard the model over the processes."
+        )
+    init_distributed(
+        cpu=cpu,
+        backend=tc.get("ddp_backend"),
+        timeout_s=int(tc.get("ddp_timeout") or 1800),
+        deepspeed=bool(tc.get("deepspeed")),
+    )
+
+
+def refuse_cpu_fsdp() -> None:
+    """FSDP asked for on CPU: refused, because accelerate would quietly run DDP instead."""
+    import accelerate
+
+    raise LorafitError(
+        f"training_config.fsdp needs GPUs (or other accelerators): accelerate {accelerate.__version__} "
+        "turns FSDP on only for CUDA/XPU/NPU/HPU-type devices, and on CPU it would silently run "
+        "plain DDP with the whole model on every process. On CPU, drop --fsdp and launch with "
+        "torchrun (DDP); to shard the model, run on GPUs."
+    )
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU or another accelerator (CUDA, XPU, MPS)."""
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return bool((xpu is not None and xpu.is_available()) or (mps is not None and mps.is_available()))

@@ -1,0 +1,274 @@
+"""``LorafitTrainer``: transformers' Trainer with lorafit's checkpoints, token counts and loss.
+
+``transformers.Trainer`` does the loop, so schedules, gradient accumulation, evaluation,
+logging, resume and accelerate (DDP, FSDP, DeepSpeed) come from the library. This subclass
+changes what a checkpoint holds (the PEFT-format adapter, never the base model), writes each
+checkpoint atomically, counts real tokens and computes the loss without full-vocabulary logits.
+
+Resuming is exact: a run killed at any moment and resumed from its last checkpoint ends with the
+same adapter, bit for bit on CPU, as one never interrupted. The Trainer restores the optimizer,
+scheduler, every RNG and the data position; the packing is a pure function of the data; LoRA's
+initial weights come from the run's seed; and the run's own counters and metrics rows are
+restored from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from lorafit.adapters.files import load_adapter, load_adapter_sharded, save_adapter
+from lorafit.config import RunConfig
+from lorafit.data import collator_for
+from lorafit.errors import LorafitError, RunStopped
+from lorafit.models.attention import PACKED_ATTENTION
+from lorafit.training import checkpoints
+from lorafit.training import distributed as lf_dist
+from lorafit.training.callbacks import NonFiniteGuard, RunFilesCallback, StopOnSignal
+from lorafit.training.loss import causal_lm_loss, supports_fast_loss
+
+
+class LorafitTrainer(Trainer):
+    """``Trainer`` whose checkpoints hold the PEFT-format adapter instead of the base model and
+    appear whole or not at all, which counts real (non-pad) tokens for the tokens/s figure,
+    which records whether each step's loss was finite (for ``NonFiniteGuard``), and whose
+    loss is :func:`lorafit.training.loss.causal_lm_loss` (the model's own loss, without full-vocabulary
+    logits) wherever that applies.
+
+    Under DDP every rank counts its own tokens and :meth:`tokens_seen` sums them. Under FSDP
+    (and DeepSpeed ZeRO-3) Trainer gathers a full state dict on every rank before ``_save``;
+    the adapter is taken from it, and resuming loads the adapter into the sharded parameters.
+
+    ``training_args.bin`` is never written: it is a pickle, and nothing here reads it back.
+    """
+
+    def __init__(
+        self, *args: Any, pad_token_id: int | None = None, data_fingerprint: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.pad_token_id = pad_token_id
+        self.data_fingerprint = data_fingerprint
+        self.real_tokens = 0
+        self._loss_finite: torch.Tensor | None = None  # all micro-batch losses of this step finite
+        self._staging: str | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001, ANN201
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss).all()  # stays on the device: no sync per micro-batch
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        return loss
+
+    def take_loss_finite(self) -> bool:
+        """Whether every loss since the last call was finite (True when none was computed)."""
+        finite, self._loss_finite = self._loss_finite, None
+        return finite is None or bool(finite)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
+        if model.training:
+            ids = inputs["input_ids"]
+            mask = inputs.get("attention_mask")
+            if mask is not None:
+                self.real_tokens += int(mask.sum())
+            elif self.pad_token_id is not None:
+                self.real_tokens += int((ids != self.pad_token_id).sum())
+            else:
+                self.real_tokens += ids.numel()
+        if return_outputs or not self._fast_loss_applies(inputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        unwrapped = self.accelerator.unwrap_model(model)
+        loss = causal_lm_loss(model, inputs, num_items_in_batch, unwrapped=unwrapped)
+        # as Trainer.compute_loss does for a loss normalised by num_items_in_batch
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            n_gpu = self.args.n_gpu
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if n_gpu <= 1 else n_gpu)
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: ANN001, ANN201
+        # Evaluation without metrics needs the loss only: take it without the logits. (One
+        # batch's loss over its own label tokens, as Trainer's num_items_in_batch makes it.)
+        if not (prediction_loss_only and self._fast_loss_applies(inputs)):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def tokens_seen(self) -> int:
+        """Real tokens trained on so far by all processes together. A collective under
+        DDP/FSDP: every rank must call it at the same point (Trainer logs on every rank)."""
+        return lf_dist.all_reduce_sum(self.real_tokens, device=self.args.device)
+
+    def _fast_loss_applies(self, inputs: dict) -> bool:
+        # Trainer scales a loss for gradient accumulation as it would the model's own only when
+        # the model takes num_items_in_batch (model_accepts_loss_kwargs); keep to that case.
+        return (
+            "labels" in inputs
+            and self.model_accepts_loss_kwargs
+            and self.label_smoother is None
+            and self.compute_loss_func is None
+            and supports_fast_loss(self.accelerator.unwrap_model(self.model))
+        )
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        if state_dict is not None and not state_dict:
+            raise LorafitError(
+                "the sharded model handed over no weights to save. With DeepSpeed ZeRO-3 set "
+                "zero_optimization.stage3_gather_16bit_weights_on_model_save: true in its config"
+            )
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        # Without sharding, Trainer passes no state dict and the model's parameters are whole.
+        save_adapter(model, output_dir, state_dict=state_dict)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Under FSDP, Trainer would also write the whole model (pytorch_model_fsdp.bin: every base
+        # weight) into each checkpoint; the adapter is all a lorafit checkpoint needs.
+        from accelerate.utils import save_fsdp_optimizer
+        from transformers.trainer import SCHEDULER_NAME
+
+        plugin = self.accelerator.state.fsdp_plugin
+        save_fsdp_optimizer(plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # While _save_checkpoint runs, Trainer writes checkpoint-N into the staging folder.
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Trainer's checkpoint, written into ``.partial-checkpoint-N/`` and renamed into place.
+
+        A kill during the save leaves the previous checkpoints whole (the partial folder is
+        cleared at the next start); a failed write (disk full) removes the partial folder and
+        raises a ``LorafitError`` naming the last good checkpoint. Rotation (``save_total_limit``)
+        runs after the rename, on complete checkpoints only.
+        """
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f"{checkpoints.PARTIAL}{name}"
+        self._staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every rank's RNG file is written
+            if self.args.should_save:
+                self._publish(staging / name, run_dir / name)
+        except BaseException as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, (OSError, RuntimeError, SafetensorError)):  # torch.save's write errors
+                raise LorafitError(
+                    f"saving {name} in {run_dir} failed ({e}); nothing of it was kept. "
+                    + checkpoints.resume_hint(run_dir)
+                ) from e
+            raise
+        finally:
+            self._staging = None
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+            checkpoints.rotate_checkpoints(
+                run_dir, self.args.save_total_limit, [self.state.best_model_checkpoint]
+            )
+
+    def _publish(self, staged: Path, final: Path) -> None:
+        if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
+            self.state.best_model_checkpoint = str(final)  # the path it will have after the rename
+            self.state.save_to_json(str(staged / checkpoints.TRAINER_STATE_NAME))
+        own = {"real_tokens": self.real_tokens, "train_data": self.data_fingerprint}
+        (staged / checkpoints.LORAFIT_STATE_NAME).write_text(json.dumps(own), encoding="utf-8")
+        checkpoints.publish_checkpoint(staged, final)
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        if self.is_fsdp_enabled:
+            load_adapter_sharded(model or self.model_wrapped, resume_from_checkpoint)
+        else:
+            load_adapter(model or self.model, resume_from_checkpoint)
+        own = Path(resume_from_checkpoint) / checkpoints.LORAFIT_STATE_NAME
+        if own.is_file():
+            self.real_tokens = int(json.loads(own.read_text(encoding="utf-8")).get("real_tokens", 0))
+
+    def _load_best_model(self) -> None:
+        if self.state.best_model_checkpoint:
+            self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def build_trainer(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    args: TrainingArguments,
+    train_set: Any,
+    eval_set: Any,
+    fingerprint: str,
+) -> LorafitTrainer:
+    """The Trainer with lorafit's callbacks: run files, the non-finite guard, stop on signals."""
+    with _quiet_transformers():
+        trainer = LorafitTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            data_collator=collator_for(
+                tokenizer,
+                packing=cfg.data.packing,
+                example_boundaries=model.config._attn_implementation == PACKED_ATTENTION,
+            ),
+            pad_token_id=tokenizer.pad_token_id,
+            data_fingerprint=fingerprint,
+        )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    run_dir = Path(args.output_dir)
+    files = RunFilesCallback(run_dir, trainer)
+    trainer.add_callback(files)
+    skip = bool(cfg.training_config.get("skip_nonfinite"))
+    trainer.add_callback(NonFiniteGuard(trainer, run_dir, skip=skip, echo=files.write))
+    trainer.add_callback(StopOnSignal(echo=files.write))
+    return trainer
+
+
+def run_trainer(trainer: LorafitTrainer, checkpoint: str | None) -> None:
+    """``trainer.train`` with SIGINT/SIGTERM turned into a stop after the step (``RunStopped``)."""
+    callbacks = trainer.callback_handler.callbacks
+    files = next(cb for cb in callbacks if isinstance(cb, RunFilesCallback))
+    stop = next(cb for cb in callbacks if isinstance(cb, StopOnSignal))
+    try:
+        with stop.installed():
+            trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        files.close()  # an error message then starts on a line of its own
+    state = trainer.state
+    if stop.received is not None and state.global_step < state.max_steps:
+        raise RunStopped(
+            f"stopped by {signal.Signals(stop.received).name} after step {state.global_step} of "
+            f"{state.max_steps}. " + checkpoints.resume_hint(Path(trainer.args.output_dir)),
+            exit_code=128 + stop.received,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
