@@ -4,12 +4,12 @@
 from lorafit.lora.conv import Conv1d, Conv2d, Conv3d, ConvLoRA
 from lorafit.lora.layers import (
     Embedding,
-    Linear,
     LoRALayer,
     MergedLinear,
     lora_state_dict,
     mark_only_lora_as_trainable,
 )
+from lorafit.lora.linear import Linear, dequantize_4bit
 from lorafit.lora.ops import dropout_keep_mask, lora_update
 
 __all__ = [
@@ -25,4 +25,5 @@ __all__ = [
     "lora_state_dict",
     "lora_update",
     "dropout_keep_mask",
+    "dequantize_4bit",
 ]

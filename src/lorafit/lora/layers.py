@@ -30,7 +30,7 @@ Differences from loralib, each a fix:
 The ``merge_weights=True`` behaviour is loralib's: ``eval()`` merges, ``train()`` unmerges.
 Code that shards weights (FSDP) should build layers with ``merge_weights=False`` and call
 ``merge()``/``unmerge()`` itself; :func:`lorafit.merge_lora` does that for whole models.
-The convolutions are in :mod:`lorafit.lora.conv`, the fused update in :mod:`lorafit.lora.ops`.
+:class:`Linear` is in :mod:`lorafit.lora.linear`, the convolutions in :mod:`lorafit.lora.conv`.
 """
 
 from __future__ import annotations
@@ -42,14 +42,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorafit.constants import BIAS_MODES
-from lorafit.lora.ops import lora_update
 
 
 class LoRALayer:
     """State shared by every LoRA layer: rank, alpha, scaling, dropout and merge flags.
 
-    Subclasses provide ``_base_weight()`` (the frozen tensor the update is merged into),
-    ``delta_weight()`` (``scaling * B @ A`` in that tensor's layout, fp32) and ``has_lora``.
+    Subclasses provide ``_base_weight()`` (the frozen tensor the update is merged into) and
+    ``delta_weight()`` (``scaling * B @ A`` in that tensor's layout, fp32); a LoRA variant
+    (:class:`Linear`) changes how the update is merged through ``_merged_weight`` /
+    ``_unmerged_weight``.
     """
 
     def __init__(
@@ -86,13 +87,21 @@ class LoRALayer:
         """``scaling * B @ A`` in fp32, shaped like the base weight."""
         raise NotImplementedError
 
+    def _merged_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The base weight ``w`` (fp32, stored layout) with the update folded in."""
+        return w + self.delta_weight()
+
+    def _unmerged_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """The merged weight ``w`` (fp32, stored layout) with the update taken out again."""
+        return w - self.delta_weight()
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight (fp32 arithmetic, one cast). Idempotent."""
         if self.merged or not self.has_lora:
             return
         w = self._base_weight()
-        new = w.float() + self.delta_weight()
+        new = self._merged_weight(w.float())
         if not torch.isfinite(new).all():
             raise ValueError(
                 f"merging LoRA into {type(self).__name__} gives non-finite weights; "
@@ -108,7 +117,7 @@ class LoRALayer:
             return
         if self.has_lora:
             w = self._base_weight()
-            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            w.copy_(self._unmerged_weight(w.float()).to(w.dtype))
         self.merged = False
 
     def _loralib_train(self, mode: bool) -> None:
@@ -143,7 +152,7 @@ def _save_unmerged(module: LoRALayer, state_dict: dict, prefix: str, local_metad
         key = prefix + module._base_weight_key()
         if key in state_dict:
             w = module._base_weight()
-            state_dict[key] = (w.detach().float() - module.delta_weight()).to(w.dtype)
+            state_dict[key] = module._unmerged_weight(w.detach().float()).to(w.dtype)
 
 
 def _unmerge_before_load(module: LoRALayer, state_dict, prefix, *args) -> None:  # noqa: ANN001
@@ -157,10 +166,19 @@ def _remerge_after_load(module: LoRALayer, incompatible_keys) -> None:  # noqa: 
     module._remerge_on_load = False
 
 
-def _init_pair(lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-    # A like nn.Linear's default init, B zero: the update starts at exactly zero.
-    nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-    nn.init.zeros_(lora_B)
+def _init_pair(lora_A: torch.Tensor, lora_B: torch.Tensor, how: bool | str = True) -> None:
+    """PEFT's ``init_lora_weights``: ``True`` (loralib's and PEFT's default: A like ``nn.Linear``'s
+    Kaiming-uniform init, B zero, so the update starts at exactly zero), ``"gaussian"`` (A normal
+    with std 1/r, B zero) or ``False`` (B Kaiming-uniform too: the update is not zero; for tests)."""
+    with torch.no_grad():
+        if how == "gaussian":
+            nn.init.normal_(lora_A, std=1.0 / lora_A.shape[0])
+        else:
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        if how is False:
+            nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(lora_B)
 
 
 class Embedding(nn.Embedding, LoRALayer):
@@ -216,86 +234,6 @@ class Embedding(nn.Embedding, LoRALayer):
                 self.sparse,
             )  # (..., r)
             result = result + (after_A @ self.lora_B.T) * self.scaling
-        return result
-
-
-class Linear(nn.Linear, LoRALayer):
-    """``nn.Linear`` plus a low-rank update: ``y = x W0^T + b + (alpha/r) * drop(x) A^T B^T``.
-
-    ``lora_A``: (r, in_features), Kaiming-uniform; ``lora_B``: (out_features, r), zero.
-    ``fan_in_fan_out=True`` is for layers that store the weight as (in, out) (GPT-2's Conv1D).
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        r: int = 0,
-        lora_alpha: float = 1,
-        lora_dropout: float = 0.0,
-        fan_in_fan_out: bool = False,
-        merge_weights: bool = True,
-        use_rslora: bool = False,
-        **kwargs,
-    ) -> None:
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
-        # QLoRA: a quantized base (bitsandbytes Linear4bit) computes W0 x itself; weight is None.
-        self.base_layer: nn.Module | None = None
-        self.fan_in_fan_out = fan_in_fan_out
-        if r > 0:
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
-            self.weight.requires_grad = False
-        self.reset_parameters()
-        if fan_in_fan_out:
-            self.weight.data = self.weight.data.T
-        self._install_state_dict_hooks()
-
-    def reset_parameters(self) -> None:
-        nn.Linear.reset_parameters(self)
-        if hasattr(self, "lora_A"):
-            _init_pair(self.lora_A, self.lora_B)
-
-    def _w(self) -> torch.Tensor:
-        return self.weight.T if self.fan_in_fan_out else self.weight  # (out, in)
-
-    def delta_weight(self) -> torch.Tensor:
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (out, in)
-        return delta.T if self.fan_in_fan_out else delta
-
-    def train(self, mode: bool = True) -> Linear:
-        nn.Linear.train(self, mode)
-        self._loralib_train(mode)
-        return self
-
-    def _base_weight(self) -> torch.Tensor:
-        if self.base_layer is not None:
-            raise RuntimeError("cannot merge into a 4-bit base weight; dequantize the model first")
-        return self.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.base_layer is not None:
-            result = self.base_layer(x)
-        else:
-            result = F.linear(x, self._w(), self.bias)
-        if self.has_lora and not self.merged and torch.is_autocast_enabled(x.device.type):
-            # Mixed-precision training: autocast would run the update in its dtype anyway, so do
-            # that in one op that skips the casts and keeps less for backward.
-            p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
-            return lora_update(result, x, self.lora_A, self.lora_B, self.scaling, p)
-        if self.has_lora and not self.merged:
-            # Two thin products (x A^T) B^T instead of forming B A: r << in, out. The update is
-            # computed in the LoRA dtype (fp32 over a bf16 base). PEFT adds it before the one cast
-            # back over a 16-bit base, and after casting it over a 4-bit base; so do we, so that
-            # outputs match PEFT's bit for bit on both.
-            dtype = result.dtype
-            x = self.lora_dropout(x).to(self.lora_A.dtype)
-            update = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-            if self.base_layer is not None:
-                result = result + update.to(dtype)
-            else:
-                result = (result + update).to(dtype)
         return result
 
 
