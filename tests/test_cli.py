@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +36,8 @@ FAST = [
     "1",
     "--model.torch_dtype",
     "float32",
+    "--training_config.per_device_eval_batch_size",
+    "64",  # the eval set in one batch: Trainer's eval loss is then token-weighted, as lorafit eval's
 ]
 
 
@@ -84,18 +88,39 @@ def test_chat_with_prompt(trained, capsys) -> None:
 
 
 def test_chat_interactive_keeps_history(trained, monkeypatch, capsys) -> None:
-    lines = iter(["Hello there.", "And 3 plus 4?", "/reset", "/exit"])
+    import lorafit.inference
+
+    seen: list[list[dict]] = []
+    real = lorafit.inference.generate
+
+    def recording(model, tokenizer, messages, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        seen.append([dict(m) for m in messages])
+        return real(model, tokenizer, messages, **kwargs)
+
+    monkeypatch.setattr(lorafit.inference, "generate", recording)
+    lines = iter(["Hello there.", "And 3 plus 4?", "/reset", "Again?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert main(["chat", "--adapter", str(trained), "--max-new-tokens", "4"]) == 0
     assert "history cleared" in capsys.readouterr().out
+    first, second, after_reset = seen
+    assert first == [{"role": "user", "content": "Hello there."}]
+    # the second turn sees the first question and the answer given to it
+    assert [m["role"] for m in second] == ["user", "assistant", "user"]
+    assert second[0] == first[0] and second[2] == {"role": "user", "content": "And 3 plus 4?"}
+    assert after_reset == [{"role": "user", "content": "Again?"}]
 
 
-def test_eval_prints_loss_and_perplexity(trained, capsys) -> None:
+def test_eval_loss_equals_the_runs_last_eval_loss(trained, capsys) -> None:
     from lorafit.demo import eval_file
 
     assert main(["eval", "--adapter", str(trained), "--data", str(eval_file())]) == 0
     out = capsys.readouterr().out
-    assert "loss" in out and "perplexity" in out
+    loss, perplexity = (float(x) for x in re.search(r"loss (\S+)  perplexity (\S+)", out).groups())
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "eval_loss" in r][-1]
+    assert last["step"] == 4  # evaluated with the final adapter, on the same eval file
+    assert loss == pytest.approx(last["eval_loss"], rel=1e-4)
+    assert perplexity == pytest.approx(math.exp(loss), rel=1e-3)
 
 
 def test_merge_gives_a_plain_transformers_model(trained, tmp_path) -> None:

@@ -116,7 +116,7 @@ def test_yaml_float_without_dot_is_a_number(tmp_path) -> None:
         ),
         ({"data": {"packing": "yes"}}, "data.packing must be bool"),
         ({"model": {"torch_dtype": "bf16"}}, "torch_dtype must be one of.*bfloat16"),
-        ({"data": {"format": "chatml"}}, "data.format must be one of"),
+        ({"data": {"format": "chatml"}}, "data.format: 'chatml'; expected auto or one of messages"),
     ],
 )
 def test_bad_keys_and_types_name_section_key_and_nearest(raw, message) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from lorafit.adapters.config import LoraConfig
-from lorafit.constants import ATTN_IMPLEMENTATIONS, DEMO_MODEL, DTYPE_NAMES, FORMATS
+from lorafit.constants import ATTN_IMPLEMENTATIONS, DEMO_MODEL, DTYPE_NAMES
+from lorafit.data.formats import check_format_name
 from lorafit.data.template import check_length_settings
 from lorafit.errors import LorafitError, did_you_mean
 
@@ -124,7 +125,7 @@ class DataConfig:
     skip_bad_records: bool = False
 
     def __post_init__(self) -> None:
-        _one_of("data", "format", self.format, ("auto", *FORMATS))
+        check_format_name(self.format)
         check_length_settings(self.max_length, self.overlong)
         if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
             raise LorafitError(f"data.eval_fraction must be between 0 and 1, got {self.eval_fraction}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import peft
@@ -50,19 +51,19 @@ def test_unknown_key_names_the_closest_valid_key() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "message"),
     [
-        {"r": 0},
-        {"r": -2},
-        {"lora_dropout": -0.1},
-        {"bias": "some"},
-        {"init_lora_weights": "pissa"},
-        {"use_dora": True},
-        {"peft_type": "IA3"},
+        ({"r": 0}, "r must be a positive integer"),
+        ({"r": -2}, "r must be a positive integer"),
+        ({"lora_dropout": -0.1}, r"lora_dropout must be in \[0, 1\)"),
+        ({"bias": "some"}, "bias must be one of none, all, lora_only"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights must be true, false or 'gaussian'"),
+        ({"use_dora": 1}, "use_dora must be true or false"),
+        ({"peft_type": "IA3"}, "lorafit reads LoRA adapters only"),
     ],
 )
-def test_impossible_values_are_refused(bad) -> None:
-    with pytest.raises(LorafitError):
+def test_impossible_values_are_refused(bad, message) -> None:
+    with pytest.raises(LorafitError, match=message):
         LoraConfig.from_dict(bad)
 
 
@@ -151,10 +152,39 @@ def test_targets_matching_nothing_are_an_error() -> None:
         apply_lora(tiny_phi3(), LoraConfig(target_modules=["q_proj"]))
 
 
-def test_modules_to_save_and_bias_modes() -> None:
-    model = apply_lora(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+def tiny_qwen2():
+    """A tiny Qwen2: its q, k and v projections have biases (Llama's and Phi-3's have none)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    ("bias", "trained_biases"),
+    [
+        ("none", set()),
+        ("lora_only", {"q_proj"}),  # the biases of the layers that got LoRA
+        ("all", {"q_proj", "k_proj", "v_proj"}),
+    ],
+)
+def test_modules_to_save_and_bias_modes(bias, trained_biases) -> None:
+    config = LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], bias=bias)
+    model = apply_lora(tiny_qwen2(), config)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "lm_head.weight" in trainable
+    assert {n.rsplit(".", 2)[-2] for n in trainable if n.endswith(".bias")} == trained_biases
+    assert {f"model.layers.{i}.self_attn.q_proj.lora_A" for i in range(2)} <= trainable
+    assert not any(n.endswith("proj.weight") for n in trainable)
 
 
 def test_gradient_checkpointing_with_frozen_embeddings() -> None:
@@ -255,3 +285,21 @@ def test_checkpointing_replays_lora_dropout_under_autocast(monkeypatch) -> None:
 
     plain, checkpointed = grads(False), grads(True)
     assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed, strict=True))
+
+
+def test_save_pretrained_refuses_until_lora_is_unloaded(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = apply_lora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    expected = logits(model, IDS)
+    merge_lora(model)  # merged in place, LoRA layers still there
+    with pytest.raises(LorafitError, match=r"merge_lora\(model, unload=True\)"):
+        model.save_pretrained(tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()
+    copied = copy.deepcopy(model)  # the guard survives a copy
+    with pytest.raises(LorafitError, match="save_adapter"):
+        copied.save_pretrained(tmp_path / "wrong")
+    merge_lora(model, unload=True)
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(reloaded, IDS), expected, atol=1e-5, rtol=0)

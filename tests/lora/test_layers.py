@@ -191,7 +191,7 @@ def test_conv_with_kernel_above_one_works_in_every_dimension(cls, dims) -> None:
     m.eval()
     close(m(x), expected, atol=1e-5)
     if dims != 2:
-        with pytest.raises(RuntimeError):  # loralib's shapes do not fit this kernel
+        with pytest.raises(RuntimeError, match="shape|size"):  # loralib's shapes do not fit this kernel
             getattr(loralib, cls.__name__)(4, 6, 3, r=2, padding=1)(x)
 
 
@@ -219,7 +219,7 @@ def test_layers_deepcopy_and_pickle_with_dropout() -> None:
         for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
             close(clone(x), m(x))
             assert clone.merged
-    with pytest.raises(Exception):  # noqa: B017 - loralib's lambda cannot be pickled
+    with pytest.raises((AttributeError, pickle.PicklingError), match="lambda"):  # loralib's lambda
         pickle.dumps(loralib.Linear(8, 8, r=2))
 
 
@@ -230,7 +230,7 @@ def test_merged_linear_with_every_group_disabled_is_plain_linear() -> None:
     m.eval()
     m.train()
     assert not any("lora_" in k for k in m.state_dict())
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="lora_ind|lora_A"):  # loralib's crash
         loralib.MergedLinear(6, 9, r=2, enable_lora=[False, False, False])(x)
 
 

@@ -39,7 +39,6 @@ _PEFT_OFF_FEATURES = {
     "eva_config",
     "corda_config",
     "lora_ga_config",
-    "use_dora",
     "velora_config",
     "alora_invocation_tokens",
     "use_qalora",
@@ -74,6 +73,7 @@ class LoraConfig:
         exclude_modules: names (list, suffix match) or a regex (full match) never targeted.
         modules_to_save: modules trained in full and saved with the adapter (e.g. ``lm_head``).
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
+        use_dora: DoRA (a trainable magnitude per output row; :mod:`lorafit.lora.variants`).
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A normal with
             std 1/r, B zero) or ``False`` (B random too: the adapter is not a no-op; for tests).
         rank_pattern / alpha_pattern: per-module rank / alpha, keyed by regex on the name.
@@ -91,6 +91,7 @@ class LoraConfig:
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     use_rslora: bool = False
+    use_dora: bool = False
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -150,7 +151,7 @@ class LoraConfig:
             isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
         ):
             raise LorafitError(f"peft_config.layers_to_transform must be layer indices, got {layers!r}")
-        for key in ("use_rslora", "fan_in_fan_out"):
+        for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
             if not isinstance(getattr(self, key), bool):
                 raise LorafitError(f"peft_config.{key} must be true or false, got {getattr(self, key)!r}")
         for key in ("task_type", "base_model_name_or_path"):

@@ -58,6 +58,11 @@ def adapter_state_dict(
         lora_names.add(name)
         wanted[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A", layer.lora_A)
         wanted[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B", layer.lora_B)
+        if getattr(layer, "use_dora", False):  # PEFT's key: no ".weight" after it
+            wanted[f"{PREFIX}{name}.lora_magnitude_vector"] = (
+                f"{name}.lora_magnitude_vector",
+                layer.lora_magnitude_vector,
+            )
     for name, p in model.named_parameters():
         name = clean_module_name(name)
         owner = name.rsplit(".", 1)[0]
@@ -102,7 +107,6 @@ def adapter_config_dict(model: nn.Module) -> dict[str, Any]:
         target_modules=target,
         inference_mode=True,
         lora_bias=False,
-        use_dora=False,
         revision=None,
         auto_mapping=None,
         layer_replication=None,
@@ -184,6 +188,8 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, targets: list[str]) -
         r = config.rank_for(name)
         shapes[f"{name}.lora_A.weight"] = (r, in_f)
         shapes[f"{name}.lora_B.weight"] = (out_f, r)
+        if config.use_dora:
+            shapes[f"{name}.lora_magnitude_vector"] = (out_f,)
     params = dict(model.named_parameters())
     lora_set = set(targets)
     for pname, p in params.items():
@@ -204,6 +210,37 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, targets: list[str]) -
     return shapes
 
 
+def _parameter_name(key: str) -> str:
+    """The parameter an adapter tensor goes into: PEFT names the update ``<module>.lora_A.weight``,
+    lorafit's parameter is ``<module>.lora_A``; other keys are parameter names already."""
+    return key[: -len(".weight")] if key.endswith((".lora_A.weight", ".lora_B.weight")) else key
+
+
+def _check_fits(folder: Path, config: LoraConfig, tensors: dict, expected: dict) -> None:
+    """Refuse, naming every mismatch, an adapter whose keys or shapes are not what the model needs."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{k}: adapter {tuple(tensors[k].shape)} vs model {expected[k]}"
+        for k in sorted(set(expected) & set(tensors))
+        if tuple(tensors[k].shape) != expected[k]
+    ]
+    if not (missing or unexpected or wrong):
+        return
+
+    def head(items: list[str]) -> str:
+        return ", ".join(items[:6]) + (f" and {len(items) - 6} more" if len(items) > 6 else "")
+
+    found = {"missing keys": missing, "unexpected keys": unexpected, "wrong shapes": wrong}
+    parts = [f"{what}: {head(items)}" for what, items in found.items() if items]
+    base = config.base_model_name_or_path or "an unnamed model"
+    raise LorafitError(
+        f"adapter {folder} was made for another base model ({base}) or another LoRA setup; "
+        + "; ".join(parts)
+        + ". The model was left unchanged."
+    )
+
+
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Load a PEFT-format LoRA adapter into ``model`` (applying LoRA first if needed).
 
@@ -215,6 +252,12 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     config = read_adapter_config(folder)
     tensors = read_adapter_weights(folder)
     existing = getattr(model, "lora_config", None)
+    if existing is not None and existing.use_dora != config.use_dora:
+        kinds = {True: "DoRA", False: "plain LoRA"}
+        raise LorafitError(
+            f"adapter {folder} is {kinds[config.use_dora]} but this model carries {kinds[existing.use_dora]} "
+            "layers; load it into the base model without LoRA applied. The model was left unchanged."
+        )
     if existing is not None:
         targets = [name for name, _ in lora_layers(model)]
     else:
@@ -222,46 +265,17 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             targets = find_targets(model, config, warn=False)
         except LorafitError as e:
             raise LorafitError(f"adapter {folder} does not fit this model: {e}") from None
-    expected = _expected_shapes(model, config, targets)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [
-        f"{k}: adapter {tuple(tensors[k].shape)} vs model {expected[k]}"
-        for k in sorted(set(expected) & set(tensors))
-        if tuple(tensors[k].shape) != expected[k]
-    ]
-    if missing or unexpected or wrong:
-
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:6]) + (f" and {len(items) - 6} more" if len(items) > 6 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {head(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {head(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shapes: {head(wrong)}")
-        base = config.base_model_name_or_path or "an unnamed model"
-        raise LorafitError(
-            f"adapter {folder} was made for another base model ({base}) or another LoRA setup; "
-            + "; ".join(parts)
-            + ". The model was left unchanged."
-        )
+    _check_fits(folder, config, tensors, _expected_shapes(model, config, targets))
     if existing is None:
         apply_lora(model, config)
     params = dict(model.named_parameters())
     merged = [layer for _, layer in lora_layers(model) if layer.merged]
     with torch.no_grad():
-        for layer in merged:  # take the old update out before its A and B change
+        for layer in merged:  # take the old update out before its A, B (and magnitudes) change
             layer.unmerge()
         for key, value in tensors.items():
-            if key.endswith((".lora_A.weight", ".lora_B.weight")):
-                layer = model.get_submodule(key.rsplit(".", 2)[0])
-                target = layer.lora_A if ".lora_A." in key else layer.lora_B
-                target.copy_(value.to(target.dtype))
-            else:
-                params[key].copy_(value.to(params[key].dtype))
+            target = params[_parameter_name(key)]
+            target.copy_(value.to(target.dtype))
         for layer in merged:
             layer.merge()
     return model
@@ -280,8 +294,7 @@ def load_adapter_sharded(model: nn.Module, folder: str | os.PathLike) -> None:
     names = {clean_module_name(n) for n, _ in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        # PEFT names the update "<module>.lora_A.weight"; lorafit's parameter is "<module>.lora_A".
-        name = key[: -len(".weight")] if key.endswith((".lora_A.weight", ".lora_B.weight")) else key
+        name = _parameter_name(key)
         if name not in names:
             raise LorafitError(f"adapter {Path(folder)}: {key} has no parameter {name} in this model")
         state[name] = value

@@ -9,8 +9,8 @@ PEFT does, so adapters convert one to one.
 
 from __future__ import annotations
 
-import math
 import re
+import types
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -105,19 +105,6 @@ def find_targets(model: nn.Module, config: LoraConfig, *, warn: bool = True) -> 
     return targets
 
 
-def _init_lora(layer: lora.Linear, how: bool | str) -> None:
-    with torch.no_grad():
-        if how == "gaussian":
-            nn.init.normal_(layer.lora_A, std=1.0 / layer.r)
-            nn.init.zeros_(layer.lora_B)
-        else:
-            nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))
-            if how is False:  # B random too, so the adapter changes outputs (tests)
-                nn.init.kaiming_uniform_(layer.lora_B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(layer.lora_B)
-
-
 def wrap_linear(
     base: nn.Module,
     *,
@@ -125,50 +112,37 @@ def wrap_linear(
     lora_alpha: float,
     lora_dropout: float = 0.0,
     use_rslora: bool = False,
+    use_dora: bool = False,
     fan_in_fan_out: bool = False,
     init_lora_weights: bool | str = True,
     lora_dtype: torch.dtype | None = None,
 ) -> lora.Linear:
-    """A :class:`lora.Linear` that shares ``base``'s weight and bias tensors (no copy).
+    """A :class:`lora.Linear` over ``base``, sharing its weight and bias tensors (no copy).
 
-    LoRA parameters are created on the weight's device, in ``lora_dtype`` (default: fp32 for
-    a 16-bit base, so the small trainable matrices keep full precision, as PEFT does).
+    ``base`` is an ``nn.Linear``, transformers' ``Conv1D`` (``fan_in_fan_out``: its weight is
+    (in, out)) or a 4-bit bitsandbytes ``Linear4bit``. The layer merges only when asked
+    (``merge_weights=False``): ``eval()`` must not rewrite weights behind FSDP's back.
     """
-    weight = base.weight
-    quantized = getattr(weight, "quant_state", None) is not None or weight.dtype == torch.uint8
     if isinstance(base, nn.Linear):
         in_f, out_f = base.in_features, base.out_features
     elif fan_in_fan_out:
-        in_f, out_f = weight.shape
+        in_f, out_f = base.weight.shape
     else:
-        out_f, in_f = weight.shape
-    with torch.device("meta"):  # build the shell without allocating or initialising a weight
-        layer = lora.Linear(
-            in_f, out_f, r=0, bias=base.bias is not None, merge_weights=False, fan_in_fan_out=fan_in_fan_out
-        )
-    if quantized:  # QLoRA: the 4-bit layer stays whole and computes W0 x
-        layer.weight = None
-        layer.bias = None
-        layer.base_layer = base
-    else:
-        layer.weight = weight
-        layer.bias = base.bias
-    layer.r = r
-    layer.lora_alpha = lora_alpha
-    layer.use_rslora = use_rslora
-    layer.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-    layer.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-    if lora_dtype is None:
-        lora_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-    if quantized or not lora_dtype.is_floating_point:  # 4-bit storage is uint8: train LoRA in fp32
-        lora_dtype = torch.float32
-    layer.lora_A = nn.Parameter(torch.empty((r, in_f), device=weight.device, dtype=lora_dtype))
-    layer.lora_B = nn.Parameter(torch.empty((out_f, r), device=weight.device, dtype=lora_dtype))
-    if weight.device.type != "meta":
-        _init_lora(layer, init_lora_weights)
-    weight.requires_grad_(False)
-    layer.train(base.training)
-    return layer
+        out_f, in_f = base.weight.shape
+    return lora.Linear(
+        in_f,
+        out_f,
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        fan_in_fan_out=fan_in_fan_out,
+        merge_weights=False,
+        use_rslora=use_rslora,
+        base=base,
+        use_dora=use_dora,
+        init_lora_weights=init_lora_weights,
+        lora_dtype=lora_dtype,
+    )
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -200,6 +174,7 @@ def apply_lora(model: nn.Module, config: LoraConfig | dict[str, Any]) -> nn.Modu
             lora_alpha=config.alpha_for(name),
             lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
             fan_in_fan_out=config.fan_in_fan_out or is_conv1d,
             init_lora_weights=config.init_lora_weights,
         )
@@ -218,6 +193,7 @@ def apply_lora(model: nn.Module, config: LoraConfig | dict[str, Any]) -> nn.Modu
             getattr(getattr(model, "config", None), "_name_or_path", None) or None
         )
     model.lora_config = config
+    _guard_save_pretrained(model)
     # With frozen embeddings and reentrant gradient checkpointing no checkpointed block would
     # see an input that needs grad ("element 0 of tensors does not require grad"). transformers
     # adds the hook that fixes this whenever checkpointing is turned on (Trainer does, after
@@ -233,6 +209,26 @@ def apply_lora(model: nn.Module, config: LoraConfig | dict[str, Any]) -> nn.Modu
         except NotImplementedError:  # models without input embeddings
             pass
     return model
+
+
+def _guard_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` refuse while the model carries LoRA layers.
+
+    It would write the base weights (a merged layer saves its unmerged weight) with ``lora_*``
+    tensors beside them, and plain transformers would load that as the base model and drop the
+    update without a word. ``merge_lora(model, unload=True)`` lifts the guard.
+    """
+    if callable(getattr(model, "save_pretrained", None)):
+        model.save_pretrained = types.MethodType(_refuse_save_pretrained, model)
+
+
+def _refuse_save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> None:
+    raise LorafitError(
+        "model.save_pretrained would write the base weights with the LoRA tensors beside them, and "
+        "transformers would load that as the base model without the update. Save the adapter with "
+        "lorafit.save_adapter(model, folder) (PEFT's format), or fold it in first with "
+        "lorafit.merge_lora(model, unload=True) and then call save_pretrained."
+    )
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, lora.LoRALayer]]:
@@ -267,6 +263,7 @@ def merge_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
             _set_submodule(model, name, plain)
         if hasattr(model, "lora_config"):
             del model.lora_config
+        model.__dict__.pop("save_pretrained", None)  # a plain model again: saving it is right
     return model
 
 

@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorafit.constants import FORMATS, IGNORE_INDEX
-from lorafit.data.formats import _convert_items
+from lorafit.constants import IGNORE_INDEX
+from lorafit.data.formats import _convert_items, check_format_name
 from lorafit.data.pack import PackedDataset, TokenizedDataset, pack
 from lorafit.data.read import BadRecord, Record, _read_items
 from lorafit.data.template import _encode_conversations, _encode_texts, _fit, check_length_settings
 from lorafit.disk import atomic_write
-from lorafit.errors import LorafitError, did_you_mean
+from lorafit.errors import LorafitError
 
 # Bump when tokenisation or the cache layout changes, so old cache files are never reused.
 _CACHE_VERSION = "lorafit-data-2"
@@ -78,6 +78,25 @@ def _encode(tokenizer: Any, fmt: str, chunk: Sequence[tuple[Record, Any]], assis
     )
 
 
+def _encode_chunk(
+    tokenizer: Any, fmt: str, chunk: Sequence[tuple[Record, Any]], assistant_only_loss: bool, skip: bool
+) -> list:
+    """``_encode`` of a chunk as one batch; with ``skip``, a chunk that fails is encoded again one
+    record at a time, so that only the records that fail become ``BadRecord``s."""
+    try:
+        return _encode(tokenizer, fmt, chunk, assistant_only_loss)
+    except LorafitError:
+        if not skip:
+            raise
+    encoded: list = []
+    for pair in chunk:
+        try:
+            encoded += _encode(tokenizer, fmt, [pair], assistant_only_loss)
+        except LorafitError as e:
+            encoded.append(BadRecord.from_error(pair[0].where, e))
+    return encoded
+
+
 def _tokenize_records(
     tokenizer: Any,
     converted: Sequence[tuple[Record, Any]],
@@ -113,17 +132,7 @@ def _tokenize_records(
     with bar:
         for begin in range(0, len(converted), _CHUNK):
             chunk = converted[begin : begin + _CHUNK]
-            try:
-                encoded: list = _encode(tokenizer, fmt, chunk, assistant_only_loss)
-            except LorafitError:
-                if not skip:
-                    raise
-                encoded = []  # find the records that fail, one at a time
-                for pair in chunk:
-                    try:
-                        encoded += _encode(tokenizer, fmt, [pair], assistant_only_loss)
-                    except LorafitError as e:
-                        encoded.append(BadRecord.from_error(pair[0].where, e))
+            encoded = _encode_chunk(tokenizer, fmt, chunk, assistant_only_loss, skip)
             for (record, _), result in zip(chunk, encoded, strict=True):
                 if isinstance(result, BadRecord):
                     skipped.append([result.where, result.reason])
@@ -278,41 +287,10 @@ def build_datasets(
     for eval, or None.
     """
     check_length_settings(max_length, overlong)
-    if format != "auto" and format not in FORMATS:
-        raise LorafitError(
-            f"data.format: {format!r}{did_you_mean(str(format), FORMATS)}; expected auto or one of "
-            f"{', '.join(FORMATS)}."
-        )
-    chosen = [
-        name
-        for name, value in (("eval", eval), ("eval_split", eval_split), ("eval_fraction", eval_fraction))
-        if value is not None
-    ]
-    if len(chosen) > 1:
-        raise LorafitError(
-            f"data: {' and '.join(chosen)} are both set; expected at most one way to get eval data."
-        )
-
-    train_items = _read_items(train)
-    eval_items: list[Record | BadRecord] | None = None
-    if eval is not None:
-        eval_items = _read_items(eval)
-    elif eval_split is not None:
-        if not str(train).startswith("hf:"):
-            raise LorafitError(
-                f"data.eval_split: {eval_split!r} needs an hf:NAME train source, "
-                f"but train is {str(train)!r}; "
-                "use data.eval (a file) or data.eval_fraction for local files."
-            )
-        name = str(train)[3:].partition(":")[0]
-        eval_items = _read_items(f"hf:{name}:{eval_split}")
-    elif eval_fraction is not None:
-        if not skip_bad_records:
-            _convert_items(train_items, format, skip=False)  # the first bad record, in file order
-        records = [item for item in train_items if isinstance(item, Record)]
-        kept, eval_items = _split_fraction(records, eval_fraction, seed)
-        train_items = [item for item in train_items if isinstance(item, BadRecord)] + kept
-
+    check_format_name(format)
+    train_items, eval_items = _read_splits(
+        train, eval, eval_split, eval_fraction, format=format, skip=skip_bad_records, seed=seed
+    )
     common = {
         "max_length": max_length,
         "packing": packing,
@@ -327,6 +305,47 @@ def build_datasets(
     if eval_items is not None:
         eval_set, stats["eval"] = _build_split(tokenizer, eval_items, format, "eval", **common)
     return train_set, eval_set, stats
+
+
+def _read_splits(
+    train: str | Path,
+    eval: str | Path | None,
+    eval_split: str | None,
+    eval_fraction: float | None,
+    *,
+    format: str,
+    skip: bool,
+    seed: int,
+) -> tuple[list[Record | BadRecord], list[Record | BadRecord] | None]:
+    """The train items and the eval items (None without eval data) from at most one eval source."""
+    chosen = [
+        name
+        for name, value in (("eval", eval), ("eval_split", eval_split), ("eval_fraction", eval_fraction))
+        if value is not None
+    ]
+    if len(chosen) > 1:
+        raise LorafitError(
+            f"data: {' and '.join(chosen)} are both set; expected at most one way to get eval data."
+        )
+    train_items = _read_items(train)
+    if eval is not None:
+        return train_items, _read_items(eval)
+    if eval_split is not None:
+        if not str(train).startswith("hf:"):
+            raise LorafitError(
+                f"data.eval_split: {eval_split!r} needs an hf:NAME train source, "
+                f"but train is {str(train)!r}; "
+                "use data.eval (a file) or data.eval_fraction for local files."
+            )
+        name = str(train)[3:].partition(":")[0]
+        return train_items, _read_items(f"hf:{name}:{eval_split}")
+    if eval_fraction is None:
+        return train_items, None
+    if not skip:
+        _convert_items(train_items, format, skip=False)  # the first bad record, in file order
+    records = [item for item in train_items if isinstance(item, Record)]
+    kept, eval_items = _split_fraction(records, eval_fraction, seed)
+    return [item for item in train_items if isinstance(item, BadRecord)] + kept, eval_items
 
 
 def _split_fraction(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

@@ -36,6 +36,15 @@ _FORMAT_KEYS = {
 }
 
 
+def check_format_name(fmt: str) -> None:
+    """The one rule for ``data.format``: ``auto`` or one of ``FORMATS``."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise LorafitError(
+            f"data.format: {fmt!r}{did_you_mean(str(fmt), FORMATS)}; expected auto or one of "
+            f"{', '.join(FORMATS)}."
+        )
+
+
 def _record_format(data: dict) -> str | None:
     for fmt, keys in _FORMAT_KEYS.items():
         if all(key in data for key in keys):

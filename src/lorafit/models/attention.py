@@ -19,10 +19,11 @@ transformers' eager attention does for P. Against an fp64 computation the output
 besides Q, K and V.
 
 The example boundaries come from :class:`lorafit.data.PackedCollator` (``cu_seq_lens_q``, which
-transformers passes on to attention functions). Anything else (no boundaries, a KV cache, an
-attention mask from padded batches, a sliding window shorter than an example, attention
-dropout, a non-causal module, mixed dtypes) goes to transformers' own sdpa function with the
-mask it was given.
+transformers passes on to attention functions). Everything else goes to transformers' own sdpa
+function with the mask it was given: rows without boundaries (padded batches, whose attention
+mask is sdpa's to apply), boundaries that do not cover the rows exactly, a KV cache (keys longer
+than the queries), mixed dtypes, attention dropout in training, a non-causal module, and a
+sliding window shorter than an example.
 """
 
 from __future__ import annotations

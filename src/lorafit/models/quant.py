@@ -181,15 +181,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             target_dtype = cd if cd in (torch.bfloat16, torch.float16) else torch.bfloat16
 
     def plain(q: nn.Module) -> nn.Linear:
-        data, state = q.weight.data, q.weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):  # repacked for CPU inference: undo
-            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
-        w = bnb.functional.dequantize_4bit(data, state)
-        target = target_dtype
         lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
-        lin.weight = nn.Parameter(w.to(target), requires_grad=False)
+        lin.weight = nn.Parameter(lora.dequantize_4bit(q).to(target_dtype), requires_grad=False)
         if q.bias is not None:
-            lin.bias = nn.Parameter(q.bias.data.to(target), requires_grad=False)
+            lin.bias = nn.Parameter(q.bias.data.to(target_dtype), requires_grad=False)
         return lin
 
     for name, module in list(model.named_modules()):

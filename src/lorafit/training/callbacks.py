@@ -43,7 +43,7 @@ class RunFilesCallback(TrainerCallback):
         self.history: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
         self.tokens0 = 0
-        self.last: dict[str, float] = {}
+        self.last: dict[str, str] = {}  # the progress bar's postfix
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         self.t0 = time.perf_counter()
@@ -74,12 +74,10 @@ class RunFilesCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         if self.bar is not None:
+            # loss, lr and tokens/s as of the last log: reading them every step would wait for
+            # the device every step
             self.bar.update(state.global_step - self.bar.n)
-            postfix = {k: v for k, v in self.last.items()}
-            # Only rank 0 has a bar, so no collective here: its own count times the number of
-            # processes estimates the total; metrics.jsonl holds the exact sum.
-            postfix["tok/s"] = f"{self.tokens_per_s(self.trainer.real_tokens * args.world_size):.0f}"
-            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.set_postfix(self.last, refresh=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
         if not logs:
@@ -92,7 +90,11 @@ class RunFilesCallback(TrainerCallback):
         if "loss" in logs:
             row["tokens_per_s"] = round(self.tokens_per_s(tokens), 1)
             row["tokens_seen"] = tokens
-            self.last = {"loss": f"{logs['loss']:.4f}", "lr": f"{logs.get('learning_rate', 0):.2e}"}
+            self.last = {
+                "loss": f"{logs['loss']:.4f}",
+                "lr": f"{logs.get('learning_rate', 0):.2e}",
+                "tok/s": f"{row['tokens_per_s']:.0f}",
+            }
         if "eval_loss" in logs:
             row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             msg = (

@@ -60,7 +60,9 @@ class LorafitTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.pad_token_id = pad_token_id
         self.data_fingerprint = data_fingerprint
-        self.real_tokens = 0
+        # Real tokens trained on by this process, kept on the device: adding a batch's count never
+        # waits for the device; reading ``real_tokens`` (logging, checkpoints) does.
+        self._tokens: torch.Tensor | int = 0
         self._loss_finite: torch.Tensor | None = None  # all micro-batch losses of this step finite
         self._staging: str | None = None
 
@@ -80,11 +82,11 @@ class LorafitTrainer(Trainer):
             ids = inputs["input_ids"]
             mask = inputs.get("attention_mask")
             if mask is not None:
-                self.real_tokens += int(mask.sum())
+                self._tokens = self._tokens + mask.sum()
             elif self.pad_token_id is not None:
-                self.real_tokens += int((ids != self.pad_token_id).sum())
+                self._tokens = self._tokens + (ids != self.pad_token_id).sum()
             else:
-                self.real_tokens += ids.numel()
+                self._tokens = self._tokens + ids.numel()
         if return_outputs or not self._fast_loss_applies(inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         unwrapped = self.accelerator.unwrap_model(model)
@@ -104,6 +106,15 @@ class LorafitTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    @property
+    def real_tokens(self) -> int:
+        """Real (non-pad) tokens this process has trained on (a host sync on accelerators)."""
+        return int(self._tokens)
+
+    @real_tokens.setter
+    def real_tokens(self, value: int) -> None:
+        self._tokens = value
 
     def tokens_seen(self) -> int:
         """Real tokens trained on so far by all processes together. A collective under
