@@ -227,3 +227,24 @@ def test_phi3_sample_dicts_train_the_demo_model(tmp_path, monkeypatch) -> None:
         == 0
     )
     assert (tmp_path / "checkpoint_dir" / "adapter_model.safetensors").is_file()
+
+
+def test_eval_generate_scores_each_answer(trained, tmp_path, capsys) -> None:
+    from lorafit.demo import eval_file
+
+    out = tmp_path / "answers.jsonl"
+    args = ["eval", "--adapter", str(trained), "--data", str(eval_file()), "--generate", "--limit", "3"]
+    assert main([*args, "--out", str(out), "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 3 and all({"prompt", "answer", "reference", "rouge_l"} <= set(r) for r in rows)
+    mean = sum(r["rouge_l"] for r in rows) / 3
+    assert "generated 3 answers: exact_match " in printed and f"rouge_l {mean:.3f}" in printed
+
+
+def test_samples_md_scores_the_answers_before_and_after(trained) -> None:
+    text = (trained / "samples.md").read_text(encoding="utf-8")
+    assert "| | exact_match | contains | rouge_l |" in text
+    assert re.search(r"\| before \| \d\.\d{3} \| \d\.\d{3} \| \d\.\d{3} \|", text)
+    assert re.search(r"\| after \| \d\.\d{3} \| \d\.\d{3} \| \d\.\d{3} \|", text)
+    assert "**reference:**" in text and "**before:**" in text and "**after:**" in text

@@ -64,12 +64,15 @@ def test_phi3_sample_dicts_are_accepted_verbatim(tmp_path) -> None:
 
 
 def test_training_arguments_from_the_sample(tmp_path) -> None:
-    from lorafit.training.arguments import training_arguments
+    from lorafit.training.arguments import resolve_training_config, training_arguments
 
     cfg = build_config({"training_config": PHI3_TRAINING_CONFIG, "peft_config": PHI3_PEFT_CONFIG})
-    args = training_arguments(cfg, tmp_path / "run", has_eval=False)
+    resolved, _ = resolve_training_config(cfg.training_config, has_eval=False, n_params=10, on_cpu=True)
+    args = training_arguments(resolved, tmp_path / "run")
     assert args.learning_rate == 5e-6 and args.warmup_steps == 0.2 and args.lr_scheduler_type == "cosine"
-    assert args.output_dir == str(tmp_path / "run") and args.gradient_checkpointing
+    # the sample's gradient_checkpointing under transformers 5's name (the old one warns)
+    assert "gradient_checkpointing" not in resolved and resolved["activation_checkpointing"] is True
+    assert args.output_dir == str(tmp_path / "run") and args.activation_checkpointing
 
 
 def test_yaml_with_overrides(tmp_path) -> None:
@@ -224,7 +227,7 @@ _raw_config = st.fixed_dictionaries(
 
 def _loads_or_refuses(raw_or_path, overrides=None) -> None:
     from lorafit.adapters import find_targets
-    from lorafit.training.arguments import training_arguments
+    from lorafit.training.arguments import resolve_training_config, training_arguments
 
     from tiny import tiny_phi3
 
@@ -236,7 +239,8 @@ def _loads_or_refuses(raw_or_path, overrides=None) -> None:
         else:
             cfg = load_config(raw_or_path, overrides)
         assert find_targets(_TINY, cfg.lora, warn=False)
-        training_arguments(cfg, Path("/nonexistent/run"), has_eval=True)
+        resolved, _ = resolve_training_config(cfg.training_config, has_eval=True, n_params=10, on_cpu=True)
+        training_arguments(resolved, Path("/nonexistent/run"))
     except LorafitError as e:
         assert str(e).strip()
 

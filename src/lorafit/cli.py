@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from lorafit.errors import LorafitError, RunStopped
 
@@ -45,10 +46,13 @@ examples:
 
 EVAL_HELP = """\
 Loss and perplexity of a trained adapter on a dataset (the same formats as training: loss on
-assistant tokens by default, as the run was trained).
+assistant tokens by default, as the run was trained). With --generate it also answers each
+conversation's last assistant turn and scores the answers against it: exact match, whether the
+answer contains the reference, and ROUGE-L; one line per example goes to --out (JSONL).
 
-example:
+examples:
   lorafit eval --adapter runs/20261128-101500 --data data/eval.jsonl
+  lorafit eval --adapter runs/20261128-101500 --data data/eval.jsonl --generate --out answers.jsonl
 """
 
 MERGE_HELP = """\
@@ -134,6 +138,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
     e.add_argument("--data", required=True, help="file, folder or hf:NAME[:SPLIT] to evaluate on")
     e.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
+    e.add_argument("--generate", action="store_true", help="also answer and score the conversations")
+    e.add_argument(
+        "--out", help="with --generate: the per-example JSONL (default RUN_DIR/generations-DATA.jsonl)"
+    )
+    e.add_argument("--limit", type=int, help="with --generate: answer only the first N conversations")
+    e.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
     m = sub.add_parser(
@@ -298,7 +308,25 @@ def cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
     result = evaluate_loss(model, tokenizer, args.data, cfg.data, batch_size=args.batch_size)
     print(f"eval on {args.data}: {result['examples']} examples, {result['label_tokens']:,} label tokens")
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}")
+    if args.generate:
+        _eval_generate(args, model, tokenizer, result["format"])
     return 0
+
+
+def _eval_generate(args: argparse.Namespace, model: Any, tokenizer: Any, fmt: str) -> None:
+    import json
+
+    from lorafit.disk import write_text_atomic
+    from lorafit.inference.metrics import METRICS, eval_conversations, generation_report
+
+    conversations = eval_conversations(args.data, fmt, args.limit)
+    if not conversations:
+        raise LorafitError(f"--generate: {args.data} holds no conversation to answer (format {fmt})")
+    out = Path(args.out or Path(args.adapter) / f"generations-{Path(str(args.data)).stem}.jsonl")
+    summary, rows = generation_report(model, tokenizer, conversations, max_new_tokens=args.max_new_tokens)
+    write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    scores = "  ".join(f"{m} {summary[m]:.3f}" for m in METRICS)
+    print(f"generated {len(rows)} answers: {scores} (each answer in {out})")
 
 
 def cmd_merge(args: argparse.Namespace, _: list[str]) -> int:

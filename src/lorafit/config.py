@@ -20,6 +20,7 @@ import yaml
 
 from lorafit.adapters.config import LoraConfig
 from lorafit.constants import ATTN_IMPLEMENTATIONS, DEMO_MODEL, DTYPE_NAMES
+from lorafit.data.chat_templates import resolve_chat_template
 from lorafit.data.formats import check_format_name
 from lorafit.data.template import check_length_settings
 from lorafit.errors import LorafitError, did_you_mean
@@ -45,7 +46,9 @@ class ModelConfig:
 
     Attributes:
         name_or_path: a Hugging Face model id, a local folder, or ``lorafit-demo``.
-        torch_dtype: ``bfloat16``, ``float16``, ``float32`` or ``auto`` (the checkpoint's).
+        torch_dtype: ``bfloat16``, ``float16``, ``float32`` or ``auto`` (the checkpoint's). On a
+            CPU without native 16-bit products (no AVX-512 BF16 / AMX) a 16-bit dtype loads as
+            float32, with a note: that CPU would emulate bf16 at a few percent of its fp32 speed.
         attn_implementation: ``sdpa`` (default), ``eager``, or ``flash_attention_2`` where installed.
         quantization: BitsAndBytesConfig keys for QLoRA (``load_in_4bit: true`` ...), or null.
         use_cache: keep the KV cache during training (off: it only costs memory there).
@@ -70,25 +73,30 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    """Tokenizer settings (Phi-3's needs by default).
+    """Tokenizer settings.
 
     Attributes:
         name_or_path: the tokenizer to load; null means the model's.
         model_max_length: the longest sequence the tokenizer reports.
-        pad_token: ``unk`` (Phi-3: pad with unk, so eos and ``<|end|>`` are learned), ``eos``,
-            a literal token such as ``<|endoftext|>``, or null to keep the tokenizer's.
+        pad_token: ``auto`` (the tokenizer's own pad token, else its unk, else its eos), ``unk``
+            (as the Phi-3 samples pad), ``eos``, ``bos``, a literal token such as
+            ``<|endoftext|>``, or null to leave the tokenizer as it is.
         padding_side: ``right`` for training.
-        chat_template: a Jinja chat template replacing the tokenizer's own, or null.
+        chat_template: the chat template to use instead of the tokenizer's own (a base model has
+            none): a built-in (``chatml``, ``phi3``, ``llama3``), a file holding a Jinja template,
+            or the Jinja text itself; null keeps the tokenizer's.
     """
 
     name_or_path: str | None = None
     model_max_length: int | None = 2048
-    pad_token: str | None = "unk"
+    pad_token: str | None = "auto"
     padding_side: str = "right"
     chat_template: str | None = None
 
     def __post_init__(self) -> None:
         _one_of("tokenizer", "padding_side", self.padding_side, ("right", "left"))
+        if self.chat_template:
+            resolve_chat_template(self.chat_template)  # a name, file or Jinja text: checked now
 
 
 @dataclass
@@ -349,13 +357,27 @@ def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     return RunConfig(**sections, peft_config=dict(peft), training_config=training)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """The run config from ``path`` (or the demo's when ``None``) with CLI overrides applied."""
-    if path is None:
+RECIPE_FILE = Path(__file__).resolve().parent / "recipes" / "pretrained.yaml"
+"""The recipe a pretrained model gets when no config file is given."""
+
+
+def recipe_file(model: str) -> Path:
+    """The config a run starts from when it is given no file: the demo's recipe for the demo
+    model, lorafit's recipe for a pretrained model (``recipes/pretrained.yaml``) for any other."""
+    if model == DEMO_MODEL:
         from lorafit.demo import demo_config_file
 
-        path = demo_config_file()
+        return demo_config_file()
+    return RECIPE_FILE
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The run config from ``path`` (or, when ``None``, the recipe for the model the overrides
+    name: see :func:`recipe_file`) with CLI overrides applied."""
+    parsed = parse_overrides(overrides) if overrides else {}
+    if path is None:
+        path = recipe_file(str(parsed.get("model", {}).get("name_or_path", DEMO_MODEL)))
     raw = read_config_file(path)
-    if overrides:
-        raw = merge_dicts(raw, parse_overrides(overrides))
+    if parsed:
+        raw = merge_dicts(raw, parsed)
     return build_config(raw, source=str(path))

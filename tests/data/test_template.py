@@ -13,6 +13,8 @@ from lorafit.data import (
     tokenize_conversation,
     tokenize_text,
 )
+from lorafit.data.chat_templates import BUILTIN_TEMPLATES, missing_template_tokens, resolve_chat_template
+from lorafit.data.template import end_of_turn_token
 from lorafit.errors import LorafitError
 
 from chat_data import CONVERSATION, END_OF_TURN, labelled_runs
@@ -123,9 +125,59 @@ def test_prepare_tokenizer(phi3_tokenizer, llama3_tokenizer):
         match=r"'<\|endoftxt\|>' is not in the tokenizer's vocabulary \(did you mean '<\|endoftext\|>'",
     ):
         prepare_tokenizer(phi3_tokenizer, pad_token="<|endoftxt|>")
-    with pytest.raises(LorafitError, match="has no unk token; expected one of eos, bos"):
+    with pytest.raises(LorafitError, match="has no unk token; expected auto, one of eos, bos"):
         prepare_tokenizer(llama3_tokenizer, pad_token="unk")
     with pytest.raises(LorafitError, match="padding_side: 'rigth' \\(did you mean 'right'"):
         prepare_tokenizer(phi3_tokenizer, padding_side="rigth")
     with pytest.raises(LorafitError, match="model_max_length: 0; expected a positive integer"):
         prepare_tokenizer(phi3_tokenizer, model_max_length=0)
+
+
+def test_pad_token_auto_follows_the_tokenizer(make_tokenizer):
+    own = make_tokenizer("phi3")
+    own.pad_token = "<|endoftext|>"
+    assert prepare_tokenizer(own).pad_token == "<|endoftext|>"  # a pad token already: kept
+    no_pad = make_tokenizer("phi3")
+    no_pad.pad_token = None
+    assert prepare_tokenizer(no_pad).pad_token == "<unk>"  # none: unk, as the Phi-3 samples pad
+    llama3 = make_tokenizer("llama3")
+    llama3.pad_token = None
+    assert llama3.unk_token is None
+    assert prepare_tokenizer(llama3).pad_token == llama3.eos_token  # no unk either: eos
+
+
+@pytest.mark.parametrize(
+    ("family", "end"), [("phi3", "<|end|>"), ("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>")]
+)
+def test_end_of_turn_token_comes_from_the_template(make_tokenizer, family, end):
+    tokenizer = make_tokenizer(family)
+    assert tokenizer.convert_ids_to_tokens(end_of_turn_token(tokenizer)) == end
+    tokenizer.chat_template = None
+    assert end_of_turn_token(tokenizer) is None
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
+def test_builtin_templates_mask_assistant_turns_by_position(make_tokenizer, name):
+    family = {"chatml": "chatml", "phi3": "phi3", "llama3": "llama3"}[name]
+    tokenizer = make_tokenizer(family)
+    tokenizer.chat_template = None  # a base model's tokenizer
+    with pytest.raises(LorafitError, match="has no chat template.*chatml, phi3 or llama3"):
+        tokenize_conversation(tokenizer, CONVERSATION, max_length=512)
+    template, builtin = resolve_chat_template(name)
+    assert builtin == name and missing_template_tokens(tokenizer, name) == []
+    tokenizer.chat_template = template
+    example = tokenize_conversation(tokenizer, CONVERSATION, max_length=512)
+    runs = [tokenizer.decode(run) for run in labelled_runs(example)]
+    assert [r.strip() for r in runs] == [
+        f"Two plus two is four.{END_OF_TURN[family]}".strip(),
+        f"That is eight.{END_OF_TURN[family]}".strip(),
+    ]
+
+
+def test_chat_template_from_a_file_or_text_and_bad_values(tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text(BUILTIN_TEMPLATES["chatml"], encoding="utf-8")
+    assert resolve_chat_template(str(path)) == (BUILTIN_TEMPLATES["chatml"], None)
+    assert resolve_chat_template("{{ messages }}") == ("{{ messages }}", None)
+    with pytest.raises(LorafitError, match=r"'chatlm' is not a built-in template \(did you mean 'chatml'"):
+        resolve_chat_template("chatlm")

@@ -281,7 +281,7 @@ def test_trainer_itself_never_unpickles_code_on_resume(reference, work) -> None:
     from lorafit.config import load_config
     from lorafit.data import collator_for
     from lorafit.models import load_model, load_tokenizer
-    from lorafit.training.arguments import training_arguments
+    from lorafit.training.arguments import resolve_training_config, training_arguments
     from lorafit.training.run import add_lora, build_data
     from lorafit.training.trainer import LorafitTrainer
 
@@ -297,7 +297,10 @@ def test_trainer_itself_never_unpickles_code_on_resume(reference, work) -> None:
         torch.save(RunsCode(marker), checkpoint / name)
         trainer = LorafitTrainer(
             model=add_lora(load_model(cfg, tokenizer), cfg),
-            args=training_arguments(cfg, work / "direct", has_eval=False),
+            args=training_arguments(
+                resolve_training_config(cfg.training_config, has_eval=False, n_params=0, on_cpu=True)[0],
+                work / "direct",
+            ),
             train_dataset=train_set,
             data_collator=collator_for(tokenizer, packing=True),
         )
@@ -368,6 +371,10 @@ def poisoned_args(poisoned: Path, run: Path) -> list[str]:
         "1",
         "--training_config.max_steps",
         "8",
+        "--training_config.gradient_accumulation_steps",
+        "1",  # one example a step, so that exactly one step sees the bad record
+        "--training_config.save_strategy",
+        "steps",
         "--training_config.save_steps",
         "1",
         "--training_config.eval_strategy",

@@ -7,7 +7,7 @@ The flow, one module a step (``build_datasets`` runs it all, cached):
 """
 
 from lorafit.constants import FORMATS, IGNORE_INDEX
-from lorafit.data.build import build_datasets, dataset_fingerprint
+from lorafit.data.build import build_datasets, dataset_fingerprint, held_out_records
 from lorafit.data.formats import detect_format, to_messages, to_text
 from lorafit.data.pack import (
     PackedCollator,
@@ -33,6 +33,7 @@ __all__ = [
     "collator_for",
     "dataset_fingerprint",
     "detect_format",
+    "held_out_records",
     "pack",
     "prepare_tokenizer",
     "read_records",

@@ -23,7 +23,7 @@ import torch
 from lorafit.constants import IGNORE_INDEX
 from lorafit.data.formats import _convert_items, check_format_name
 from lorafit.data.pack import PackedDataset, TokenizedDataset, pack
-from lorafit.data.read import BadRecord, Record, _read_items
+from lorafit.data.read import BadRecord, Record, _read_items, read_records
 from lorafit.data.template import _encode_conversations, _encode_texts, _fit, check_length_settings
 from lorafit.disk import atomic_write
 from lorafit.errors import LorafitError
@@ -346,6 +346,11 @@ def _read_splits(
     records = [item for item in train_items if isinstance(item, Record)]
     kept, eval_items = _split_fraction(records, eval_fraction, seed)
     return [item for item in train_items if isinstance(item, BadRecord)] + kept, eval_items
+
+
+def held_out_records(train: str | Path, fraction: float, seed: int) -> list[Record]:
+    """The records ``eval_fraction`` holds out of ``train`` (as ``build_datasets`` draws them)."""
+    return _split_fraction(read_records(train, bad=[]), fraction, seed)[1]
 
 
 def _split_fraction(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

@@ -22,33 +22,36 @@ _PAD_ALIASES = ("unk", "eos", "bos")
 def prepare_tokenizer(
     tokenizer: Any,
     *,
-    pad_token: str | None = "unk",
+    pad_token: str | None = "auto",
     padding_side: str = "right",
     model_max_length: int | None = None,
 ) -> Any:
     """Set the pad token, padding side and maximum length of ``tokenizer`` (in place; returned).
 
-    ``pad_token`` is ``"unk"``, ``"eos"`` or ``"bos"`` (the tokenizer's own token of that kind),
-    a token in the vocabulary (``"<|endoftext|>"``), or None to leave it. Phi-3 fine-tuning uses
-    ``unk`` with right padding. Labels of padding are set by position, never by id, so padding
-    with the eos token does not hide real eos labels.
+    ``pad_token`` is ``"auto"`` (the tokenizer's own pad token when it has one, else its unk
+    token, else its eos token: every tokenizer gets one), ``"unk"``, ``"eos"`` or ``"bos"`` (the
+    tokenizer's own token of that kind: the Phi-3 samples pad with ``unk``), a token in the
+    vocabulary (``"<|endoftext|>"``), or None to leave it. Labels of padding are set by
+    position, never by id, so padding with the eos token does not hide real eos labels.
     """
+    if pad_token == "auto":
+        pad_token = None if tokenizer.pad_token is not None else "unk" if tokenizer.unk_token else "eos"
     if pad_token is not None:
         if pad_token in _PAD_ALIASES:
             token = getattr(tokenizer, f"{pad_token}_token", None)
             if token is None:
                 others = [a for a in _PAD_ALIASES if getattr(tokenizer, f"{a}_token", None) is not None]
                 raise LorafitError(
-                    f"tokenizer.pad_token: the tokenizer has no {pad_token} token; expected one of "
+                    f"tokenizer.pad_token: the tokenizer has no {pad_token} token; expected auto, one of "
                     f"{', '.join(others) or '(none)'} or a token in its vocabulary."
                 )
         else:
             token = pad_token
             if token not in tokenizer.get_vocab():
-                choices = list(_PAD_ALIASES) + list(tokenizer.all_special_tokens)
+                choices = ["auto", *_PAD_ALIASES, *tokenizer.all_special_tokens]
                 raise LorafitError(
                     f"tokenizer.pad_token: {token!r} is not in the tokenizer's vocabulary"
-                    f"{did_you_mean(token, choices)}; expected unk, eos, bos or one of its tokens "
+                    f"{did_you_mean(token, choices)}; expected auto, unk, eos, bos or one of its tokens "
                     f"({', '.join(tokenizer.all_special_tokens)})."
                 )
         tokenizer.pad_token = token
@@ -84,12 +87,35 @@ def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, where
         ) from e
 
 
+NO_TEMPLATE = (
+    "the tokenizer has no chat template (a base model?). Set tokenizer.chat_template to a built-in "
+    "(chatml, phi3 or llama3), to a file holding a Jinja template, or to the Jinja text itself; "
+    "or train on plain text with data.format: text"
+)
+
+
 def _render_full(tokenizer: Any, messages: list[dict], where: str) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
-        raise LorafitError(
-            f"{where}: the tokenizer has no chat template; set tokenizer.chat_template or use format: text."
-        )
+        raise LorafitError(f"{where}: {NO_TEMPLATE}.")
     return _render(tokenizer, messages, False, where)
+
+
+def end_of_turn_token(tokenizer: Any) -> int | None:
+    """The token the chat template puts right after an assistant's answer (``<|end|>`` for Phi-3,
+    ``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3): where generation should stop. Found
+    as the labels find it, from token positions in a rendered conversation; None without a
+    template or when what follows the answer is not one special token."""
+    if getattr(tokenizer, "chat_template", None) is None or not getattr(tokenizer, "is_fast", False):
+        return None
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+    try:
+        ids, labels = _encode_conversations(tokenizer, [probe], ["probe"], True)[0]
+    except LorafitError:
+        return None
+    labelled = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not labelled or ids[labelled[-1]] not in set(tokenizer.all_special_ids):
+        return None
+    return ids[labelled[-1]]
 
 
 def _render_conversation(

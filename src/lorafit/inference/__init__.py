@@ -1,6 +1,7 @@
-"""Using a trained model: greedy answers and chat, and evaluation on a dataset."""
+"""Using a trained model: greedy answers and chat, evaluation on a dataset, generation metrics."""
 
 from lorafit.inference.evaluate import evaluate_loss
-from lorafit.inference.generate import answer_prompts, generate
+from lorafit.inference.generate import generate
+from lorafit.inference.metrics import generation_report, score_answers
 
-__all__ = ["answer_prompts", "evaluate_loss", "generate"]
+__all__ = ["evaluate_loss", "generate", "generation_report", "score_answers"]

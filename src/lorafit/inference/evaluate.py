@@ -22,7 +22,7 @@ from lorafit.errors import LorafitError
 def evaluate_loss(
     model: torch.nn.Module, tokenizer: Any, source: str, data: DataConfig, *, batch_size: int = 8
 ) -> dict[str, Any]:
-    """``{"loss", "perplexity", "examples", "label_tokens"}`` of ``model`` on ``source``, read and
+    """``{"loss", "perplexity", "examples", "label_tokens", "format"}`` of ``model`` on ``source``, read and
     tokenised with the run's data settings (format, max length, packing, assistant-only labels)."""
     dataset, _, stats = build_datasets(
         tokenizer,
@@ -59,4 +59,5 @@ def evaluate_loss(
         "perplexity": math.exp(min(mean, 50.0)),
         "examples": stats["examples"],
         "label_tokens": count,
+        "format": stats["format"],
     }

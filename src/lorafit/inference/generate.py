@@ -38,7 +38,3 @@ def generate(
     finally:
         model.train(was_training)
     return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
-
-
-def answer_prompts(model: torch.nn.Module, tokenizer: Any, conversations: list[list[dict]]) -> list[str]:
-    return [generate(model, tokenizer, conv[:-1]) for conv in conversations]

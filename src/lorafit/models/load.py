@@ -8,15 +8,19 @@ maximum length) and the model's generation config stops at the chat template's e
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorafit.config import RunConfig
-from lorafit.constants import DEMO_MODEL, RUN_CONFIG_NAME, torch_dtype
+from lorafit.constants import DEMO_MODEL, RUN_CONFIG_NAME
 from lorafit.data import prepare_tokenizer
+from lorafit.data.chat_templates import missing_template_tokens, resolve_chat_template
+from lorafit.data.template import end_of_turn_token
 from lorafit.errors import LorafitError
+from lorafit.models.device import compute_dtype, has_accelerator
 
 
 def _check_local_path(name: str, what: str) -> None:
@@ -35,8 +39,9 @@ def _load_error(what: str, name: str, error: Exception) -> LorafitError:
     return LorafitError(f"could not load the {what} {name}: {' '.join(str(error).split())}")
 
 
-def load_tokenizer(cfg: RunConfig) -> Any:
-    """The model's tokenizer (or ``tokenizer.name_or_path``), set up for training."""
+def load_tokenizer(cfg: RunConfig, *, echo: Callable[[str], Any] = print) -> Any:
+    """The model's tokenizer (or ``tokenizer.name_or_path``), set up for training, with
+    ``tokenizer.chat_template`` (a built-in name, a file or Jinja text) in place of its own."""
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer.name_or_path or cfg.model.name_or_path
@@ -53,7 +58,14 @@ def load_tokenizer(cfg: RunConfig) -> Any:
         except (OSError, ValueError) as e:
             raise _load_error("tokenizer", name, e) from None
     if cfg.tokenizer.chat_template:
-        tokenizer.chat_template = cfg.tokenizer.chat_template
+        template, builtin = resolve_chat_template(cfg.tokenizer.chat_template)
+        missing = missing_template_tokens(tokenizer, builtin) if builtin else []
+        if missing:
+            echo(
+                f"warning: tokenizer.chat_template: {builtin} is written in {', '.join(missing)}, which this "
+                "tokenizer lacks as single tokens; they are split into ordinary pieces and learned as text"
+            )
+        tokenizer.chat_template = template
     return prepare_tokenizer(
         tokenizer,
         pad_token=cfg.tokenizer.pad_token,
@@ -63,29 +75,40 @@ def load_tokenizer(cfg: RunConfig) -> Any:
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
-    """eos plus the chat template's end-of-turn token (``<|end|>`` for Phi-3) where it exists."""
+    """eos, plus the token the chat template ends an assistant turn with (``<|end|>`` for Phi-3,
+    ``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3) when it is another one."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for token in ("<|end|>", "<|eot_id|>", "<|im_end|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
-            ids.append(tid)
+    end = end_of_turn_token(tokenizer)
+    if end is not None and end not in ids:
+        ids.append(end)
     return ids
 
 
-def load_model(cfg: RunConfig, tokenizer: Any) -> torch.nn.Module:
-    """The base model in the configured dtype and attention implementation."""
+def load_model(cfg: RunConfig, tokenizer: Any, *, echo: Callable[[str], Any] = print) -> torch.nn.Module:
+    """The base model in the configured dtype (or float32 where this CPU would emulate it, said
+    through ``echo``) and attention implementation, 4-bit when ``model.quantization`` says so."""
     m = cfg.model
-    dtype = torch_dtype(m.torch_dtype)
+    on_cpu = not has_accelerator() or bool(cfg.training_config.get("use_cpu"))
+    dtype, note = compute_dtype(m.torch_dtype, on_cpu=on_cpu)
+    if note:
+        echo(note)
+    quantization = dict(m.quantization) if m.quantization else None
+    if quantization and on_cpu:
+        half = quantization.get("bnb_4bit_compute_dtype", "float32")
+        _, note = compute_dtype(half, on_cpu=True)
+        if note:
+            quantization["bnb_4bit_compute_dtype"] = "float32"
+            echo(note.replace("model.torch_dtype", "model.quantization.bnb_4bit_compute_dtype"))
     if m.name_or_path == DEMO_MODEL:
         from lorafit.demo import build_demo_model
 
         model = build_demo_model(
             dtype=torch.float32 if dtype == "auto" else dtype, attn_implementation=m.attn_implementation
         )
-        if m.quantization:  # built in memory, so quantized here (hub models quantize while loading)
+        if quantization:  # built in memory, so quantized here (hub models quantize while loading)
             from lorafit.models.quant import quantize_model
 
-            quantize_model(model, m.quantization)
+            quantize_model(model, quantization)
     else:
         from transformers import AutoModelForCausalLM
 
@@ -98,18 +121,18 @@ def load_model(cfg: RunConfig, tokenizer: Any) -> torch.nn.Module:
         }
         if m.device_map is not None:
             kwargs["device_map"] = m.device_map
-        if m.quantization:
+        if quantization:
             from lorafit.models.quant import bnb_config
 
-            kwargs["quantization_config"] = bnb_config(m.quantization)
+            kwargs["quantization_config"] = bnb_config(quantization)
         try:
             model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
         except (OSError, ValueError, ImportError) as e:
             raise _load_error("model", m.name_or_path, e) from None
-    if m.quantization:
+    if quantization:
         from lorafit.models.quant import prepare_kbit_model
 
-        prepare_kbit_model(model, m.quantization)
+        prepare_kbit_model(model, quantization)
     model.config.use_cache = m.use_cache
     gen = getattr(model, "generation_config", None)
     if gen is not None:

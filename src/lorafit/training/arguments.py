@@ -1,45 +1,99 @@
-"""``training_config`` -> ``TrainingArguments``, with lorafit's defaults for the keys not given."""
+"""``training_config`` -> ``TrainingArguments``: the run's settings, then the plumbing.
+
+:func:`resolve_training_config` turns the user's keys into the settings the run applies, which
+``lorafit_run.yaml`` records and ``train`` prints once: keys transformers 5 renamed take their
+new names, keys left out take lorafit's defaults, and settings this machine cannot run are
+replaced, each with a note. :func:`training_arguments` adds what is plumbing, not a setting
+(the output folder, lorafit's progress bar, the data columns, DDP's graph search).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainingArguments
 
-from lorafit.config import RunConfig
 from lorafit.errors import LorafitError
-from lorafit.training.distributed import has_accelerator
+from lorafit.models.device import cpu_half_is_fast
+
+# Keys lorafit reads itself and never hands to TrainingArguments.
+LORAFIT_ONLY = ("overwrite_output_dir", "save_safetensors", "skip_nonfinite", "logging_dir")
+# Above this many parameters a model trains with activation checkpointing unless told otherwise:
+# its activations at 2048 tokens (32 layers of Phi-3-mini: tens of GB) outweigh its weights,
+# while below it they fit and recomputing them would only cost a third more time.
+CHECKPOINTING_ABOVE = 1_000_000_000
+_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+# transformers 5 renamed gradient checkpointing; the old names warn on every run.
+_CHECKPOINTING = next(k for k in ("activation_checkpointing", "gradient_checkpointing") if k in _FIELDS)
 
 
-def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool) -> TrainingArguments:
-    """TrainingArguments from ``training_config`` with lorafit's defaults for keys not given."""
-    tc = dict(cfg.training_config)
-    tc.pop("overwrite_output_dir", None)
-    tc.pop("save_safetensors", None)
-    tc.pop("skip_nonfinite", None)
-    logging_dir = tc.pop("logging_dir", None)
-    if "warmup_ratio" in tc:
+def resolve_training_config(
+    values: dict[str, Any], *, has_eval: bool, n_params: int, on_cpu: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """The settings the run applies, and one note per setting replaced for this machine."""
+    tc = dict(values)
+    notes: list[str] = []  # each a setting replaced, and why
+    if "warmup_ratio" in tc:  # dropped by transformers 5: a warmup_steps below 1 is a ratio there
         ratio = tc.pop("warmup_ratio")
         tc.setdefault("warmup_steps", float(ratio or 0))
-    # TensorBoard events go to run_dir/tensorboard unless logging_dir says otherwise.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(logging_dir or run_dir / "tensorboard")
-    tc["output_dir"] = str(run_dir)
+    for old in ("gradient_checkpointing", "gradient_checkpointing_kwargs"):
+        new = old.replace("gradient_checkpointing", _CHECKPOINTING)
+        if old in tc and new != old:
+            tc.setdefault(new, tc.pop(old))
+    tc.setdefault(_CHECKPOINTING, n_params > CHECKPOINTING_ABOVE)
     tc.setdefault("logging_steps", 10)
     tc.setdefault("save_strategy", "steps")
-    tc.setdefault("save_steps", 0.25)
+    if str(tc["save_strategy"]) == "steps":
+        tc.setdefault("save_steps", 0.25)
     if has_eval and "eval_strategy" not in tc and tc.get("do_eval", True) is not False:
-        tc.setdefault("eval_strategy", "steps")
+        tc["eval_strategy"] = "steps"
         tc.setdefault("eval_steps", 0.25)
     if not has_eval and str(tc.get("eval_strategy", "no")) not in ("no", "IntervalStrategy.NO"):
-        raise LorafitError(
-            f"training_config.eval_strategy is {tc['eval_strategy']!r} but there is no eval data; set "
-            "data.eval (a file), data.eval_fraction (e.g. 0.05), or training_config.eval_strategy: no"
+        # as the Phi-3 cookbook's script asks with no eval set: run without evaluation, and say so
+        notes.append(
+            f"eval_strategy: {tc['eval_strategy']} -> no (there is no eval data; to evaluate, set data.eval "
+            "to a file or data.eval_fraction, e.g. 0.05)"
         )
-    if "report_to" not in tc:
-        import importlib.util
+        tc["eval_strategy"] = "no"
+    if on_cpu:
+        notes += _cpu_substitutions(tc)
+    return tc, notes
 
+
+def _cpu_substitutions(tc: dict[str, Any]) -> list[str]:
+    """Replace, in place, what a CPU cannot run as asked: 16-bit autocast it would emulate, paged
+    optimizers (CUDA memory paging). The Phi-3 cookbook's script asks for both."""
+    notes = []
+    for name, key in (("float16", "fp16"), ("bfloat16", "bf16")):
+        if not tc.get(key) or cpu_half_is_fast(name):
+            continue
+        tc[key] = False
+        if key == "fp16" and cpu_half_is_fast("bfloat16"):
+            tc["bf16"] = True
+            notes.append("fp16: true -> bf16: true (this CPU multiplies in bf16 natively, not in fp16)")
+        else:
+            notes.append(f"{key}: true -> false (no native {name} products on this CPU; fp32 is faster)")
+    optim = str(tc.get("optim", ""))
+    if optim.startswith("paged_"):
+        tc["optim"] = "adamw_torch"
+        notes.append(f"optim: {optim} -> adamw_torch (paging is for GPU memory; on CPU it is plain AdamW)")
+    return notes
+
+
+def training_arguments(resolved: dict[str, Any], run_dir: Path) -> TrainingArguments:
+    """``TrainingArguments`` for the settings of :func:`resolve_training_config`, run in ``run_dir``."""
+    tc = {k: v for k, v in resolved.items() if k not in LORAFIT_ONLY}
+    # TensorBoard events go to run_dir/tensorboard unless logging_dir says otherwise.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(resolved.get("logging_dir") or run_dir / "tensorboard")
+    tc["output_dir"] = str(run_dir)
+    if "report_to" not in tc:
         tc["report_to"] = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
+    from lorafit.models.device import has_accelerator
+
     if not has_accelerator():
         tc.setdefault("use_cpu", True)  # so that bf16: true (the Phi-3 sample) means CPU bf16 autocast
     tc.setdefault("disable_tqdm", True)  # lorafit's own bar shows loss, lr and tokens/s
@@ -50,7 +104,7 @@ def training_arguments(cfg: RunConfig, run_dir: Path, has_eval: bool) -> Trainin
     # unused ones each step (Trainer's default turns that search on without checkpointing).
     tc.setdefault("ddp_find_unused_parameters", False)
     # Non-reentrant checkpointing: works under DDP and FSDP with frozen base weights, where the
-    # reentrant kind needs inputs that require grad. transformers 5 renamed the key.
+    # reentrant kind needs inputs that require grad.
     for key in ("gradient_checkpointing", "activation_checkpointing"):
         if tc.get(key) and f"{key}_kwargs" not in tc:
             tc[f"{key}_kwargs"] = {"use_reentrant": False}

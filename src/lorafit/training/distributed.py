@@ -30,6 +30,7 @@ import torch
 
 from lorafit.config import RunConfig
 from lorafit.errors import LorafitError
+from lorafit.models.device import has_accelerator
 
 T = TypeVar("T")
 
@@ -236,12 +237,3 @@ def refuse_cpu_fsdp() -> None:
         "plain DDP with the whole model on every process. On CPU, drop --fsdp and launch with "
         "torchrun (DDP); to shard the model, run on GPUs."
     )
-
-
-def has_accelerator() -> bool:
-    """Whether torch sees a GPU or another accelerator (CUDA, XPU, MPS)."""
-    if torch.cuda.is_available():
-        return True
-    xpu = getattr(torch, "xpu", None)
-    mps = getattr(torch.backends, "mps", None)
-    return bool((xpu is not None and xpu.is_available()) or (mps is not None and mps.is_available()))

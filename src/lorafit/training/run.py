@@ -8,6 +8,7 @@ others train their share of each batch.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,15 @@ from transformers import TrainerCallback, set_seed
 from lorafit.adapters import apply_lora, trainable_summary
 from lorafit.config import RunConfig
 from lorafit.constants import DEMO_MODEL
-from lorafit.data import build_datasets, dataset_fingerprint, read_records, to_messages
+from lorafit.data import build_datasets, dataset_fingerprint, held_out_records, to_messages
 from lorafit.errors import LorafitError
-from lorafit.inference.generate import answer_prompts
+from lorafit.inference.metrics import eval_conversations, generation_report
 from lorafit.models.attention import PACKED_ATTENTION, use_packed_attention
+from lorafit.models.device import has_accelerator
 from lorafit.models.load import load_model, load_tokenizer
 from lorafit.training import checkpoints, rundir
 from lorafit.training import distributed as lf_dist
-from lorafit.training.arguments import training_arguments
+from lorafit.training.arguments import resolve_training_config, training_arguments
 from lorafit.training.trainer import build_trainer, run_trainer
 
 
@@ -68,23 +70,28 @@ def build_data(cfg: RunConfig, tokenizer: Any, seed: int) -> tuple[Any, Any, dic
     )
 
 
-def eval_conversations(cfg: RunConfig, n: int, stats: dict[str, Any]) -> list[list[dict]]:
-    """Up to ``n`` chat prompts (a conversation up to its last assistant turn) for samples."""
+def sample_prompts(cfg: RunConfig, stats: dict[str, Any], seed: int) -> list[list[dict]]:
+    """Up to ``data.eval_prompts`` eval conversations (each up to its last assistant turn) to
+    answer before and after training: from the eval data, the held-out records with
+    ``eval_fraction``, else the training data."""
     train_src, eval_src = data_sources(cfg)
-    fmt = stats["eval"]["format"] if eval_src and stats.get("eval") else stats["format"]
-    if n <= 0 or fmt == "text":
-        return []
-    out = []
-    for record in read_records(eval_src or train_src, bad=[]):
-        try:
-            messages = to_messages(record, fmt)
-        except LorafitError:
-            continue  # a bad record: build_data already stopped on it or reported it
-        last = max(i for i, msg in enumerate(messages) if msg["role"] == "assistant")
-        out.append(messages[: last + 1])
-        if len(out) == n:
-            break
-    return out
+    n = cfg.data.eval_prompts
+    if eval_src or cfg.data.eval_split:
+        source = eval_src or f"hf:{str(train_src)[3:].partition(':')[0]}:{cfg.data.eval_split}"
+        return eval_conversations(source, stats["eval"]["format"], n)
+    if cfg.data.eval_fraction:
+        held_out = held_out_records(train_src, cfg.data.eval_fraction, seed)
+        return [c for c in (_conversation(r, stats["format"]) for r in held_out) if c][:n]
+    return eval_conversations(train_src, stats["format"], n)
+
+
+def _conversation(record: Any, fmt: str) -> list[dict] | None:
+    try:
+        messages = to_messages(record, fmt)
+    except LorafitError:
+        return None  # a bad record: building the data already stopped on it or reported it
+    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    return messages[: last + 1]
 
 
 def keep_freed_memory() -> bool:
@@ -129,41 +136,37 @@ def train(
     folder and writes the files, the others train their share of each batch.
     """
     lf_dist.join_processes(cfg)
-    if not lf_dist.is_main_process():
-        echo = _say_nothing
-    run_dir, checkpoint = lf_dist.decide_on_main(lambda: rundir.resolve_run_dir(cfg, resume))
-    if checkpoint is not None:
-        checkpoints.check_checkpoint(Path(checkpoint))
-    if lf_dist.is_main_process():
-        rundir.check_output_dir(run_dir)
-    keep_freed_memory()
+    main = lf_dist.is_main_process()
+    echo = echo if main else _say_nothing
+    run_dir, checkpoint = choose_run_dir(cfg, resume)
+    if not has_accelerator():
+        keep_freed_memory()
     seed = int(cfg.training_config.get("seed", 42))
-    tokenizer = load_tokenizer(cfg)
-    with lf_dist.main_process_first():  # one process per machine tokenises; the rest read its cache
-        train_set, eval_set, stats = build_data(cfg, tokenizer, seed)
-    fingerprints = [dataset_fingerprint(d) for d in (train_set, eval_set) if d is not None]
-    lf_dist.check_same_on_all_ranks("/".join(fingerprints), "training rows")
-    echo(describe_data(stats))
-    args = training_arguments(cfg, run_dir, has_eval=eval_set is not None)
+    notes: list[str] = []  # settings this machine changes, said once with the others
+    tokenizer = load_tokenizer(cfg, echo=echo)
+    train_set, eval_set, stats, fingerprint = load_data(cfg, tokenizer, seed, echo)
     # LoRA's random A matrices from the run's seed: the same on every rank and in every launch,
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
-    model = add_lora(load_model(cfg, tokenizer), cfg)
+    model = add_lora(load_model(cfg, tokenizer, echo=notes.append), cfg)
     if cfg.data.packing:  # attention within each packed example (sdpa models), not over whole rows
         use_packed_attention(model)
     echo(trainable_summary(model))
-    fingerprint = fingerprints[0]  # the training rows, kept in checkpoints to check resumes
+    cfg = settle_training_config(cfg, model, has_eval=eval_set is not None, notes=notes)
+    echo(describe_settings(cfg, notes))
     if checkpoint is not None:
         checkpoints.check_same_data(Path(checkpoint), fingerprint, echo)
-
-    if lf_dist.is_main_process():
+    if main:
         rundir.check_free_space(run_dir, rundir.checkpoint_bytes(model))
 
     with rundir.write_errors_reported(run_dir):
-        if lf_dist.is_main_process():
-            rundir.write_run_files(run_dir, cfg, tokenizer, stats, fresh=checkpoint is None, echo=echo)
-        prompts = eval_conversations(cfg, cfg.data.eval_prompts, stats) if lf_dist.is_main_process() else []
-        before = answer_prompts(model, tokenizer, prompts) if prompts and checkpoint is None else []
+        if main:
+            rundir.write_run_files(
+                run_dir, cfg, tokenizer, stats, fresh=checkpoint is None, notes=notes, echo=echo
+            )
+        prompts = sample_prompts(cfg, stats, seed) if main and stats["format"] != "text" else []
+        before = generation_report(model, tokenizer, prompts) if prompts and checkpoint is None else None
+        args = training_arguments(cfg.training_config, run_dir)
         trainer = build_trainer(cfg, model, tokenizer, args, train_set, eval_set, fingerprint)
         for callback in callbacks or []:
             trainer.add_callback(callback)
@@ -172,18 +175,78 @@ def train(
         trainer.save_model(str(run_dir))  # on every rank: FSDP gathers the adapter from all of them
         if model.config._attn_implementation == PACKED_ATTENTION:
             model.set_attn_implementation("sdpa")  # the model goes back as loaded
-        if lf_dist.is_main_process() and prompts:
-            if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-                # The weights are spread over the processes; rank 0 alone cannot run the model.
-                after = [f"(not run: the model is sharded; try lorafit chat --adapter {run_dir})"] * len(
-                    prompts
-                )
-            else:
-                after = answer_prompts(model, tokenizer, prompts)
-            rundir.write_samples(
-                run_dir / rundir.SAMPLES_NAME, prompts, before or ["(not run: resumed)"] * len(after), after
-            )
+        if main and prompts:
+            write_samples_after(trainer, model, tokenizer, prompts, before, run_dir)
     return run_dir
+
+
+def choose_run_dir(cfg: RunConfig, resume: str | bool | None) -> tuple[Path, str | None]:
+    """The run folder (rank 0 decides for all) and the checkpoint to resume, both checked now."""
+    run_dir, checkpoint = lf_dist.decide_on_main(lambda: rundir.resolve_run_dir(cfg, resume))
+    if checkpoint is not None:
+        checkpoints.check_checkpoint(Path(checkpoint))
+    if lf_dist.is_main_process():
+        rundir.check_output_dir(run_dir)
+    return run_dir, checkpoint
+
+
+def load_data(cfg: RunConfig, tokenizer: Any, seed: int, echo: Any) -> tuple[Any, Any, dict, str]:
+    """Train and eval rows (one process per machine tokenises, the rest read its cache), their
+    stats, and the fingerprint of the training rows, checked to be the same on every rank."""
+    with lf_dist.main_process_first():
+        train_set, eval_set, stats = build_data(cfg, tokenizer, seed)
+    fingerprints = [dataset_fingerprint(d) for d in (train_set, eval_set) if d is not None]
+    lf_dist.check_same_on_all_ranks("/".join(fingerprints), "training rows")
+    echo(describe_data(stats))
+    return train_set, eval_set, stats, fingerprints[0]
+
+
+def settle_training_config(
+    cfg: RunConfig, model: torch.nn.Module, *, has_eval: bool, notes: list[str]
+) -> RunConfig:
+    """``cfg`` with the training settings the run applies (lorafit's defaults filled in, this
+    machine's substitutions made and added to ``notes``): what ``lorafit_run.yaml`` records."""
+    on_cpu = not has_accelerator() or bool(cfg.training_config.get("use_cpu"))
+    n_params = sum(p.numel() for p in model.parameters())
+    resolved, more = resolve_training_config(
+        cfg.training_config, has_eval=has_eval, n_params=n_params, on_cpu=on_cpu
+    )
+    notes += more
+    return dataclasses.replace(cfg, training_config=resolved)
+
+
+def describe_settings(cfg: RunConfig, notes: list[str]) -> str:
+    """The effective settings, one line per section, then what this machine changed."""
+    lora = cfg.lora
+    lines = [
+        f"model: {cfg.model.name_or_path} ({cfg.model.torch_dtype}, {cfg.model.attn_implementation}"
+        + (", 4-bit" if cfg.model.quantization else "")
+        + ")",
+        f"lora: r={lora.r} alpha={lora.lora_alpha} dropout={lora.lora_dropout} targets={lora.target_modules}"
+        + (" dora" if lora.use_dora else ""),
+        "training: " + ", ".join(f"{k}={v}" for k, v in cfg.training_config.items()),
+    ]
+    lines += [f"note: {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def write_samples_after(
+    trainer: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[list[dict]],
+    before: tuple[dict, list[dict]] | None,
+    run_dir: Path,
+) -> None:
+    """``samples.md``: the eval prompts answered before and after training, with their scores."""
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # The weights are spread over the processes; rank 0 alone cannot run the model.
+        after = None
+        note = f"not run: the model is sharded; try lorafit chat --adapter {run_dir}"
+    else:
+        after = generation_report(model, tokenizer, prompts)
+        note = ""
+    rundir.write_samples(run_dir / rundir.SAMPLES_NAME, prompts, before, after, note=note)
 
 
 def _say_nothing(*args: Any, **kwargs: Any) -> None:

@@ -14,7 +14,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -111,32 +111,53 @@ def write_skipped_records(run_dir: Path, stats: dict[str, Any]) -> tuple[int, Pa
 
 
 def write_run_files(
-    run_dir: Path, cfg: RunConfig, tokenizer: Any, stats: dict[str, Any], *, fresh: bool, echo: Any = print
+    run_dir: Path,
+    cfg: RunConfig,
+    tokenizer: Any,
+    stats: dict[str, Any],
+    *,
+    fresh: bool,
+    notes: Sequence[str] = (),
+    echo: Any = print,
 ) -> None:
-    """The run folder with the resolved config, the tokenizer and (``skip_bad_records``) the report."""
+    """The run folder with the resolved config (``notes``, what this machine changed, as comments
+    at its top), the tokenizer and (``skip_bad_records``) the report of skipped records."""
     prepare_run_dir(run_dir, fresh=fresh, echo=echo)
-    (run_dir / RUN_CONFIG_NAME).write_text(cfg.to_yaml(), encoding="utf-8")
+    header = "".join(f"# on the machine that ran it: {note}\n" for note in notes)
+    (run_dir / RUN_CONFIG_NAME).write_text(header + cfg.to_yaml(), encoding="utf-8")
     tokenizer.save_pretrained(run_dir)
     if cfg.data.skip_bad_records:
         n, path = write_skipped_records(run_dir, stats)
         echo(f"skipped {n} records; each with its reason is in {path}" if n else "no record skipped")
 
 
-def write_samples(path: Path, conversations: list[list[dict]], before: list[str], after: list[str]) -> None:
+def write_samples(
+    path: Path,
+    conversations: list[list[dict]],
+    before: tuple[dict, list[dict]] | None,
+    after: tuple[dict, list[dict]] | None,
+    note: str = "",
+) -> None:
+    """``samples.md``: each eval prompt with its reference and the answers before and after
+    training, under a table of the generation metrics (``before``/``after``: the summary and the
+    rows of :func:`lorafit.inference.metrics.generation_report`; None when not run)."""
+    from lorafit.inference.metrics import METRICS
+
+    def answers(report: tuple[dict, list[dict]] | None, why: str) -> list[str]:
+        return [row["answer"] for row in report[1]] if report else [f"({why})"] * len(conversations)
+
     lines = ["# Eval prompts: before and after training", ""]
-    for i, (conv, b, a) in enumerate(zip(conversations, before, after, strict=True), 1):
+    lines += ["| | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for name, report in (("before", before), ("after", after)):
+        cells = [f"{report[0][m]:.3f}" for m in METRICS] if report else ["-"] * len(METRICS)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    pairs = zip(answers(before, "not run: resumed"), answers(after, note or "not run"), strict=True)
+    for i, (conv, (b, a)) in enumerate(zip(conversations, pairs, strict=True), 1):
         prompt = conv[-2]["content"] if len(conv) > 1 else ""
-        lines += [
-            f"## {i}. {prompt}",
-            "",
-            f"**reference:** {conv[-1]['content']}",
-            "",
-            f"**before:** {b}",
-            "",
-            f"**after:** {a}",
-            "",
-        ]
-    path.write_text("\n".join(lines), encoding="utf-8")
+        lines += [f"## {i}. {prompt}", "", f"**reference:** {conv[-1]['content']}", ""]
+        lines += [f"**before:** {b}", "", f"**after:** {a}", ""]
+    write_text_atomic(path, "\n".join(lines))
 
 
 def check_output_dir(run_dir: Path) -> None:

@@ -1,0 +1,126 @@
+"""A pretrained model with no config file gets lorafit's recipe, not the demo's; settings are
+said once and recorded; the Phi-3 cookbook's own TrainingArguments run on a CPU.
+
+The model folder is a tiny Llama saved with a Llama-3-style tokenizer that has no unk and no
+pad token (the case that broke Phi-3's defaults), trained through the real CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lorafit.cli import main
+
+from chat_data import chat_rows, write_jsonl
+
+
+@pytest.fixture
+def model_folder(tmp_path, make_tokenizer):
+    tokenizer = make_tokenizer("llama3")
+    tokenizer.pad_token = None
+    assert tokenizer.unk_token is None and tokenizer.pad_token is None
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    folder = tmp_path / "my-model"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run(tmp_path, *args: str) -> dict:
+    assert main(["train", *args, "--data.max_length", "256", "--data.eval_prompts", "1"]) == 0
+    return yaml.safe_load((tmp_path / "run" / "lorafit_run.yaml").read_text())
+
+
+def test_a_pretrained_model_without_a_config_gets_the_recipe(model_folder, tmp_path, lorafit_cache, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(24))
+    resolved = run(
+        tmp_path,
+        "--model.name_or_path", str(model_folder),
+        "--data.train", data,
+        "--training_config.max_steps", "2",
+        "--training_config.output_dir", str(tmp_path / "run"),
+        "--model.torch_dtype", "float32",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    tc = resolved["training_config"]
+    # the recipe (recipes/pretrained.yaml), not the demo's (lr 5e-3, 24 epochs, eval every 30 steps)
+    assert tc["learning_rate"] == 2e-4 and tc["num_train_epochs"] == 3 and tc["lr_scheduler_type"] == "cosine"
+    assert resolved["peft_config"]["r"] == 16 and resolved["peft_config"]["lora_alpha"] == 32
+    # no eval data: no evaluation, and no error; a small model: no activation checkpointing
+    assert tc.get("eval_strategy", "no") == "no" and tc["activation_checkpointing"] is False
+    assert "learning_rate=0.0002" in out and out.count("training: ") == 1  # said once
+    assert resolved["tokenizer"]["pad_token"] == "auto"
+    saved = json.loads((tmp_path / "run" / "tokenizer_config.json").read_text())
+    assert saved["pad_token"] == "<|eot_id|>"  # no pad, no unk: the eos token
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_with_eval_data_the_recipe_evaluates(model_folder, tmp_path, lorafit_cache):
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(24))
+    resolved = run(
+        tmp_path,
+        "--model.name_or_path", str(model_folder),
+        "--data.train", data,
+        "--data.eval_fraction", "0.25",
+        "--training_config.max_steps", "2",
+        "--training_config.output_dir", str(tmp_path / "run"),
+        "--model.torch_dtype", "float32",
+    )  # fmt: skip
+    assert resolved["training_config"]["eval_strategy"] == "steps"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in row for row in rows)
+
+
+def test_the_phi3_cookbooks_training_arguments_run_on_cpu(tmp_path, lorafit_cache, capsys):
+    """code/03.Finetuning/FineTrainingScript.py's TrainingArguments, on the demo, on a CPU: what
+    the CPU cannot run is replaced with a note each, and lorafit's own key mapping warns nothing."""
+    cookbook = {
+        "evaluation_strategy": "steps",
+        "per_device_train_batch_size": 7,
+        "gradient_accumulation_steps": 4,
+        "gradient_checkpointing": True,
+        "learning_rate": 1e-4,
+        "fp16": True,
+        "max_steps": 1,  # the script's -1 and 3 epochs, shortened for a test
+        "save_strategy": "epoch",
+        "logging_steps": 10,
+        "optim": "paged_adamw_32bit",
+        "lr_scheduler_type": "linear",
+        "output_dir": str(tmp_path / "run"),
+    }
+    config = tmp_path / "cookbook.yaml"
+    config.write_text(
+        yaml.safe_dump({"training_config": cookbook, "data": {"eval_prompts": 0, "max_length": 128}})
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", str(config), "--training_config.dataloader_num_workers", "0"]) == 0
+    out = capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert "note: optim: paged_adamw_32bit -> adamw_torch" in out
+        assert "note: fp16: true -> " in out
+    assert "note: eval_strategy: steps -> no (there is no eval data" not in out  # the demo has eval data
+    checkpointing = [
+        w for w in caught if "checkpointing" in str(w.message) and issubclass(w.category, FutureWarning)
+    ]
+    assert not checkpointing, [str(w.message) for w in checkpointing]
+    resolved = yaml.safe_load((tmp_path / "run" / "lorafit_run.yaml").read_text())["training_config"]
+    assert resolved["activation_checkpointing"] is True and "gradient_checkpointing" not in resolved
+    assert resolved["eval_strategy"] == "steps"  # evaluation_strategy, under its transformers 5 name
