@@ -130,7 +130,7 @@ def _typed(key: str, value: Any, like: KV | None) -> KV:
     """A caller's metadata value as a GGUF value: the type of the key it replaces, or one read
     from the Python value for a new key."""
     if like is not None:
-        _, vtype, sub = like
+        _, vtype = like
         expected = {
             GGUFValueType.STRING: (str,),
             GGUFValueType.BOOL: (bool,),
@@ -142,17 +142,17 @@ def _typed(key: str, value: Any, like: KV | None) -> KV:
                 f"metadata[{key!r}] replaces a {vtype.name.lower()} value; "
                 f"got {type(value).__name__} {value!r}"
             )
-        return (list(value) if vtype == GGUFValueType.ARRAY else value), vtype, sub
+        return (list(value) if vtype == GGUFValueType.ARRAY else value), vtype
     if isinstance(value, bool):
-        return value, GGUFValueType.BOOL, None
+        return value, GGUFValueType.BOOL
     if isinstance(value, int):
-        return value, GGUFValueType.UINT32 if value >= 0 else GGUFValueType.INT32, None
+        return value, GGUFValueType.UINT32 if value >= 0 else GGUFValueType.INT32
     if isinstance(value, float):
-        return value, GGUFValueType.FLOAT32, None
+        return value, GGUFValueType.FLOAT32
     if isinstance(value, str):
-        return value, GGUFValueType.STRING, None
+        return value, GGUFValueType.STRING
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value), GGUFValueType.ARRAY, GGUFValueType.STRING
+        return list(value), GGUFValueType.ARRAY
     raise LorafitError(
         f"metadata[{key!r}] is a {type(value).__name__}; GGUF metadata takes str, int, float, bool "
         "or a list of str"
@@ -177,10 +177,10 @@ def build_metadata(
     name = _model_name(model, metadata)
     hparams = gguf_arch.hyperparameters(arch, model.config)
     kv: dict[str, KV] = {
-        "general.type": ("model", GGUFValueType.STRING, None),
-        "general.name": (name, GGUFValueType.STRING, None),
-        "general.file_type": (int(DTYPES[dtype][1]), GGUFValueType.UINT32, None),
-        "general.quantization_version": (2, GGUFValueType.UINT32, None),  # ggml's GGML_QNT_VERSION
+        "general.type": ("model", GGUFValueType.STRING),
+        "general.name": (name, GGUFValueType.STRING),
+        "general.file_type": (int(DTYPES[dtype][1]), GGUFValueType.UINT32),
+        "general.quantization_version": (2, GGUFValueType.UINT32),  # ggml's GGML_QNT_VERSION
         **hparams.kv,
     }
     n_vocab = model.get_input_embeddings().weight.shape[0]
@@ -196,7 +196,7 @@ def build_metadata(
 def estimate_size(kv: Mapping[str, KV], tensors: list[PlannedTensor], alignment: int = 32) -> int:
     """Bytes the file will take, within a few bytes per value: header, metadata, tensor index, data."""
     size = 24
-    for key, (value, _, _) in kv.items():
+    for key, (value, _) in kv.items():
         size += 8 + len(key.encode()) + 4
         items = value if isinstance(value, list) else [value]
         size += 12 + sum(8 + len(v.encode()) if isinstance(v, str) else 8 for v in items)
@@ -211,8 +211,8 @@ def write_file(
 ) -> None:
     writer = GGUFWriter(tmp, arch)
     try:
-        for key, (value, vtype, sub) in kv.items():
-            writer.add_key_value(key, value, vtype, sub)
+        for key, (value, vtype) in kv.items():
+            writer.add_key_value(key, value, vtype)
         for t in tensors:
             # the logical shape and the ggml type; the bytes come one tensor at a time below, so
             # the converted model is never held in memory whole

@@ -58,8 +58,10 @@ _LAYER = {
 }
 _LAYER_MODULE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
-KV = tuple[Any, GGUFValueType, GGUFValueType | None]
-"""A metadata value as GGUFWriter.add_key_value takes it: (value, type, array element type)."""
+KV = tuple[Any, GGUFValueType]
+"""A metadata value as GGUFWriter.add_key_value takes it: (value, type). The elements of an array
+get their type from the Python values (str: string, int: int32, float: float32), as in every gguf
+release since 0.10."""
 
 
 def architecture(config: Any, model_class: str | None = None) -> str:
@@ -122,11 +124,11 @@ class Hyperparameters:
 
 
 def _u32(value: int) -> KV:
-    return int(value), GGUFValueType.UINT32, None
+    return int(value), GGUFValueType.UINT32
 
 
 def _f32(value: float) -> KV:
-    return float(value), GGUFValueType.FLOAT32, None
+    return float(value), GGUFValueType.FLOAT32
 
 
 def _rope(config: Any) -> dict[str, Any]:
@@ -160,7 +162,7 @@ def hyperparameters(arch: str, config: Any) -> Hyperparameters:
         kv[p + "attention.key_length"] = _u32(head_dim(config))
         kv[p + "attention.value_length"] = _u32(head_dim(config))
         if rope_type == "linear":
-            kv[p + "rope.scaling.type"] = ("linear", GGUFValueType.STRING, None)
+            kv[p + "rope.scaling.type"] = ("linear", GGUFValueType.STRING)
             kv[p + "rope.scaling.factor"] = _f32(rope["factor"])
         elif rope_type == "llama3":
             tensors["rope_freqs.weight"] = _llama3_freq_factors(config, rope)

@@ -134,9 +134,9 @@ def export_lora_gguf(
         raise LorafitError("the adapter holds no lora_A / lora_B tensors")
     source = getattr(base_config, "_name_or_path", None) or "model"
     kv: dict[str, KV] = {
-        "general.type": ("adapter", GGUFValueType.STRING, None),
-        "general.name": (f"{Path(str(source)).name} LoRA", GGUFValueType.STRING, None),
-        "adapter.type": ("lora", GGUFValueType.STRING, None),
-        "adapter.lora.alpha": (float(config.lora_alpha), GGUFValueType.FLOAT32, None),
+        "general.type": ("adapter", GGUFValueType.STRING),
+        "general.name": (f"{Path(str(source)).name} LoRA", GGUFValueType.STRING),
+        "adapter.type": ("lora", GGUFValueType.STRING),
+        "adapter.lora.alpha": (float(config.lora_alpha), GGUFValueType.FLOAT32),
     }
     return write_atomically(path, arch, kv, planned)

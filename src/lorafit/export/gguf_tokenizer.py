@@ -42,17 +42,17 @@ PRE_TOKENIZERS = {
     "qwen2": "Split(Qwen2 regex) then ByteLevel without regex",
 }
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-# llama.cpp gives every Phi-3 special token but these "rstrip" (drop the whitespace after it),
-# and only when general.name contains "phi-3" or "phi3" (llama-vocab.cpp).
+# llama.cpp gives every added token of a Phi-3 model but these "rstrip" (drop the whitespace after
+# it), and only when general.name contains "phi-3" or "phi3" (llama-vocab.cpp).
 _PHI3_NO_RSTRIP = ("<unk>", "<s>", "<|endoftext|>")
 
 
 def _str(value: str) -> KV:
-    return value, GGUFValueType.STRING, None
+    return value, GGUFValueType.STRING
 
 
-def _array(values: list[Any], element: GGUFValueType) -> KV:
-    return values, GGUFValueType.ARRAY, element
+def _array(values: list[Any]) -> KV:
+    return values, GGUFValueType.ARRAY
 
 
 def _parts(node: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -141,7 +141,7 @@ def _chat_templates(tokenizer: Any) -> dict[str, KV]:
         kv["tokenizer.chat_template"] = _str(template["default"])
     named = [name for name in template if name != "default"]
     if named:
-        kv["tokenizer.chat_templates"] = _array(named, GGUFValueType.STRING)
+        kv["tokenizer.chat_templates"] = _array(named)
     return kv
 
 
@@ -191,6 +191,14 @@ def tokenizer_metadata(
     for index, token in added.items():
         tokens[index] = token.content
         types[index] = int(TokenType.CONTROL if token.special else TokenType.USER_DEFINED)
+    seen: dict[str, int] = {}
+    for index, text in enumerate(tokens):
+        # llama.cpp maps text to id as well as id to text, and stops on a token spelled twice
+        if seen.setdefault(text, index) != index:
+            raise LorafitError(
+                f"tokens {seen[text]} and {index} are both {text!r}; "
+                "a GGUF vocabulary holds each spelling once"
+            )
     kv: dict[str, KV] = {}
     notes: list[str] = []
     if byte_level:
@@ -208,9 +216,9 @@ def tokenizer_metadata(
             merges.append(f"{left} {right}")
         kv["tokenizer.ggml.model"] = _str("gpt2")
         kv["tokenizer.ggml.pre"] = _str(pre or detected)
-        kv["tokenizer.ggml.tokens"] = _array(tokens, GGUFValueType.STRING)
-        kv["tokenizer.ggml.token_type"] = _array(types, GGUFValueType.INT32)
-        kv["tokenizer.ggml.merges"] = _array(merges, GGUFValueType.STRING)
+        kv["tokenizer.ggml.tokens"] = _array(tokens)
+        kv["tokenizer.ggml.token_type"] = _array(types)
+        kv["tokenizer.ggml.merges"] = _array(merges)
     else:
         if space_prefix == "first":
             notes.append(
@@ -232,10 +240,10 @@ def tokenizer_metadata(
             types[tokenizer.unk_token_id] = int(TokenType.UNKNOWN)
         kv["tokenizer.ggml.model"] = _str("llama")
         kv["tokenizer.ggml.pre"] = _str("default")
-        kv["tokenizer.ggml.tokens"] = _array(tokens, GGUFValueType.STRING)
-        kv["tokenizer.ggml.scores"] = _array(scores, GGUFValueType.FLOAT32)
-        kv["tokenizer.ggml.token_type"] = _array(types, GGUFValueType.INT32)
-        kv["tokenizer.ggml.add_space_prefix"] = (space_prefix != "never", GGUFValueType.BOOL, None)
+        kv["tokenizer.ggml.tokens"] = _array(tokens)
+        kv["tokenizer.ggml.scores"] = _array(scores)
+        kv["tokenizer.ggml.token_type"] = _array(types)
+        kv["tokenizer.ggml.add_space_prefix"] = (space_prefix != "never", GGUFValueType.BOOL)
     for key, index in (
         ("bos_token_id", tokenizer.bos_token_id),
         ("eos_token_id", tokenizer.eos_token_id),
@@ -244,10 +252,10 @@ def tokenizer_metadata(
         ("eot_token_id", _end_of_turn(tokenizer)),
     ):
         if index is not None:
-            kv[f"tokenizer.ggml.{key}"] = (int(index), GGUFValueType.UINT32, None)
+            kv[f"tokenizer.ggml.{key}"] = (int(index), GGUFValueType.UINT32)
     add_bos, add_eos = _add_flags(tokenizer)
-    kv["tokenizer.ggml.add_bos_token"] = (add_bos, GGUFValueType.BOOL, None)
-    kv["tokenizer.ggml.add_eos_token"] = (add_eos, GGUFValueType.BOOL, None)
+    kv["tokenizer.ggml.add_bos_token"] = (add_bos, GGUFValueType.BOOL)
+    kv["tokenizer.ggml.add_eos_token"] = (add_eos, GGUFValueType.BOOL)
     kv.update(_chat_templates(tokenizer))
     notes += _rstrip_notes(added, model_name)
     return kv, notes
@@ -262,8 +270,9 @@ def _end_of_turn(tokenizer: Any) -> int | None:
 
 
 def phi3_rstrip_tokens(added: dict[int, Any]) -> set[str]:
-    """The added tokens llama.cpp strips the whitespace after in a model named Phi-3."""
-    return {t.content for t in added.values() if t.special and t.content not in _PHI3_NO_RSTRIP}
+    """The added tokens llama.cpp strips the whitespace after in a model named Phi-3: all of them
+    (CONTROL and USER_DEFINED) but <unk>, <s> and <|endoftext|>."""
+    return {t.content for t in added.values() if t.content not in _PHI3_NO_RSTRIP}
 
 
 def _rstrip_notes(added: dict[int, Any], model_name: str) -> list[str]:
