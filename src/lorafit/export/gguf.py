@@ -29,7 +29,7 @@ from lorafit.disk import MiB, atomic_write, require_free_space
 from lorafit.errors import LorafitError
 from lorafit.export import gguf_arch
 from lorafit.export.gguf_arch import KV
-from lorafit.export.gguf_tokenizer import tokenizer_metadata
+from lorafit.export.gguf_tokenizer import tokenizer_metadata, wants_phi3_rule
 
 DTYPES = {
     "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
@@ -159,11 +159,18 @@ def _typed(key: str, value: Any, like: KV | None) -> KV:
     )
 
 
-def _model_name(model: torch.nn.Module, metadata: Mapping[str, Any]) -> str:
+def _model_name(model: torch.nn.Module, tokenizer: Any, arch: str, metadata: Mapping[str, Any]) -> str:
+    """``general.name``: the caller's, or the model's folder or hub name. llama.cpp strips the
+    whitespace after Phi-3's role tokens only in models whose name says Phi-3, so a Phi-3 whose
+    tokenizer does that and whose name does not say so is named ``<name> (Phi-3)``."""
     if "general.name" in metadata:
         return str(metadata["general.name"])
     source = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None) or "model"
-    return Path(str(source).rstrip("/")).name or "model"
+    name = Path(str(source).rstrip("/")).name or "model"
+    lower = name.lower()
+    if arch == "phi3" and "phi-3" not in lower and "phi3" not in lower and wants_phi3_rule(tokenizer):
+        name += " (Phi-3)"
+    return name
 
 
 def build_metadata(
@@ -174,7 +181,7 @@ def build_metadata(
     what llama.cpp will do differently from transformers."""
     if "general.architecture" in metadata:
         raise LorafitError("metadata cannot set general.architecture: it follows from the model's layout")
-    name = _model_name(model, metadata)
+    name = _model_name(model, tokenizer, arch, metadata)
     hparams = gguf_arch.hyperparameters(arch, model.config)
     kv: dict[str, KV] = {
         "general.type": ("model", GGUFValueType.STRING),

@@ -275,6 +275,14 @@ def phi3_rstrip_tokens(added: dict[int, Any]) -> set[str]:
     return {t.content for t in added.values() if t.content not in _PHI3_NO_RSTRIP}
 
 
+def wants_phi3_rule(tokenizer: Any) -> bool:
+    """Whether the tokenizer drops whitespace after exactly the tokens llama.cpp's Phi-3 rule does
+    (so a file named for Phi-3 tokenizes as it does)."""
+    added = tokenizer.added_tokens_decoder
+    wanted = {t.content for t in added.values() if t.rstrip}
+    return bool(wanted) and wanted == phi3_rstrip_tokens(added)
+
+
 def _rstrip_notes(added: dict[int, Any], model_name: str) -> list[str]:
     """A note when the tokenizer drops whitespace after other tokens than llama.cpp will: GGUF has
     no field for it, and llama.cpp applies its Phi-3 rule by the model's name."""
