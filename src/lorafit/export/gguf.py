@@ -29,7 +29,7 @@ from lorafit.disk import MiB, atomic_write, require_free_space
 from lorafit.errors import LorafitError
 from lorafit.export import gguf_arch
 from lorafit.export.gguf_arch import KV
-from lorafit.export.gguf_tokenizer import tokenizer_metadata, wants_phi3_rule
+from lorafit.export.gguf_tokenizer import named_phi3, tokenizer_metadata, wants_phi3_rule
 
 DTYPES = {
     "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
@@ -167,8 +167,7 @@ def _model_name(model: torch.nn.Module, tokenizer: Any, arch: str, metadata: Map
         return str(metadata["general.name"])
     source = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None) or "model"
     name = Path(str(source).rstrip("/")).name or "model"
-    lower = name.lower()
-    if arch == "phi3" and "phi-3" not in lower and "phi3" not in lower and wants_phi3_rule(tokenizer):
+    if arch == "phi3" and not named_phi3(name) and wants_phi3_rule(tokenizer):
         name += " (Phi-3)"
     return name
 

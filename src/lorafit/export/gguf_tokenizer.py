@@ -43,8 +43,10 @@ PRE_TOKENIZERS = {
 }
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # llama.cpp gives every added token of a Phi-3 model but these "rstrip" (drop the whitespace after
-# it), and only when general.name contains "phi-3" or "phi3" (llama-vocab.cpp).
+# it), and only when general.name contains "phi-3" or "phi3" (llama-vocab.cpp); it then looks up
+# these and "</s>" by text and stops loading the model if one is missing.
 _PHI3_NO_RSTRIP = ("<unk>", "<s>", "<|endoftext|>")
+_PHI3_LOOKED_UP = (*_PHI3_NO_RSTRIP, "</s>")
 
 
 def _str(value: str) -> KV:
@@ -199,6 +201,14 @@ def tokenizer_metadata(
                 f"tokens {seen[text]} and {index} are both {text!r}; "
                 "a GGUF vocabulary holds each spelling once"
             )
+    if named_phi3(model_name):
+        missing = [t for t in _PHI3_LOOKED_UP if t not in seen]
+        if missing:
+            raise LorafitError(
+                f"the model is named {model_name!r}, and for a name containing 'phi-3' or 'phi3' llama.cpp "
+                f"looks up {', '.join(_PHI3_LOOKED_UP)} and fails to load without them; this vocabulary "
+                f"lacks {', '.join(missing)}. Name it otherwise with metadata={{'general.name': ...}}"
+            )
     kv: dict[str, KV] = {}
     notes: list[str] = []
     if byte_level:
@@ -220,6 +230,13 @@ def tokenizer_metadata(
         kv["tokenizer.ggml.token_type"] = _array(types)
         kv["tokenizer.ggml.merges"] = _array(merges)
     else:
+        missing = [b for b in range(256) if f"<0x{b:02X}>" not in vocab]
+        if missing:
+            raise LorafitError(
+                f"this SentencePiece-style tokenizer lacks {len(missing)} of the 256 byte tokens <0x00> .. "
+                f"<0xFF> (e.g. <0x{missing[0]:02X}>); llama.cpp spells every character outside the "
+                "vocabulary with them and aborts when one is missing"
+            )
         if space_prefix == "first":
             notes.append(
                 "this SentencePiece-style tokenizer puts '▁' only at the very start of the text; "
@@ -269,6 +286,12 @@ def _end_of_turn(tokenizer: Any) -> int | None:
     return others[0] if others else None
 
 
+def named_phi3(model_name: str) -> bool:
+    """Whether llama.cpp treats a model of this general.name as Phi-3 (its tokenizer rules)."""
+    name = model_name.lower()
+    return "phi-3" in name or "phi3" in name
+
+
 def phi3_rstrip_tokens(added: dict[int, Any]) -> set[str]:
     """The added tokens llama.cpp strips the whitespace after in a model named Phi-3: all of them
     (CONTROL and USER_DEFINED) but <unk>, <s> and <|endoftext|>."""
@@ -276,19 +299,19 @@ def phi3_rstrip_tokens(added: dict[int, Any]) -> set[str]:
 
 
 def wants_phi3_rule(tokenizer: Any) -> bool:
-    """Whether the tokenizer drops whitespace after exactly the tokens llama.cpp's Phi-3 rule does
-    (so a file named for Phi-3 tokenizes as it does)."""
+    """Whether the tokenizer drops whitespace after exactly the tokens llama.cpp's Phi-3 rule does,
+    and holds the tokens that rule looks up: a file named for Phi-3 then tokenizes as it does."""
     added = tokenizer.added_tokens_decoder
     wanted = {t.content for t in added.values() if t.rstrip}
-    return bool(wanted) and wanted == phi3_rstrip_tokens(added)
+    vocab = tokenizer.get_vocab()
+    return bool(wanted) and wanted == phi3_rstrip_tokens(added) and all(t in vocab for t in _PHI3_LOOKED_UP)
 
 
 def _rstrip_notes(added: dict[int, Any], model_name: str) -> list[str]:
     """A note when the tokenizer drops whitespace after other tokens than llama.cpp will: GGUF has
     no field for it, and llama.cpp applies its Phi-3 rule by the model's name."""
     wanted = {t.content for t in added.values() if t.rstrip}
-    name = model_name.lower()
-    applied = phi3_rstrip_tokens(added) if "phi-3" in name or "phi3" in name else set()
+    applied = phi3_rstrip_tokens(added) if named_phi3(model_name) else set()
     if wanted == applied:
         return []
     return [
