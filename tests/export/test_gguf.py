@@ -67,27 +67,45 @@ SMOLLM2_REL_LOGIT_BOUND = {
 }
 
 
-def faithful_phi3_tokenizer() -> PreTrainedTokenizerFast:
-    """conftest's Phi-3 tokenizer rebuilt the way Phi-3-mini's tokenizer.json is: '▁' prepended by
-    the normalizer to every stretch of text (no pre-tokenizer), as llama.cpp and transformers' GGUF
-    reader both do for Phi-3, where the fixture prepends it only at the start of the text."""
-    spec = json.loads(build_tokenizer("phi3").backend_tokenizer.to_str())
-    spec["normalizer"] = {
-        "type": "Sequence",
-        "normalizers": [
-            {"type": "Prepend", "prepend": "▁"},
-            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
-        ],
-    }
-    spec["pre_tokenizer"] = None
-    family = FAMILIES["phi3"]
+def with_byte_tokens(spec: dict) -> dict:
+    """A SentencePiece-style tokenizer.json with the 256 byte tokens ``<0x00>`` .. ``<0xFF>`` that
+    real ones (Llama 2, Phi-3) hold for byte fallback and llama.cpp requires."""
+    vocab = spec["model"]["vocab"]
+    first = max(vocab.values()) + 1
+    vocab.update({f"<0x{b:02X}>": first + b for b in range(256)})
+    return spec
+
+
+def spm_tokenizer(family: str) -> PreTrainedTokenizerFast:
+    """conftest's Llama 2 or Phi-3 tokenizer with byte tokens (and Phi-3's with ``</s>``). Phi-3's is
+    rebuilt the way Phi-3-mini's tokenizer.json is: '▁' prepended by the normalizer to every stretch
+    of text (no pre-tokenizer), as llama.cpp and transformers' GGUF reader both do for Phi-3, where
+    the fixture prepends it only at the start of the text."""
+    spec = with_byte_tokens(json.loads(build_tokenizer(family).backend_tokenizer.to_str()))
+    if family == "phi3":
+        spec["normalizer"] = {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+            ],
+        }
+        spec["pre_tokenizer"] = None
+    info = FAMILIES[family]
+    specials: list = [t for t in info["specials"] if t not in info["kwargs"].values()]
+    if family == "phi3":  # as in Phi-3's vocabulary (id 2); llama.cpp's Phi-3 rule looks it up
+        specials.append(AddedToken("</s>", rstrip=True, special=True, normalized=False))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-        additional_special_tokens=[t for t in family["specials"] if t not in family["kwargs"].values()],
-        **family["kwargs"],
+        additional_special_tokens=specials,
+        **info["kwargs"],
     )
-    tokenizer.chat_template = family["template"]
+    tokenizer.chat_template = info["template"]
     return tokenizer
+
+
+def faithful_phi3_tokenizer() -> PreTrainedTokenizerFast:
+    return spm_tokenizer("phi3")
 
 
 def tiny_llama(vocab: int, seed: int = 0, **config) -> LlamaForCausalLM:
@@ -253,15 +271,15 @@ def test_a_token_spelled_twice_is_refused(tmp_path) -> None:
 TOKENIZER_CASES = {
     "llama-llama3": ("llama3", tiny_llama, CHAT),
     "llama-chatml": ("chatml", tiny_llama, CHAT),
-    "llama-llama2": ("llama2", tiny_llama, CHAT_NO_SYSTEM),
-    "phi3-phi3": ("phi3-faithful", tiny_phi3, CHAT),
+    "llama-llama2": ("llama2-spm", tiny_llama, CHAT_NO_SYSTEM),
+    "phi3-phi3": ("phi3-spm", tiny_phi3, CHAT),
 }
 
 
 @pytest.mark.parametrize("case", sorted(TOKENIZER_CASES))
 def test_tokenizer_read_back_encodes_a_chat_as_the_original(case, tmp_path) -> None:
     family, build, chat = TOKENIZER_CASES[case]
-    tokenizer = faithful_phi3_tokenizer() if family == "phi3-faithful" else build_tokenizer(family)
+    tokenizer = spm_tokenizer(family[:-4]) if family.endswith("-spm") else build_tokenizer(family)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         path = export_gguf(build(len(tokenizer)), tokenizer, tmp_path / "model.gguf")
@@ -282,12 +300,25 @@ def test_tokenizer_read_back_encodes_a_chat_as_the_original(case, tmp_path) -> N
     assert fields["tokenizer.chat_template"] == tokenizer.chat_template
     assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
     assert fields["tokenizer.ggml.add_bos_token"] is False  # none of these tokenizers adds bos
-    sentencepiece = family in ("llama2", "phi3-faithful")
+    sentencepiece = family.endswith("-spm")
     assert fields["tokenizer.ggml.model"] == ("llama" if sentencepiece else "gpt2")
     assert ("tokenizer.ggml.scores" in fields) == sentencepiece
     assert ("tokenizer.ggml.merges" in fields) == (not sentencepiece)
     # only Llama 2's fixture marks the text start alone with '▁', which llama.cpp does not
-    assert bool(caught) == (family == "llama2"), [str(w.message) for w in caught]
+    assert bool(caught) == (family == "llama2-spm"), [str(w.message) for w in caught]
+
+
+def test_tokenizers_llama_cpp_cannot_load_are_refused(tmp_path) -> None:
+    # llama.cpp spells characters outside a SentencePiece vocabulary with its byte tokens and
+    # aborts when they are missing (conftest's tiny Llama 2 tokenizer has none)
+    tokenizer = build_tokenizer("llama2")
+    with pytest.raises(LorafitError, match="lacks 256 of the 256 byte tokens <0x00> .. <0xFF>"):
+        export_gguf(tiny_llama(len(tokenizer)), tokenizer, tmp_path / "m.gguf")
+    # for a model named Phi-3 llama.cpp looks up <unk>, <s>, <|endoftext|> and </s> by text
+    tokenizer = spm_tokenizer("llama2")
+    with pytest.raises(LorafitError, match="lacks <|endoftext|>. Name it otherwise"):
+        export_gguf(tiny_phi3(len(tokenizer)), tokenizer, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_end_of_turn_and_special_token_types(tmp_path) -> None:
