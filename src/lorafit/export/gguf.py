@@ -181,7 +181,8 @@ def build_metadata(
     if "general.architecture" in metadata:
         raise LorafitError("metadata cannot set general.architecture: it follows from the model's layout")
     name = _model_name(model, tokenizer, arch, metadata)
-    hparams = gguf_arch.hyperparameters(arch, model.config)
+    n_vocab = model.get_input_embeddings().weight.shape[0]
+    hparams = gguf_arch.hyperparameters(arch, model.config, n_vocab)
     kv: dict[str, KV] = {
         "general.type": ("model", GGUFValueType.STRING),
         "general.name": (name, GGUFValueType.STRING),
@@ -189,7 +190,6 @@ def build_metadata(
         "general.quantization_version": (2, GGUFValueType.UINT32),  # ggml's GGML_QNT_VERSION
         **hparams.kv,
     }
-    n_vocab = model.get_input_embeddings().weight.shape[0]
     tokenizer_kv, notes = tokenizer_metadata(
         tokenizer, n_vocab, model_name=name, pre=metadata.get("tokenizer.ggml.pre")
     )

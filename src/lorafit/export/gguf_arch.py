@@ -139,8 +139,9 @@ def _rope(config: Any) -> dict[str, Any]:
     return dict(params)
 
 
-def hyperparameters(arch: str, config: Any) -> Hyperparameters:
-    """What llama.cpp reads about the model's shape: sizes, norms, rope, for ``arch``."""
+def hyperparameters(arch: str, config: Any, n_vocab: int) -> Hyperparameters:
+    """What llama.cpp reads about the model's shape: sizes, norms, rope, for ``arch``; ``n_vocab``
+    is the embedding's row count (the tensor's, in case the config was not updated with it)."""
     heads, kv_heads = head_counts(config)
     rope = _rope(config)
     p = f"{arch}."
@@ -153,7 +154,7 @@ def hyperparameters(arch: str, config: Any) -> Hyperparameters:
         p + "attention.head_count_kv": _u32(kv_heads),
         p + "attention.layer_norm_rms_epsilon": _f32(config.rms_norm_eps),
         p + "rope.freq_base": _f32(rope["rope_theta"]),
-        p + "vocab_size": _u32(config.vocab_size),
+        p + "vocab_size": _u32(n_vocab),
     }
     tensors: dict[str, np.ndarray] = {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
