@@ -106,6 +106,11 @@ def export_lora_gguf(
                 f"{adapter} carries its own adapter_config.json; pass lora_config only with tensors"
             )
         config, tensors = read_adapter_config(adapter), read_adapter_weights(adapter)
+    if getattr(config, "use_dora", False) or any("lora_magnitude_vector" in key for key in tensors):
+        raise LorafitError(
+            "this is a DoRA adapter: llama.cpp's LoRA files hold B A only, not DoRA's magnitude "
+            "rescaling. Export the merged model instead (lorafit.export.export_gguf)."
+        )
     check_target(path, overwrite)
     tied = bool(getattr(base_config, "tie_word_embeddings", False))
     planned: list[PlannedTensor] = []
