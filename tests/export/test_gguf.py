@@ -648,6 +648,9 @@ def test_lora_gguf_from_tensors_and_refusals(tmp_path) -> None:
         export_lora_gguf(model.config, tmp_path / "run", tmp_path / "x.gguf", lora_config=config)
     with pytest.raises(LorafitError, match="need their lora_config"):
         export_lora_gguf(model.config, tensors, tmp_path / "x.gguf")
+    dora = dict(tensors, **{"model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(32)})
+    with pytest.raises(LorafitError, match="DoRA adapter"):
+        export_lora_gguf(model.config, dora, tmp_path / "x.gguf", lora_config=config)
     extra = dict(tensors, **{"model.norm.weight": torch.ones(32)})
     with pytest.raises(LorafitError, match="holds only lora_A/lora_B pairs"):
         export_lora_gguf(model.config, extra, tmp_path / "x.gguf", lora_config=config)
