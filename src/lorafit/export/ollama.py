@@ -1,0 +1,126 @@
+"""An Ollama ``Modelfile`` beside an exported GGUF, so that ``ollama create NAME -f Modelfile`` and
+``ollama run NAME`` work as written.
+
+The chat template is written in Ollama's Go-template syntax for the families lorafit recognises in
+the tokenizer's own (Jinja) chat template, each rendering a conversation to the same text as the
+tokenizer's template with ``add_generation_prompt=True``:
+
+- ``chatml`` (Qwen, SmolLM2): ``<|im_start|>role\\ncontent<|im_end|>\\n`` per message.
+- ``phi3``: ``<|role|>\\ncontent<|end|>\\n`` per message.
+- ``llama3``: ``<|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>`` per message (bos
+  comes from the GGUF's ``add_bos_token``, as Ollama adds it).
+
+For any other template the Modelfile has no TEMPLATE line but a comment saying so, and a warning
+says it too: Ollama then picks a template from the chat template stored in the GGUF
+(``tokenizer.chat_template``) when it recognises it, and otherwise sends the bare prompt.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lorafit.disk import write_text_atomic
+from lorafit.errors import LorafitError
+
+MODELFILE_NAME = "Modelfile"
+
+TEMPLATES = {
+    "chatml": (
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+        "<|im_start|>assistant\n"
+    ),
+    "phi3": "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
+    "llama3": (
+        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+        "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+}
+# The role markers of each family: the model writing one means its turn is over.
+_ROLE_TOKENS = {
+    "chatml": ("<|im_end|>", "<|im_start|>"),
+    "phi3": ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>"),
+    "llama3": ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
+}
+
+
+def template_family(tokenizer: Any) -> str | None:
+    """``"chatml"``, ``"phi3"`` or ``"llama3"`` for the tokenizer's chat template, else None."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not isinstance(template, str):
+        return None
+    if "<|im_start|>" in template and "<|im_end|>" in template:
+        return "chatml"
+    if "<|start_header_id|>" in template and "<|eot_id|>" in template:
+        return "llama3"
+    if "<|user|>" in template and "<|end|>" in template:
+        return "phi3"
+    return None
+
+
+def _default_stops(tokenizer: Any, family: str | None) -> list[str]:
+    """eos, the end-of-turn token and the family's role markers that are in the vocabulary."""
+    from lorafit.models import stop_token_ids
+
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
+    vocab = tokenizer.get_vocab()
+    stops += [t for t in _ROLE_TOKENS.get(family or "", ()) if t in vocab]
+    return list(dict.fromkeys(stops))
+
+
+def _quoted(text: str) -> str:
+    if '"""' in text:
+        raise LorafitError('a Modelfile value cannot hold """ (it ends the value)')
+    return f'"""{text}"""'
+
+
+def write_modelfile(
+    folder: str | os.PathLike,
+    gguf_filename: str,
+    tokenizer: Any,
+    *,
+    stop_tokens: Sequence[str] | None = None,
+    system: str | None = None,
+) -> Path:
+    """Write ``folder/Modelfile`` for the GGUF file ``gguf_filename`` in the same folder.
+
+    Args:
+        folder: where the GGUF file is (and the Modelfile goes).
+        gguf_filename: the GGUF file's name; the Modelfile says ``FROM ./<name>``.
+        tokenizer: the exported tokenizer; its chat template picks the TEMPLATE (see the module
+            docstring) and its eos / end-of-turn tokens the default stop tokens.
+        stop_tokens: one ``PARAMETER stop`` line each; by default eos, the end-of-turn token
+            (``<|end|>`` for Phi-3) and the template family's role markers.
+        system: an optional system prompt (``SYSTEM``).
+
+    Returns the Modelfile's path. Warns when the chat template is not one lorafit can write.
+    """
+    folder = Path(folder)
+    if Path(gguf_filename).name != gguf_filename:
+        raise LorafitError(f"gguf_filename {gguf_filename!r} must be a file name in {folder}, not a path")
+    family = template_family(tokenizer)
+    stops = list(stop_tokens) if stop_tokens is not None else _default_stops(tokenizer, family)
+    lines = [f"FROM ./{gguf_filename}", ""]
+    if family is not None:
+        lines.append(f"# chat template: {family}, the tokenizer's own template in Ollama's syntax")
+        lines.append(f"TEMPLATE {_quoted(TEMPLATES[family])}")
+    else:
+        note = (
+            "lorafit has no Ollama template for this model's chat template; Ollama picks one from the "
+            "chat template stored in the GGUF when it recognises it, and otherwise sends the bare prompt"
+        )
+        lines.append(f"# no TEMPLATE: {note}")
+        warnings.warn(f"Modelfile: {note}", UserWarning, stacklevel=2)
+    if system is not None:
+        lines.append(f"SYSTEM {_quoted(system)}")
+    lines.append("")
+    for stop in stops:
+        if '"' in stop or "\n" in stop:
+            raise LorafitError(f"stop token {stop!r} cannot be written on a PARAMETER line")
+        lines.append(f'PARAMETER stop "{stop}"')
+    return write_text_atomic(folder / MODELFILE_NAME, "\n".join(lines) + "\n")
