@@ -248,3 +248,55 @@ def test_samples_md_scores_the_answers_before_and_after(trained) -> None:
     assert re.search(r"\| before \| \d\.\d{3} \| \d\.\d{3} \| \d\.\d{3} \|", text)
     assert re.search(r"\| after \| \d\.\d{3} \| \d\.\d{3} \| \d\.\d{3} \|", text)
     assert "**reference:**" in text and "**before:**" in text and "**after:**" in text
+
+
+def test_export_writes_gguf_and_modelfile_that_transformers_reads(trained, tmp_path, capsys) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.export import merge_into_base
+    from lorafit.models import load_trained
+
+    out = tmp_path / "ollama" / "model.gguf"
+    assert main(["export", "--adapter", str(trained), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"ollama create NAME -f {out.parent / 'Modelfile'}" in printed
+    modelfile = (out.parent / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model.gguf") and 'PARAMETER stop "<|end|>"' in modelfile
+    _, _, merged = load_trained(trained)
+    merge_into_base(merged, quantized=False)
+    read_back = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 42, 7, 99, 300]])
+    with torch.no_grad():
+        want, got = merged(input_ids=ids).logits, read_back(input_ids=ids).logits
+    assert (got - want).abs().max() <= 2e-3 * want.abs().max()  # f16 rounding of the weights
+    # nothing is written over: the file, then the Modelfile beside a new file name
+    assert main(["export", "--adapter", str(trained), "--out", str(out)]) == 2
+    assert main(["export", "--adapter", str(trained), "--out", str(out.with_name("other.gguf"))]) == 2
+    assert "Modelfile already exists" in capsys.readouterr().err
+
+
+def test_export_lora_only_writes_a_gguf_lora_file(trained, tmp_path) -> None:
+    import gguf
+
+    out = tmp_path / "adapter.gguf"
+    assert main(["export", "--adapter", str(trained), "--out", str(out), "--lora-only"]) == 0
+    reader = gguf.GGUFReader(out)
+    fields = {name: field for name, field in reader.fields.items()}
+    assert bytes(fields["adapter.type"].parts[-1]).decode() == "lora"
+    names = [t.name for t in reader.tensors]
+    assert any(n.endswith(".lora_a") for n in names) and any(n.endswith(".lora_b") for n in names)
+    assert (
+        main(
+            [
+                "export",
+                "--adapter",
+                str(trained),
+                "--out",
+                str(tmp_path / "x.gguf"),
+                "--lora-only",
+                "--dtype",
+                "q8_0",
+            ]
+        )
+        == 2
+    )

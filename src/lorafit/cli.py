@@ -1,4 +1,6 @@
-"""``lorafit train | eval | chat | merge | bench``: the command line.
+"""``lorafit train | chat | eval | merge | export | bench``: the command line's parser.
+
+The commands themselves are in :mod:`lorafit.commands`.
 
 Errors a user can fix (``LorafitError``) print as one paragraph without a traceback;
 ``--debug`` shows the traceback.
@@ -8,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-from typing import Any
 
 from lorafit.errors import LorafitError, RunStopped
 
@@ -57,10 +57,25 @@ examples:
 
 MERGE_HELP = """\
 Fold the adapter into the base weights and save a plain transformers model that loads with
-AutoModelForCausalLM.from_pretrained, no lorafit or PEFT needed.
+AutoModelForCausalLM.from_pretrained, no lorafit or PEFT needed. A QLoRA run is merged into the
+base's original 16-bit weights (not their 4-bit rounding).
 
 example:
   lorafit merge --adapter runs/20261128-101500 --out merged/
+"""
+
+EXPORT_HELP = """\
+Export a run for llama.cpp and Ollama: the adapter merged into its base as one GGUF file
+(f16 by default; bf16, or q8_0 at about half the size), with an Ollama Modelfile beside it
+(FROM, the chat template in Ollama's syntax, the stop tokens). A QLoRA run is merged into the
+base's original 16-bit weights. With --lora-only, the adapter alone as a GGUF LoRA file for
+llama.cpp's --lora (f16 or f32), to use over a GGUF of the base model.
+
+examples:
+  lorafit export --adapter runs/20261128-101500 --out phi3-ft/model.gguf
+  ollama create phi3-ft -f phi3-ft/Modelfile && ollama run phi3-ft
+  lorafit export --adapter runs/20261128-101500 --out phi3-ft-q8/model.gguf --dtype q8_0
+  lorafit export --adapter runs/20261128-101500 --out adapter.gguf --lora-only
 """
 
 BENCH_HELP = """\
@@ -153,6 +168,19 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="folder for the merged model (must be new or empty)")
     m.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
+    x = sub.add_parser(
+        "export", help="a GGUF file for llama.cpp / Ollama", description=EXPORT_HELP, formatter_class=fmt
+    )
+    x.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
+    x.add_argument("--out", required=True, help="the GGUF file to write (its folder gets the Modelfile)")
+    x.add_argument(
+        "--dtype",
+        choices=["f16", "bf16", "q8_0", "f32"],
+        help="weights in the file: f16 (default), bf16, q8_0; with --lora-only f16 (default) or f32",
+    )
+    x.add_argument("--lora-only", action="store_true", help="the adapter alone, for llama.cpp's --lora")
+    x.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
     b = sub.add_parser(
         "bench", help="benchmark against PEFT + TRL", description=BENCH_HELP, formatter_class=fmt
     )
@@ -201,14 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        commands = {
-            "train": cmd_train,
-            "chat": cmd_chat,
-            "eval": cmd_eval,
-            "merge": cmd_merge,
-            "bench": cmd_bench,
-        }
-        return commands[args.command](args, rest)
+        from lorafit import commands
+
+        return getattr(commands, f"cmd_{args.command}")(args, rest)
     except LorafitError as e:
         if args.debug:
             raise
@@ -223,130 +246,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-
-
-def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
-    from lorafit.config import load_config
-    from lorafit.constants import RUN_CONFIG_NAME
-    from lorafit.training import distributed, train
-
-    config_path = args.config
-    if (
-        config_path is None
-        and isinstance(args.resume, str)
-        and (Path(args.resume) / RUN_CONFIG_NAME).is_file()
-    ):
-        config_path = str(Path(args.resume) / RUN_CONFIG_NAME)
-    elif config_path is None and isinstance(args.resume, str):
-        parent = Path(args.resume).parent / RUN_CONFIG_NAME
-        config_path = str(parent) if parent.is_file() else None
-    if args.qlora:
-        from lorafit.models.quant import QLORA_OVERRIDES
-
-        overrides = [*QLORA_OVERRIDES, *overrides]
-    if args.fsdp:
-        overrides = [*distributed.FSDP_OVERRIDES, *overrides]
-    if args.skip_bad_records:
-        overrides = [*overrides, "--data.skip_bad_records", "true"]
-    if args.skip_nonfinite:
-        overrides = [*overrides, "--training_config.skip_nonfinite", "true"]
-    cfg = load_config(config_path, overrides)
-    ok = False
-    try:
-        run_dir = train(cfg, resume=args.resume)
-        ok = True
-    finally:
-        distributed.shutdown(wait_for_all=ok)
-    if distributed.is_main_process():
-        print(f"\nadapter saved in {run_dir}")
-        print(f"try it:  lorafit chat --adapter {run_dir}")
-    return 0
-
-
-def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:
-    from transformers import TextStreamer
-
-    from lorafit.inference import generate
-    from lorafit.models import load_trained
-
-    _, tokenizer, model = load_trained(args.adapter)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-
-    def reply(text: str) -> str:
-        history.append({"role": "user", "content": text})
-        answer = generate(model, tokenizer, history, max_new_tokens=args.max_new_tokens, streamer=streamer)
-        history.append({"role": "assistant", "content": answer})
-        return answer
-
-    if args.prompt is not None:
-        reply(args.prompt)
-        return 0
-    print("lorafit chat: type a message; /reset clears the history, /exit leaves.")
-    while True:
-        try:
-            text = input("\nyou> ").strip()
-        except EOFError:
-            print()
-            return 0
-        if text in ("/exit", "/quit"):
-            return 0
-        if text == "/reset":
-            del history[1 if args.system else 0 :]
-            print("(history cleared)")
-            continue
-        if text:
-            print("assistant> ", end="", flush=True)
-            reply(text)
-
-
-def cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
-    from lorafit.inference import evaluate_loss
-    from lorafit.models import load_trained
-
-    cfg, tokenizer, model = load_trained(args.adapter)
-    result = evaluate_loss(model, tokenizer, args.data, cfg.data, batch_size=args.batch_size)
-    print(f"eval on {args.data}: {result['examples']} examples, {result['label_tokens']:,} label tokens")
-    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}")
-    if args.generate:
-        _eval_generate(args, model, tokenizer, result["format"])
-    return 0
-
-
-def _eval_generate(args: argparse.Namespace, model: Any, tokenizer: Any, fmt: str) -> None:
-    import json
-
-    from lorafit.disk import write_text_atomic
-    from lorafit.inference.metrics import METRICS, eval_conversations, generation_report
-
-    conversations = eval_conversations(args.data, fmt, args.limit)
-    if not conversations:
-        raise LorafitError(f"--generate: {args.data} holds no conversation to answer (format {fmt})")
-    out = Path(args.out or Path(args.adapter) / f"generations-{Path(str(args.data)).stem}.jsonl")
-    summary, rows = generation_report(model, tokenizer, conversations, max_new_tokens=args.max_new_tokens)
-    write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    scores = "  ".join(f"{m} {summary[m]:.3f}" for m in METRICS)
-    print(f"generated {len(rows)} answers: {scores} (each answer in {out})")
-
-
-def cmd_merge(args: argparse.Namespace, _: list[str]) -> int:
-    from lorafit.export import check_new_folder, save_merged
-    from lorafit.models import load_trained
-
-    out = Path(args.out)
-    check_new_folder(out)  # before the model loads, not after
-    cfg, tokenizer, model = load_trained(args.adapter)
-    save_merged(model, tokenizer, out, quantized=bool(cfg.model.quantization))
-    print(f"merged model saved in {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace, _: list[str]) -> int:
-    from lorafit.bench import BenchSettings, run_bench
-
-    settings = BenchSettings.from_options(args.quick, args.steps, args.warmup, args.repeats, args.trl)
-    run_bench(Path(args.out), settings)
-    return 0
 
 
 if __name__ == "__main__":

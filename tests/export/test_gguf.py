@@ -859,7 +859,9 @@ def smollm2():
     return merged(model.eval(), size=0.05), tokenizer
 
 
-@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+@pytest.mark.parametrize(
+    "dtype", ["f16"]
+)  # q8_0 is covered on the tiny models; each SmolLM2 read-back is ~1 min
 def test_smollm2_round_trip(smollm2, dtype, tmp_path) -> None:
     model, tokenizer = smollm2
     assert not any("Gguf" in type(m).__name__ for m in model.modules())  # dense weights, not blocks

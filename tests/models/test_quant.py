@@ -184,7 +184,7 @@ def test_bad_quantization_settings(bad, msg) -> None:
         check_settings(bad)
 
 
-def test_cli_qlora_trains_the_demo_and_merges(tmp_path, monkeypatch) -> None:
+def test_cli_qlora_trains_the_demo_and_merges(tmp_path, monkeypatch, capsys) -> None:
     from lorafit.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -209,5 +209,13 @@ def test_cli_qlora_trains_the_demo_and_merges(tmp_path, monkeypatch) -> None:
     adapter = tmp_path / "run"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert "load_in_4bit" in (adapter / "lorafit_run.yaml").read_text()
+    capsys.readouterr()
     assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
     assert os.path.isfile(tmp_path / "merged" / "model.safetensors")
+    # merged into the demo's original 16-bit weights, not their NF4 rounding, and said so
+    assert "the adapter goes onto the original 16-bit weights of lorafit-demo" in capsys.readouterr().out
+    assert main(["export", "--adapter", str(adapter), "--out", str(tmp_path / "gguf" / "model.gguf")]) == 0
+    assert "original 16-bit weights" in capsys.readouterr().out
+    assert (tmp_path / "gguf" / "model.gguf").stat().st_size > 0 and (
+        tmp_path / "gguf" / "Modelfile"
+    ).is_file()

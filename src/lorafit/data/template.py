@@ -113,7 +113,7 @@ def end_of_turn_token(tokenizer: Any) -> int | None:
     except LorafitError:
         return None
     labelled = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
-    if not labelled or ids[labelled[-1]] not in set(tokenizer.all_special_ids):
+    if not labelled or ids[labelled[-1]] not in special_token_ids(tokenizer):
         return None
     return ids[labelled[-1]]
 
@@ -203,6 +203,14 @@ def _assistant_labels(
     return labels
 
 
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of every special token: the named ones (bos, eos, unk, pad) and the added tokens marked
+    special (``<|end|>``, ``<|im_end|>`` ...), which transformers 5's ``all_special_ids`` omits."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    marked = {i for i, token in added.items() if getattr(token, "special", False)}
+    return set(tokenizer.all_special_ids) | marked
+
+
 def _check_fast(tokenizer: Any) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise LorafitError(
@@ -225,7 +233,7 @@ def _encode_conversations(
     texts = [text for text, _ in rendered]
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     out = []
-    special_ids = set(tokenizer.all_special_ids)
+    special_ids = special_token_ids(tokenizer)
     for ids, offsets, (text, spans), where in zip(
         encoded["input_ids"], encoded["offset_mapping"], rendered, wheres, strict=True
     ):

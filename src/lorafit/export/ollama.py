@@ -48,19 +48,25 @@ _ROLE_TOKENS = {
 
 
 def template_family(tokenizer: Any) -> str | None:
-    """``"chatml"``, ``"phi3"`` or ``"llama3"`` for the tokenizer's chat template, else None."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = template.get("default")
-    if not isinstance(template, str):
+    """``"chatml"``, ``"phi3"`` or ``"llama3"``: the family whose turns the tokenizer's chat template
+    writes, judged by rendering a conversation (not by the template's text, which builds its
+    markers in many ways); None for any other template or none."""
+    if getattr(tokenizer, "chat_template", None) is None:
         return None
-    if "<|im_start|>" in template and "<|im_end|>" in template:
-        return "chatml"
-    if "<|start_header_id|>" in template and "<|eot_id|>" in template:
-        return "llama3"
-    if "<|user|>" in template and "<|end|>" in template:
-        return "phi3"
-    return None
+    probe = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # a template that fails on a plain conversation has no family
+        return None
+    turns = {
+        "chatml": ("<|im_start|>user\nU<|im_end|>", "<|im_start|>assistant\nA<|im_end|>"),
+        "phi3": ("<|user|>\nU<|end|>", "<|assistant|>\nA<|end|>"),
+        "llama3": (
+            "<|start_header_id|>user<|end_header_id|>\n\nU<|eot_id|>",
+            "<|start_header_id|>assistant<|end_header_id|>\n\nA<|eot_id|>",
+        ),
+    }
+    return next((family for family, marks in turns.items() if all(m in text for m in marks)), None)
 
 
 def _default_stops(tokenizer: Any, family: str | None) -> list[str]:

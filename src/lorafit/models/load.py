@@ -7,6 +7,7 @@ maximum length) and the model's generation config stops at the chat template's e
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -141,13 +142,12 @@ def load_model(cfg: RunConfig, tokenizer: Any, *, echo: Callable[[str], Any] = p
     return model
 
 
-def load_trained(folder: str | os.PathLike) -> tuple[RunConfig, Any, torch.nn.Module]:
-    """``(config, tokenizer, model with the adapter, in eval mode)`` for a run folder or any PEFT
-    adapter folder: the base model is the one the run's ``lorafit_run.yaml`` (or the adapter's
-    ``base_model_name_or_path``) names, loaded as it was trained (dtype, 4-bit)."""
+def run_config(folder: str | os.PathLike) -> RunConfig:
+    """The config a run folder was trained with (``lorafit_run.yaml``), or for any PEFT adapter
+    folder a config naming its ``base_model_name_or_path``; the run's own tokenizer copy wins."""
     import json
 
-    from lorafit.adapters.files import CONFIG_NAME, load_adapter
+    from lorafit.adapters.files import CONFIG_NAME
     from lorafit.config import build_config, load_config
 
     folder = Path(folder)
@@ -164,8 +164,58 @@ def load_trained(folder: str | os.PathLike) -> tuple[RunConfig, Any, torch.nn.Mo
         raise LorafitError(f"{folder} is neither a lorafit run folder nor an adapter folder ({CONFIG_NAME})")
     if (folder / "tokenizer_config.json").is_file():
         cfg.tokenizer.name_or_path = str(folder)  # the run's own copy, with its pad token and template
-    tokenizer = load_tokenizer(cfg)
-    model = load_model(cfg, tokenizer)
+    return cfg
+
+
+def base_config(folder: str | os.PathLike) -> Any:
+    """The transformers config of the base model a run (or adapter folder) was trained on, read
+    without loading its weights."""
+    cfg = run_config(folder)
+    name = cfg.model.name_or_path
+    if name == DEMO_MODEL:
+        from lorafit.demo import demo_config, load_demo_tokenizer
+
+        return demo_config(len(load_demo_tokenizer()))
+    from transformers import AutoConfig
+
+    _check_local_path(name, "model")
+    try:
+        return AutoConfig.from_pretrained(
+            name, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error("model", name, e) from None
+
+
+def load_trained(
+    folder: str | os.PathLike, *, sixteen_bit: bool = False, echo: Callable[[str], Any] = print
+) -> tuple[RunConfig, Any, torch.nn.Module]:
+    """``(config, tokenizer, model with the adapter, in eval mode)`` for a run folder or any PEFT
+    adapter folder: the base model is the one the run's ``lorafit_run.yaml`` (or the adapter's
+    ``base_model_name_or_path``) names, loaded as it was trained (dtype, 4-bit).
+
+    ``sixteen_bit``: the base of a QLoRA run in its original 16-bit weights instead of 4-bit NF4
+    (for merging and export: the update then lands on the weights the model was made with, not on
+    their NF4 rounding). A base stored in 4-bit has no others: it is dequantized, and ``echo``
+    says which weights were used.
+    """
+    from lorafit.adapters.files import load_adapter
+
+    folder = Path(folder)
+    cfg = run_config(folder)
+    tokenizer = load_tokenizer(cfg, echo=echo)
+    if sixteen_bit and cfg.model.quantization:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization=None))
+        model = load_model(cfg, tokenizer, echo=echo)
+        if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+            from lorafit.models.quant import dequantize_model
+
+            dequantize_model(model)
+            echo(f"{cfg.model.name_or_path} is stored in 4 bits: the adapter goes onto their dequantization")
+        else:
+            echo(f"QLoRA run: the adapter goes onto the original 16-bit weights of {cfg.model.name_or_path}")
+    else:
+        model = load_model(cfg, tokenizer, echo=echo)
     load_adapter(model, folder)
     model.eval()
     return cfg, tokenizer, model

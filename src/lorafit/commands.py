@@ -1,0 +1,190 @@
+"""What each ``lorafit`` command does, given its parsed arguments (the parser is in :mod:`lorafit.cli`).
+
+Each command imports what it needs when it runs, so that ``lorafit --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from lorafit.errors import LorafitError
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lorafit.config import load_config
+    from lorafit.constants import RUN_CONFIG_NAME
+    from lorafit.training import distributed, train
+
+    config_path = args.config
+    if (
+        config_path is None
+        and isinstance(args.resume, str)
+        and (Path(args.resume) / RUN_CONFIG_NAME).is_file()
+    ):
+        config_path = str(Path(args.resume) / RUN_CONFIG_NAME)
+    elif config_path is None and isinstance(args.resume, str):
+        parent = Path(args.resume).parent / RUN_CONFIG_NAME
+        config_path = str(parent) if parent.is_file() else None
+    if args.qlora:
+        from lorafit.models.quant import QLORA_OVERRIDES
+
+        overrides = [*QLORA_OVERRIDES, *overrides]
+    if args.fsdp:
+        overrides = [*distributed.FSDP_OVERRIDES, *overrides]
+    if args.skip_bad_records:
+        overrides = [*overrides, "--data.skip_bad_records", "true"]
+    if args.skip_nonfinite:
+        overrides = [*overrides, "--training_config.skip_nonfinite", "true"]
+    cfg = load_config(config_path, overrides)
+    ok = False
+    try:
+        run_dir = train(cfg, resume=args.resume)
+        ok = True
+    finally:
+        distributed.shutdown(wait_for_all=ok)
+    if distributed.is_main_process():
+        print(f"\nadapter saved in {run_dir}")
+        print(f"try it:  lorafit chat --adapter {run_dir}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:
+    from transformers import TextStreamer
+
+    from lorafit.inference import generate
+    from lorafit.models import load_trained
+
+    _, tokenizer, model = load_trained(args.adapter)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(text: str) -> str:
+        history.append({"role": "user", "content": text})
+        answer = generate(model, tokenizer, history, max_new_tokens=args.max_new_tokens, streamer=streamer)
+        history.append({"role": "assistant", "content": answer})
+        return answer
+
+    if args.prompt is not None:
+        reply(args.prompt)
+        return 0
+    print("lorafit chat: type a message; /reset clears the history, /exit leaves.")
+    while True:
+        try:
+            text = input("\nyou> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            del history[1 if args.system else 0 :]
+            print("(history cleared)")
+            continue
+        if text:
+            print("assistant> ", end="", flush=True)
+            reply(text)
+
+
+def cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
+    from lorafit.inference import evaluate_loss
+    from lorafit.models import load_trained
+
+    cfg, tokenizer, model = load_trained(args.adapter)
+    result = evaluate_loss(model, tokenizer, args.data, cfg.data, batch_size=args.batch_size)
+    print(f"eval on {args.data}: {result['examples']} examples, {result['label_tokens']:,} label tokens")
+    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}")
+    if args.generate:
+        _eval_generate(args, model, tokenizer, result["format"])
+    return 0
+
+
+def _eval_generate(args: argparse.Namespace, model: Any, tokenizer: Any, fmt: str) -> None:
+    import json
+
+    from lorafit.disk import write_text_atomic
+    from lorafit.inference.metrics import METRICS, eval_conversations, generation_report
+
+    conversations = eval_conversations(args.data, fmt, args.limit)
+    if not conversations:
+        raise LorafitError(f"--generate: {args.data} holds no conversation to answer (format {fmt})")
+    out = Path(args.out or Path(args.adapter) / f"generations-{Path(str(args.data)).stem}.jsonl")
+    summary, rows = generation_report(model, tokenizer, conversations, max_new_tokens=args.max_new_tokens)
+    write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    scores = "  ".join(f"{m} {summary[m]:.3f}" for m in METRICS)
+    print(f"generated {len(rows)} answers: {scores} (each answer in {out})")
+
+
+def cmd_merge(args: argparse.Namespace, _: list[str]) -> int:
+    from lorafit.export import check_new_folder, save_merged
+    from lorafit.models import load_trained
+
+    out = Path(args.out)
+    check_new_folder(out)  # before the model loads, not after
+    # a QLoRA run merges into the base's original 16-bit weights, not their NF4 rounding
+    _, tokenizer, model = load_trained(args.adapter, sixteen_bit=True)
+    save_merged(model, tokenizer, out, quantized=False)
+    print(f"merged model saved in {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, _: list[str]) -> int:
+    import warnings
+
+    from lorafit.export.gguf import check_target
+
+    out = Path(args.out)
+    check_target(out, overwrite=False)  # before any model loads
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        if args.lora_only:
+            _export_lora(args, out)
+        else:
+            _export_merged(args, out)
+    for warning in caught:  # the exporter's own notes; other libraries' chatter is dropped
+        if str(warning.message).startswith(("GGUF export", "Modelfile")):
+            print(f"note: {warning.message}")
+    return 0
+
+
+def _export_merged(args: argparse.Namespace, out: Path) -> None:
+    from tqdm.auto import tqdm
+
+    from lorafit.export import export_gguf, merge_into_base, write_modelfile
+    from lorafit.export.ollama import MODELFILE_NAME
+    from lorafit.models import load_trained
+
+    modelfile = out.parent / MODELFILE_NAME
+    if modelfile.exists():
+        raise LorafitError(f"{modelfile} already exists; export into a new folder (--out NEW/model.gguf)")
+    if (args.dtype or "f16") == "f32":
+        raise LorafitError("--dtype f32 is for --lora-only; a merged model is f16, bf16 or q8_0")
+    _, tokenizer, model = load_trained(args.adapter, sixteen_bit=True)
+    merge_into_base(model, quantized=False)
+    tensors = sum(1 for _ in model.state_dict())
+    with tqdm(total=tensors, desc="GGUF", unit="tensor", disable=None) as bar:
+        export_gguf(model, tokenizer, out, dtype=args.dtype or "f16", progress=lambda name: bar.update())
+    write_modelfile(out.parent, out.name, tokenizer)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {modelfile}")
+    print(f"run it:  ollama create NAME -f {modelfile} && ollama run NAME")
+    print(f"    or:  llama-cli -m {out} -cnv")
+
+
+def _export_lora(args: argparse.Namespace, out: Path) -> None:
+    from lorafit.export import export_lora_gguf
+    from lorafit.models.load import base_config
+
+    if (args.dtype or "f16") not in ("f16", "f32"):
+        raise LorafitError(f"--dtype {args.dtype} is for a merged model; a GGUF LoRA file is f16 or f32")
+    export_lora_gguf(base_config(args.adapter), args.adapter, out, dtype=args.dtype or "f16")
+    print(f"wrote {out}; llama.cpp applies it over a GGUF of the base model:")
+    print(f"  llama-cli -m BASE.gguf --lora {out} -cnv")
+
+
+def cmd_bench(args: argparse.Namespace, _: list[str]) -> int:
+    from lorafit.bench import BenchSettings, run_bench
+
+    settings = BenchSettings.from_options(args.quick, args.steps, args.warmup, args.repeats, args.trl)
+    run_bench(Path(args.out), settings)
+    return 0
