@@ -140,6 +140,12 @@ class DataConfig:
         if self.eval_prompts < 0:
             raise LorafitError(f"data.eval_prompts must be >= 0, got {self.eval_prompts}")
 
+    def row_settings(self) -> dict[str, Any]:
+        """The ``build_datasets`` keywords that decide how records become rows (the same for
+        training and for ``lorafit eval`` on a run)."""
+        keys = ("format", "max_length", "packing", "assistant_only_loss", "overlong")
+        return {key: getattr(self, key) for key in keys}
+
 
 @dataclass
 class RunConfig:

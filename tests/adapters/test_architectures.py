@@ -12,43 +12,14 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-import transformers
 
 from lorafit.adapters import LoraConfig, apply_lora, find_targets, load_adapter
 from lorafit.training.loss import causal_lm_loss, supports_fast_loss
 
-from tiny import logits
+from tiny import ARCHITECTURES, logits, tiny_model
 
-SIZES = dict(
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    pad_token_id=0,  # some configs default to ids of their real vocabulary
-)
-ARCHITECTURES = {
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"num_key_value_heads": 4}),
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 64}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "sliding_window": 64}),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "sliding_window": 64}),
-}
 FAST_LOSS = {"gemma2": False}  # final_logit_softcapping: the head's output is changed after it
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def build(arch: str) -> torch.nn.Module:
-    config_name, model_name, extra = ARCHITECTURES[arch]
-    config = getattr(transformers, config_name)(**{**SIZES, **extra})
-    torch.manual_seed(0)
-    model = getattr(transformers, model_name)(config)
-    model.config._name_or_path = f"tiny-{arch}"
-    return model.eval()
 
 
 def peft_lora_modules(model: torch.nn.Module) -> set[str]:
@@ -62,17 +33,19 @@ def peft_lora_modules(model: torch.nn.Module) -> set[str]:
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_all_linear_targets_and_logits_equal_peft(arch, tmp_path) -> None:
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    ref = peft.get_peft_model(build(arch), config)
-    ours_targets = set(find_targets(build(arch), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")))
+    ref = peft.get_peft_model(tiny_model(arch), config)
+    ours_targets = set(
+        find_targets(tiny_model(arch), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    )
     assert ours_targets == peft_lora_modules(ref) and ours_targets
     ref.save_pretrained(tmp_path)
-    ours = load_adapter(build(arch), tmp_path)
+    ours = load_adapter(tiny_model(arch), tmp_path)
     torch.testing.assert_close(logits(ours, IDS), logits(ref, IDS), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_training_lowers_the_loss_with_the_right_loss_path(arch) -> None:
-    model = apply_lora(build(arch), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = apply_lora(tiny_model(arch), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     assert supports_fast_loss(model) is FAST_LOSS.get(arch, True)
     inputs = {"input_ids": IDS, "labels": IDS}
     model.train()

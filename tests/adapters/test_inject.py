@@ -14,20 +14,10 @@ from lorafit import lora
 from lorafit.adapters import LoraConfig, apply_lora, find_targets, merge_lora, trainable_summary, unmerge_lora
 from lorafit.errors import LorafitError
 
-from tiny import logits, phi3_config, tiny_llama, tiny_phi3
+from test_config import PHI3_PEFT_CONFIG
+from tiny import logits, phi3_config, tiny_llama, tiny_model, tiny_phi3
 
 IDS = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(0))
-
-# The dict of the Phi-3 fine-tuning sample, verbatim.
-PHI3_SAMPLE_PEFT_CONFIG = {
-    "r": 16,
-    "lora_alpha": 32,
-    "lora_dropout": 0.05,
-    "bias": "none",
-    "task_type": "CAUSAL_LM",
-    "target_modules": "all-linear",
-    "modules_to_save": None,
-}
 
 
 def _peft_line(peft_model, capsys=None) -> str:
@@ -41,7 +31,7 @@ def _peft_line(peft_model, capsys=None) -> str:
 
 
 def test_phi3_sample_peft_config_is_accepted_verbatim() -> None:
-    cfg = LoraConfig.from_dict(PHI3_SAMPLE_PEFT_CONFIG)
+    cfg = LoraConfig.from_dict(PHI3_PEFT_CONFIG)
     assert (cfg.r, cfg.lora_alpha, cfg.target_modules) == (16, 32, "all-linear")
 
 
@@ -152,23 +142,6 @@ def test_targets_matching_nothing_are_an_error() -> None:
         apply_lora(tiny_phi3(), LoraConfig(target_modules=["q_proj"]))
 
 
-def tiny_qwen2():
-    """A tiny Qwen2: its q, k and v projections have biases (Llama's and Phi-3's have none)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(config)
-
-
 @pytest.mark.parametrize(
     ("bias", "trained_biases"),
     [
@@ -179,7 +152,7 @@ def tiny_qwen2():
 )
 def test_modules_to_save_and_bias_modes(bias, trained_biases) -> None:
     config = LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], bias=bias)
-    model = apply_lora(tiny_qwen2(), config)
+    model = apply_lora(tiny_model("qwen2"), config)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "lm_head.weight" in trainable
     assert {n.rsplit(".", 2)[-2] for n in trainable if n.endswith(".bias")} == trained_biases

@@ -24,15 +24,7 @@ def evaluate_loss(
 ) -> dict[str, Any]:
     """``{"loss", "perplexity", "examples", "label_tokens", "format"}`` of ``model`` on ``source``, read and
     tokenised with the run's data settings (format, max length, packing, assistant-only labels)."""
-    dataset, _, stats = build_datasets(
-        tokenizer,
-        train=source,
-        format=data.format,
-        max_length=data.max_length,
-        packing=data.packing,
-        assistant_only_loss=data.assistant_only_loss,
-        overlong=data.overlong,
-    )
+    dataset, _, stats = build_datasets(tokenizer, train=source, **data.row_settings())
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, collate_fn=collator_for(tokenizer, packing=data.packing)
     )

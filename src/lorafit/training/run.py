@@ -59,14 +59,10 @@ def build_data(cfg: RunConfig, tokenizer: Any, seed: int) -> tuple[Any, Any, dic
         eval=eval_src,
         eval_split=d.eval_split,
         eval_fraction=d.eval_fraction,
-        format=d.format,
-        max_length=d.max_length,
-        packing=d.packing,
-        assistant_only_loss=d.assistant_only_loss,
-        overlong=d.overlong,
         skip_bad_records=d.skip_bad_records,
         seed=seed,
         progress=lf_dist.is_main_process(),
+        **d.row_settings(),
     )
 
 
