@@ -6,31 +6,6 @@ import torch
 import transformers
 from transformers import LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
-
-def phi3_config(vocab: int = 128, hidden: int = 32, layers: int = 2, **kw) -> Phi3Config:
-    return Phi3Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        **kw,
-    )
-
-
-def tiny_phi3(seed: int = 0, dtype: torch.dtype = torch.float32, **kw) -> Phi3ForCausalLM:
-    torch.manual_seed(seed)
-    model = Phi3ForCausalLM(phi3_config(**kw)).to(dtype)
-    model.config._name_or_path = "tiny-phi3"
-    return model.eval()
-
-
 # Shared by every tiny model below: 2 layers of hidden 32, a 128-token vocabulary.
 SIZES = dict(
     vocab_size=128,
@@ -45,7 +20,11 @@ SIZES = dict(
 )
 # The architecture matrix: config class, model class, what each needs beyond SIZES.
 ARCHITECTURES = {
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"num_key_value_heads": 4}),
+    "phi3": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        {"num_key_value_heads": 4, "bos_token_id": 1, "eos_token_id": 2},
+    ),
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"bos_token_id": 1, "eos_token_id": 2}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 64}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q, k and v projections with biases
@@ -53,6 +32,23 @@ ARCHITECTURES = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "sliding_window": 64}),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 8, "sliding_window": 64}),
 }
+
+
+def phi3_config(vocab: int = 128, hidden: int = 32, layers: int = 2, **kw) -> Phi3Config:
+    sizes = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+    }
+    return Phi3Config(**{**SIZES, **ARCHITECTURES["phi3"][2], **sizes, **kw})
+
+
+def tiny_phi3(seed: int = 0, dtype: torch.dtype = torch.float32, **kw) -> Phi3ForCausalLM:
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(phi3_config(**kw)).to(dtype)
+    model.config._name_or_path = "tiny-phi3"
+    return model.eval()
 
 
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
