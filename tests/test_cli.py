@@ -180,7 +180,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "chat", "eval", "merge"])
+@pytest.mark.parametrize("command", ["train", "chat", "eval", "merge", "export", "bench"])
 def test_every_command_has_help_with_an_example(command, capsys) -> None:
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from lorafit.errors import LorafitError, RunStopped
 
@@ -99,14 +100,65 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    fmt = argparse.RawDescriptionHelpFormatter
+    _train_arguments(_command(sub, "train", "fine-tune (no arguments: the embedded demo)", TRAIN_HELP))
 
-    t = sub.add_parser(
-        "train",
-        help="fine-tune (no arguments: the embedded demo)",
-        description=TRAIN_HELP,
-        formatter_class=fmt,
+    c = _command(sub, "chat", "chat with a trained adapter", CHAT_HELP)
+    c.add_argument(
+        "--adapter", required=True, metavar="RUN_DIR", help="a run folder (or any PEFT adapter folder)"
     )
+    c.add_argument("--prompt", help="one prompt: print the answer and exit")
+    c.add_argument("--system", help="a system prompt for the conversation")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+
+    e = _command(sub, "eval", "loss and perplexity on a dataset (and scored answers)", EVAL_HELP)
+    e.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
+    e.add_argument("--data", required=True, help="file, folder or hf:NAME[:SPLIT] to evaluate on")
+    e.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
+    e.add_argument("--generate", action="store_true", help="also answer and score the conversations")
+    e.add_argument(
+        "--out", help="with --generate: the per-example JSONL (default RUN_DIR/generations-DATA.jsonl)"
+    )
+    e.add_argument("--limit", type=int, help="with --generate: answer only the first N conversations")
+    e.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
+
+    m = _command(sub, "merge", "merge the adapter into a plain model", MERGE_HELP)
+    m.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
+    m.add_argument("--out", required=True, help="folder for the merged model (must be new or empty)")
+
+    x = _command(sub, "export", "a GGUF file for llama.cpp / Ollama", EXPORT_HELP)
+    x.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
+    x.add_argument("--out", required=True, help="the GGUF file to write (its folder gets the Modelfile)")
+    x.add_argument(
+        "--dtype",
+        choices=["f16", "bf16", "q8_0", "f32"],
+        help="weights in the file: f16 (default), bf16, q8_0; with --lora-only f16 (default) or f32",
+    )
+    x.add_argument("--lora-only", action="store_true", help="the adapter alone, for llama.cpp's --lora")
+
+    b = _command(sub, "bench", "benchmark against PEFT + TRL", BENCH_HELP)
+    b.add_argument("--out", default="bench_out", help="folder for the results (default bench_out)")
+    b.add_argument("--steps", type=int, help="optimizer steps per run (default 15)")
+    b.add_argument("--warmup", type=int, help="first steps left out of tokens/s (default 2)")
+    b.add_argument("--repeats", type=int, help="runs of each configuration (default 3)")
+    b.add_argument(
+        "--trl",
+        help="comma-separated PEFT+TRL configurations: packing, packing+checkpointing, padded, "
+        "padded+checkpointing (default: all)",
+    )
+    b.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke test")
+    return p
+
+
+def _command(sub: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help prints ``description`` as written (with its examples)."""
+    command = sub.add_parser(
+        name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return command
+
+
+def _train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("config", nargs="?", help="run config (YAML or JSON); omit for the demo")
     t.add_argument(
         "--resume",
@@ -136,66 +188,6 @@ def _parser() -> argparse.ArgumentParser:
         help="skip an optimizer step whose loss or gradients are NaN or inf "
         "(training_config.skip_nonfinite); by default such a step stops the run",
     )
-    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    c = sub.add_parser("chat", help="chat with a trained adapter", description=CHAT_HELP, formatter_class=fmt)
-    c.add_argument(
-        "--adapter", required=True, metavar="RUN_DIR", help="a run folder (or any PEFT adapter folder)"
-    )
-    c.add_argument("--prompt", help="one prompt: print the answer and exit")
-    c.add_argument("--system", help="a system prompt for the conversation")
-    c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
-    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    e = sub.add_parser(
-        "eval", help="loss and perplexity on a dataset", description=EVAL_HELP, formatter_class=fmt
-    )
-    e.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
-    e.add_argument("--data", required=True, help="file, folder or hf:NAME[:SPLIT] to evaluate on")
-    e.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
-    e.add_argument("--generate", action="store_true", help="also answer and score the conversations")
-    e.add_argument(
-        "--out", help="with --generate: the per-example JSONL (default RUN_DIR/generations-DATA.jsonl)"
-    )
-    e.add_argument("--limit", type=int, help="with --generate: answer only the first N conversations")
-    e.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
-    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    m = sub.add_parser(
-        "merge", help="merge the adapter into a plain model", description=MERGE_HELP, formatter_class=fmt
-    )
-    m.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
-    m.add_argument("--out", required=True, help="folder for the merged model (must be new or empty)")
-    m.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    x = sub.add_parser(
-        "export", help="a GGUF file for llama.cpp / Ollama", description=EXPORT_HELP, formatter_class=fmt
-    )
-    x.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
-    x.add_argument("--out", required=True, help="the GGUF file to write (its folder gets the Modelfile)")
-    x.add_argument(
-        "--dtype",
-        choices=["f16", "bf16", "q8_0", "f32"],
-        help="weights in the file: f16 (default), bf16, q8_0; with --lora-only f16 (default) or f32",
-    )
-    x.add_argument("--lora-only", action="store_true", help="the adapter alone, for llama.cpp's --lora")
-    x.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-
-    b = sub.add_parser(
-        "bench", help="benchmark against PEFT + TRL", description=BENCH_HELP, formatter_class=fmt
-    )
-    b.add_argument("--out", default="bench_out", help="folder for the results (default bench_out)")
-    b.add_argument("--steps", type=int, help="optimizer steps per run (default 15)")
-    b.add_argument("--warmup", type=int, help="first steps left out of tokens/s (default 2)")
-    b.add_argument("--repeats", type=int, help="runs of each configuration (default 3)")
-    b.add_argument(
-        "--trl",
-        help="comma-separated PEFT+TRL configurations: packing, packing+checkpointing, padded, "
-        "padded+checkpointing (default: all)",
-    )
-    b.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke test")
-    b.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    return p
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
