@@ -232,7 +232,26 @@ def test_data_tab_shows_format_mask_and_bad_records(server, browser, tmp_path) -
     )
     assert "3 records -> 3 examples" in summary
     assert field(browser, "data-path").get_attribute("value").endswith("alpaca.jsonl")
+
+    # Another model takes lorafit's recipe for pretrained models, as lorafit train would.
+    pretrained = form_values("org/some-model")
+    tab(browser, "Train")
+    for model, values in (("org/some-model", pretrained), ("lorafit-demo", form_values("lorafit-demo"))):
+        type_into(browser, "model", model)
+        lr = str(values["training_config.learning_rate"])
+        wait_for(
+            f"{model}'s learning rate",
+            lambda lr=lr: field(browser, "field-training_config-learning_rate").get_attribute("value") == lr,
+            30,
+            browser,
+        )
     assert requests_off_this_machine(browser) == []
+
+
+def form_values(model: str) -> dict:
+    from lorafit.ui.form import base_config, field_values
+
+    return field_values(base_config(model))
 
 
 def test_train_watch_close_stop_resume_chat_merge(server, browser, tmp_path) -> None:
@@ -366,6 +385,11 @@ def _merge(browser: Any, server: Any, run: str, tmp_path: Path) -> None:
     assert (merged / "config.json").is_file() and (merged / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert not any("lora" in name for name, _ in model.named_parameters())
+    type_into(browser, "export-folder", "gguf")
+    browser.find_element("id", "export-gguf").click()
+    wait_for("the GGUF file", lambda: "ollama create" in text_of(browser, "export-result"), 120, browser)
+    assert (server.runs / run / "gguf" / "model-f16.gguf").stat().st_size > 0
+    assert (server.runs / run / "gguf" / "Modelfile").is_file()
     screenshot(browser, tmp_path / "ui-export.png")
 
 

@@ -365,20 +365,35 @@ def test_merge_writes_a_plain_model_inside_the_run_folder(run_folder) -> None:
     from transformers import AutoModelForCausalLM
 
     from lorafit.models import load_trained
-    from lorafit.ui.export import merge_run, merged_folder
+    from lorafit.ui.export import export_folder, merge_run
 
     for name in ("../outside", "/tmp/x", ".hidden"):
         with pytest.raises(LorafitError, match="plain folder name"):
-            merged_folder(run_folder, name)
+            export_folder(run_folder, name)
     out, files = merge_run(run_folder, "merged")
     assert out == run_folder / "merged" and "config.json" in dict(files)
     with pytest.raises(LorafitError, match="already holds files"):
-        merged_folder(run_folder, "merged")
+        export_folder(run_folder, "merged")
     _, _, adapter = load_trained(run_folder)
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.tensor([[1, 5, 9, 200, 42]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapter(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_export_writes_the_file_and_its_modelfile_inside_the_run_folder(run_folder) -> None:
+    from gguf import GGUFReader
+
+    from lorafit.ui.export import gguf_run
+
+    out, files, note = gguf_run(run_folder, "gguf", "q8_0")
+    assert out == run_folder / "gguf" and {"model-q8_0.gguf", "Modelfile"} <= set(dict(files))
+    reader = GGUFReader(out / "model-q8_0.gguf")
+    assert reader.tensors and any(t.tensor_type.name == "Q8_0" for t in reader.tensors)
+    assert (out / "Modelfile").read_text().startswith("FROM ./model-q8_0.gguf")
+    assert "4-bit" not in note
+    with pytest.raises(LorafitError, match="expected one of f16, bf16, q8_0"):
+        gguf_run(run_folder, "other", "q4_k")
 
 
 def test_chat_and_merge_need_a_finished_run(tmp_path) -> None:

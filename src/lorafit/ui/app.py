@@ -20,7 +20,7 @@ from lorafit.constants import DEMO_MODEL
 from lorafit.errors import LorafitError
 from lorafit.ui import data_view, form
 from lorafit.ui.chat import ChatModels
-from lorafit.ui.export import merge_run
+from lorafit.ui.export import GGUF_DTYPES, gguf_run, merge_run
 from lorafit.ui.runs import Runs
 from lorafit.ui.train_tab import train_tab
 from lorafit.ui.widgets import error_text, field_input
@@ -105,6 +105,7 @@ def build(page: Page) -> gr.Blocks:
                 chat_run = _chat_tab(page)
             with gr.Tab("Export", id="export") as export_tab:
                 export_run = _export_tab(page)
+        _follow_the_recipe(model, fields)
         for tab, dropdown in ((chat_tab, chat_run), (export_tab, export_run)):
             tab.select(lambda: gr.update(choices=page.finished_runs()), outputs=dropdown)
         # A page opened (or reopened after a closed tab) while a run goes on shows that run.
@@ -112,6 +113,26 @@ def build(page: Page) -> gr.Blocks:
             lambda: gr.update(choices=page.runs.list_runs(), value=page.runs.active()), outputs=run_select
         )
     return app
+
+
+def _follow_the_recipe(model: gr.Textbox, fields: dict[str, gr.components.Component]) -> None:
+    """A model that takes another recipe (the demo's, or the one for pretrained models) resets
+    the settings to that recipe's, as ``lorafit train --model.name_or_path`` would start."""
+    from lorafit.config import recipe_file
+
+    recipe = gr.State(str(recipe_file(DEMO_MODEL)))
+
+    def follow(name: str | None, current: str) -> list:
+        name = (name or "").strip() or DEMO_MODEL
+        path = str(recipe_file(name))
+        if path == current:
+            return [gr.skip()] * len(fields) + [current]
+        values = form.field_values(form.base_config(name))
+        return [values[key] for key in fields] + [path]
+
+    model.change(
+        follow, inputs=[model, recipe], outputs=[*fields.values(), recipe], trigger_mode="always_last"
+    )
 
 
 def _data_tab(page: Page, model: gr.Textbox, fields: dict, eval_path: gr.Textbox) -> gr.Textbox:
@@ -248,26 +269,44 @@ def _chat_tab(page: Page) -> gr.Dropdown:
 
 def _export_tab(page: Page) -> gr.Dropdown:
     gr.Markdown(
-        "Merge the adapter into its base weights: a plain transformers model folder that "
-        "`AutoModelForCausalLM.from_pretrained` loads without lorafit or PEFT, written inside the run folder."
+        "Fold the adapter into its base weights and write the result inside the run folder: a plain "
+        "transformers model that `AutoModelForCausalLM.from_pretrained` loads without lorafit or PEFT, "
+        "or one GGUF file with an Ollama `Modelfile` for llama.cpp, Ollama and LM Studio."
     )
     with gr.Row():
         run = gr.Dropdown(page.finished_runs(), label="Run", elem_id="export-run", scale=3)
         folder = gr.Textbox("merged", label="Folder inside the run", elem_id="export-folder", scale=2)
-        merge = gr.Button("Merge", variant="primary", elem_id="export-merge", scale=1)
+        dtype = gr.Dropdown(
+            list(GGUF_DTYPES), value="f16", label="GGUF type", elem_id="export-dtype", scale=1
+        )
+    with gr.Row():
+        merge = gr.Button("Merge (transformers folder)", variant="primary", elem_id="export-merge")
+        gguf = gr.Button("GGUF + Modelfile", elem_id="export-gguf")
     result = gr.Markdown(elem_id="export-result")
+
+    def report(out: Path, files: list[tuple[str, int]], note: str = "") -> str:
+        listing = "\n".join(f"- `{n}` ({_size(size)})" for n, size in files)
+        return f"saved in `{out}`:\n\n{listing}" + (f"\n\n{note}" if note else "")
 
     def do_merge(name: str | None, out_name: str) -> str:
         try:
             if not name:
                 raise LorafitError("no run chosen; pick a finished run")
-            out, files = merge_run(page.runs.run_dir(name), out_name)
+            return "merged model " + report(*merge_run(page.runs.run_dir(name), out_name))
         except LorafitError as e:
             return error_text(e)
-        listing = "\n".join(f"- `{n}` ({_size(size)})" for n, size in files)
-        return f"merged model saved in `{out}`:\n\n{listing}"
+
+    def do_gguf(name: str | None, out_name: str, gguf_type: str) -> str:
+        try:
+            if not name:
+                raise LorafitError("no run chosen; pick a finished run")
+            out, files, note = gguf_run(page.runs.run_dir(name), out_name, gguf_type)
+        except LorafitError as e:
+            return error_text(e)
+        return f"GGUF {report(out, files, note)}\n\nthen: `ollama create NAME -f {out / 'Modelfile'}`"
 
     merge.click(do_merge, inputs=[run, folder], outputs=result)
+    gguf.click(do_gguf, inputs=[run, folder, dtype], outputs=result)
     return run
 
 

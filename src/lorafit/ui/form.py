@@ -1,9 +1,10 @@
 """The page's settings fields <-> a lorafit run config.
 
 The page starts from what ``lorafit train --model.name_or_path MODEL`` would run: the config
-``load_config`` builds with no file (the demo's recipe today; whatever lorafit's defaults are
-for that model tomorrow), and each field shows that config's value, or the library's default
-(PEFT's ``LoraConfig``, transformers' ``TrainingArguments``) for keys the config leaves out.
+``load_config`` builds with no file (the demo's recipe for the demo model, lorafit's recipe for
+pretrained models for any other: ``lorafit.config.recipe_file``), and each field shows that
+config's value, or the library's default (PEFT's ``LoraConfig``, transformers'
+``TrainingArguments``) for keys the config leaves out.
 A field the user changes becomes one ``--section.key=value`` override, extra settings typed as
 on the command line come after, and ``load_config`` validates the result, so the YAML the page
 shows is exactly what the run reads.
@@ -67,7 +68,7 @@ TRAIN_FIELDS = (
         "torch_dtype",
         "dtype",
         str,
-        "bfloat16 needs AVX-512 BF16 or a GPU to be fast",
+        "a CPU without 16-bit matrix products trains in float32 anyway",
         (*DTYPE_NAMES, "auto"),
     ),
 )
