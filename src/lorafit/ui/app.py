@@ -21,7 +21,7 @@ from lorafit.errors import LorafitError
 from lorafit.ui import data_view, form
 from lorafit.ui.chat import ChatModels
 from lorafit.ui.export import GGUF_DTYPES, gguf_run, merge_run
-from lorafit.ui.runs import Runs
+from lorafit.ui.runs import Runs, chosen
 from lorafit.ui.train_tab import train_tab
 from lorafit.ui.widgets import error_text, field_input
 
@@ -50,7 +50,8 @@ CSS = """
 
 
 class Page:
-    """The page's shared state: the runs folder, loaded tokenizers and the chat models."""
+    """The page's shared state: the runs folder, loaded tokenizers, the chat models, and a temporary
+    folder for the YAML files the page offers for download."""
 
     def __init__(self, runs: Runs) -> None:
         self.runs = runs
@@ -66,11 +67,6 @@ class Page:
         if model not in self._tokenizers:
             self._tokenizers[model] = load_tokenizer(form.base_config(model))
         return self._tokenizers[model]
-
-    def finished_runs(self) -> list[str]:
-        return [
-            n for n in self.runs.list_runs() if (self.runs.run_dir(n) / "adapter_model.safetensors").is_file()
-        ]
 
 
 def _data_settings(source: str, values: dict[str, Any]) -> DataConfig:
@@ -107,7 +103,7 @@ def build(page: Page) -> gr.Blocks:
                 export_run = _export_tab(page)
         _follow_the_recipe(model, fields)
         for tab, dropdown in ((chat_tab, chat_run), (export_tab, export_run)):
-            tab.select(lambda: gr.update(choices=page.finished_runs()), outputs=dropdown)
+            tab.select(lambda: gr.update(choices=page.runs.finished()), outputs=dropdown)
         # A page opened (or reopened after a closed tab) while a run goes on shows that run.
         app.load(
             lambda: gr.update(choices=page.runs.list_runs(), value=page.runs.active()), outputs=run_select
@@ -223,7 +219,7 @@ def _data_tab(page: Page, model: gr.Textbox, fields: dict, eval_path: gr.Textbox
 
 def _chat_tab(page: Page) -> gr.Dropdown:
     with gr.Row():
-        run = gr.Dropdown(page.finished_runs(), label="Run (its adapter)", elem_id="chat-run", scale=3)
+        run = gr.Dropdown(page.runs.finished(), label="Run (its adapter)", elem_id="chat-run", scale=3)
         with_base = gr.Checkbox(True, label="the base model beside it (loads it a second time)", scale=2)
         load = gr.Button("Load", elem_id="chat-load", scale=1)
     note = gr.Markdown(elem_id="chat-note")
@@ -245,9 +241,7 @@ def _chat_tab(page: Page) -> gr.Dropdown:
 
     def do_load(name: str | None, base: bool) -> tuple:
         try:
-            if not name:
-                raise LorafitError("no run chosen; pick a finished run")
-            text = page.chat.load(page.runs.run_dir(name), with_base=base)
+            text = page.chat.load(page.runs.run_dir(chosen(name)), with_base=base)
         except LorafitError as e:
             return error_text(e), [], [], {"adapter": [], "base": []}
         return text, [], [], {"adapter": [], "base": []}
@@ -274,7 +268,7 @@ def _export_tab(page: Page) -> gr.Dropdown:
         "or one GGUF file with an Ollama `Modelfile` for llama.cpp, Ollama and LM Studio."
     )
     with gr.Row():
-        run = gr.Dropdown(page.finished_runs(), label="Run", elem_id="export-run", scale=3)
+        run = gr.Dropdown(page.runs.finished(), label="Run", elem_id="export-run", scale=3)
         folder = gr.Textbox("merged", label="Folder inside the run", elem_id="export-folder", scale=2)
         dtype = gr.Dropdown(
             list(GGUF_DTYPES), value="f16", label="GGUF type", elem_id="export-dtype", scale=1
@@ -290,17 +284,13 @@ def _export_tab(page: Page) -> gr.Dropdown:
 
     def do_merge(name: str | None, out_name: str) -> str:
         try:
-            if not name:
-                raise LorafitError("no run chosen; pick a finished run")
-            return "merged model " + report(*merge_run(page.runs.run_dir(name), out_name))
+            return "merged model " + report(*merge_run(page.runs.run_dir(chosen(name)), out_name))
         except LorafitError as e:
             return error_text(e)
 
     def do_gguf(name: str | None, out_name: str, gguf_type: str) -> str:
         try:
-            if not name:
-                raise LorafitError("no run chosen; pick a finished run")
-            out, files, note = gguf_run(page.runs.run_dir(name), out_name, gguf_type)
+            out, files, note = gguf_run(page.runs.run_dir(chosen(name)), out_name, gguf_type)
         except LorafitError as e:
             return error_text(e)
         return f"GGUF {report(out, files, note)}\n\nthen: `ollama create NAME -f {out / 'Modelfile'}`"
@@ -318,7 +308,6 @@ def serve(host: str, port: int, runs: Path) -> None:
     """Build the page and serve it until interrupted."""
     page = Page(Runs(runs))
     app = build(page)
-    theme = gr.themes.Default()
     try:
         app.queue().launch(
             server_name=host,
@@ -331,7 +320,6 @@ def serve(host: str, port: int, runs: Path) -> None:
             ssr_mode=False,
             pwa=False,
             mcp_server=False,
-            theme=theme,
             css=CSS,
         )
     except OSError as e:

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorafit.adapters.files import WEIGHTS_NAME
 from lorafit.config import RunConfig
 from lorafit.constants import RUN_CONFIG_NAME
 from lorafit.errors import LorafitError
-from lorafit.training.checkpoints import checkpoint_step, last_checkpoint
+from lorafit.training.checkpoints import last_checkpoint
 from lorafit.training.rundir import METRICS_NAME, SAMPLES_NAME, new_run_dir
 
 STATE_DIR = ".lorafit-ui"
@@ -56,14 +57,26 @@ def check_name(name: str, what: str = "run folder", where: str = "the runs folde
     return name
 
 
+def has_adapter(run_dir: Path) -> bool:
+    """Whether the run finished: lorafit saves the adapter at the top of the folder at the end."""
+    return (run_dir / WEIGHTS_NAME).is_file()
+
+
 def require_adapter(run_dir: Path) -> Path:
     """``run_dir`` if it holds a trained adapter, else an error saying how to get one."""
-    if not (run_dir / "adapter_model.safetensors").is_file():
+    if not has_adapter(run_dir):
         raise LorafitError(
-            f"{run_dir} holds no adapter yet (adapter_model.safetensors): choose a run that finished, "
+            f"{run_dir} holds no adapter yet ({WEIGHTS_NAME}): choose a run that finished, "
             "or resume a stopped run to finish it"
         )
     return run_dir
+
+
+def chosen(name: str | None, what: str = "a finished run") -> str:
+    """The run picked in a list, or an error saying to pick one."""
+    if not name:
+        raise LorafitError(f"no run chosen; pick {what} in the list")
+    return name
 
 
 @dataclass
@@ -71,7 +84,7 @@ class RunView:
     """What the page shows of one run: its state, progress, metrics and files."""
 
     name: str
-    state: str  # starting | running | stopping | finished | stopped | failed | ended
+    state: str  # starting | running | stopping | finished | stopped | failed | not running
     message: str
     step: int | None = None
     total: int | None = None
@@ -86,7 +99,7 @@ class RunView:
         return rows[-1]["tokens_per_s"] if rows else None
 
     def headline(self) -> str:
-        """``running · step 7 of 20 · loss 5.83 · eval loss 5.91 · 2,103 tokens/s``."""
+        """``**NAME**: running · step 7 of 20 · loss 5.8300 · eval loss 5.9100 · 2,103 tokens/s``."""
         parts = [f"**{self.name}**: {self.state}"]
         if self.step is not None and self.total:
             parts.append(f"step {self.step} of {self.total}")
@@ -290,10 +303,9 @@ class Runs:
             found[p.name] = max(found.get(p.name, 0.0), p.stat().st_mtime)
         return sorted(found, key=lambda n: (-found[n], n))
 
-    def checkpoints(self, name: str) -> list[Path]:
-        run_dir = self.run_dir(name)
-        found = [p for p in run_dir.iterdir() if checkpoint_step(p) is not None] if run_dir.is_dir() else []
-        return sorted(found, key=checkpoint_step)
+    def finished(self) -> list[str]:
+        """The runs that hold a trained adapter, newest first."""
+        return [name for name in self.list_runs() if has_adapter(self.run_dir(name))]
 
     def view(self, name: str) -> RunView:
         """The run's state, progress from its output, and the files it has written so far."""
@@ -325,7 +337,7 @@ class Runs:
             return ("running", "") if training else ("starting", "loading the data and the model")
         code = (self._record(name) or {}).get("returncode")
         last = last_checkpoint(run_dir) if run_dir.is_dir() else None
-        if code == 0 or (code is None and (run_dir / "adapter_model.safetensors").is_file()):
+        if code == 0 or (code is None and has_adapter(run_dir)):
             return "finished", f"the adapter is in {run_dir}"
         if code in STOP_CODES or (code is None and last is not None):
             where = f"last checkpoint {last.name}; Resume continues from it" if last else "no checkpoint"

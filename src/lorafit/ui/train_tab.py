@@ -18,7 +18,7 @@ from lorafit.config import RunConfig
 from lorafit.constants import DEMO_MODEL
 from lorafit.errors import LorafitError
 from lorafit.ui import form
-from lorafit.ui.runs import Runs, RunView
+from lorafit.ui.runs import Runs, RunView, chosen
 from lorafit.ui.widgets import error_text, field_input
 
 CHART_COLORS = {"train": "#2563eb", "eval": "#f59e0b"}
@@ -150,15 +150,11 @@ def train_tab(
         return f"started {run_name}", listing, runs.new_name()
 
     def do_resume(run: str | None) -> tuple:
-        if not run:
-            raise LorafitError("no run chosen; pick one in the Runs list")
-        runs.resume(run)
+        runs.resume(chosen(run, "a stopped run"))
         return f"resuming {run}", gr.skip(), gr.skip()
 
     def do_stop(run: str | None) -> tuple:
-        if not run:
-            raise LorafitError("no run chosen; pick one in the Runs list")
-        return runs.stop(run), gr.skip(), gr.skip()
+        return runs.stop(chosen(run, "the running run")), gr.skip(), gr.skip()
 
     live = [status, chart, samples, loss_png, log, seen]
     # triggers=None: on page load and whenever any of the inputs changes
