@@ -370,7 +370,7 @@ def test_merge_writes_a_plain_model_inside_the_run_folder(run_folder) -> None:
     for name in ("../outside", "/tmp/x", ".hidden"):
         with pytest.raises(LorafitError, match="plain folder name"):
             export_folder(run_folder, name)
-    out, files = merge_run(run_folder, "merged")
+    out, files, _ = merge_run(run_folder, "merged")
     assert out == run_folder / "merged" and "config.json" in dict(files)
     with pytest.raises(LorafitError, match="already holds files"):
         export_folder(run_folder, "merged")

@@ -38,16 +38,18 @@ class ChatModels:
         from lorafit.models import load_model, load_trained
 
         folder = require_adapter(Path(folder))
+        notes: list[str] = []  # what lorafit says while loading (the dtype it picked, ...)
         with self._lock:
             if self.folder != folder or (with_base and self.base is None):
                 self.folder = self.adapter = self.base = self.tokenizer = None  # free the old run first
-                cfg, tokenizer, adapter = load_trained(folder)
-                base = load_model(cfg, tokenizer).eval() if with_base else None
+                cfg, tokenizer, adapter = load_trained(folder, echo=notes.append)
+                base = load_model(cfg, tokenizer, echo=notes.append).eval() if with_base else None
                 self.folder, self.tokenizer, self.adapter, self.base = folder, tokenizer, adapter, base
                 self.base_name = cfg.model.name_or_path
             self.with_base = with_base
         side = f"; the base model ({self.base_name}) answers beside it" if with_base else ""
-        return f"loaded the adapter of {folder.name}{side}"
+        said = "".join(f"\n\n{line}" for line in dict.fromkeys(notes))
+        return f"loaded the adapter of {folder.name}{side}{said}"
 
     def stream(self, which: str, messages: list[Message], max_new_tokens: int) -> Iterator[str]:
         """The answer of the ``"adapter"`` or ``"base"`` model to ``messages``, growing as it streams."""

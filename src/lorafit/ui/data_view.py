@@ -100,15 +100,7 @@ def inspect_data(tokenizer: Any, settings: DataConfig) -> DataReport:
             "or upload a file"
         )
     dataset, _, stats = build_datasets(
-        tokenizer,
-        train=settings.train,
-        format=settings.format,
-        max_length=settings.max_length,
-        packing=settings.packing,
-        assistant_only_loss=settings.assistant_only_loss,
-        overlong=settings.overlong,
-        skip_bad_records=True,
-        progress=False,
+        tokenizer, train=settings.train, **settings.row_settings(), skip_bad_records=True, progress=False
     )
     examples = dataset.examples if settings.packing else dataset
     records = read_records(settings.train, bad=[])  # the unreadable ones are in stats["skipped"]

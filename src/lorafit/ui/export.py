@@ -1,9 +1,9 @@
 """The Export tab: a run's adapter merged into its base model, written inside the run folder.
 
-Two forms, both lorafit's own functions: a plain transformers model folder
-(``lorafit.export.save_merged``, what ``lorafit merge`` writes), or one GGUF file for llama.cpp,
-Ollama and LM Studio (``merge_into_base`` then ``export_gguf``) with an Ollama ``Modelfile``
-beside it (``write_modelfile``). The page writes to ``RUN/NAME`` only, with NAME a plain folder
+Two forms, each the steps of its command: a plain transformers model folder (``save_merged``,
+as ``lorafit merge``), or one GGUF file for llama.cpp, Ollama and LM Studio (``merge_into_base``
+then ``export_gguf``) with an Ollama ``Modelfile`` beside it (``write_modelfile``), as
+``lorafit export``. The page writes to ``RUN/NAME`` only, with NAME a plain folder
 name that must be new, so an export never lands outside the run folder or over an earlier one.
 """
 
@@ -29,26 +29,28 @@ def _listing(out: Path) -> list[tuple[str, int]]:
     return sorted((p.name, p.stat().st_size) for p in out.iterdir() if p.is_file())
 
 
-def merge_run(run_dir: Path, name: str) -> tuple[Path, list[tuple[str, int]]]:
-    """Merge the run's adapter into its base and save it in ``run_dir / name``.
+def merge_run(run_dir: Path, name: str) -> tuple[Path, list[tuple[str, int]], str]:
+    """Merge the run's adapter into its base and save it in ``run_dir / name``, as ``lorafit
+    merge`` does (a QLoRA run onto the base's original 16-bit weights).
 
-    Returns the folder and its files with their sizes in bytes. A 4-bit (QLoRA) base is
-    dequantized first, so the merged model is 16-bit.
+    Returns the folder, its files with their sizes in bytes, and lorafit's notes on the weights.
     """
     from lorafit.export import save_merged
     from lorafit.models import load_trained
 
     out = export_folder(require_adapter(run_dir), name)  # checked before the model loads
-    cfg, tokenizer, model = load_trained(run_dir)
-    save_merged(model, tokenizer, out, quantized=bool(cfg.model.quantization))
-    return out, _listing(out)
+    notes: list[str] = []
+    _, tokenizer, model = load_trained(run_dir, sixteen_bit=True, echo=notes.append)
+    save_merged(model, tokenizer, out, quantized=False)
+    return out, _listing(out), "; ".join(notes)
 
 
 def gguf_run(run_dir: Path, name: str, dtype: str = "f16") -> tuple[Path, list[tuple[str, int]], str]:
-    """Merge the run's adapter and write ``run_dir/name/model-DTYPE.gguf`` and its Modelfile.
+    """Merge the run's adapter and write ``run_dir/name/model-DTYPE.gguf`` and its Modelfile, as
+    ``lorafit export`` does (a QLoRA run onto the base's original 16-bit weights).
 
-    Returns the folder, its files, and a note on which base weights went in: for a QLoRA run
-    they are the 4-bit base dequantized (the weights the adapter was trained against).
+    Returns the folder, its files, and the notes of lorafit and of the exporter (which weights
+    went in, what llama.cpp may read differently).
     """
     import warnings
 
@@ -59,16 +61,15 @@ def gguf_run(run_dir: Path, name: str, dtype: str = "f16") -> tuple[Path, list[t
     if dtype not in GGUF_DTYPES:
         raise LorafitError(f"GGUF type {dtype!r}: expected one of {', '.join(GGUF_DTYPES)}")
     out = export_folder(require_adapter(run_dir), name)
-    cfg, tokenizer, model = load_trained(run_dir)
-    quantized = bool(cfg.model.quantization)
-    merge_into_base(model, quantized=quantized)
-    out.mkdir(parents=True)
+    notes: list[str] = []
+    _, tokenizer, model = load_trained(run_dir, sixteen_bit=True, echo=notes.append)
+    merge_into_base(model, quantized=False)
+    out.mkdir(parents=True, exist_ok=True)
     filename = f"model-{dtype}.gguf"
     with warnings.catch_warnings(record=True) as caught:  # shown on the page, not lost in a log
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", UserWarning)
         export_gguf(model, tokenizer, out / filename, dtype=dtype)
         write_modelfile(out, filename, tokenizer)
-    notes = [str(w.message) for w in caught]
-    if quantized:
-        notes.insert(0, "base weights: the 4-bit NF4 base dequantized, as the adapter was trained on it")
+    # the exporter's own notes, as lorafit export prints them; other libraries' chatter is dropped
+    notes += [str(w.message) for w in caught if str(w.message).startswith(("GGUF export", "Modelfile"))]
     return out, _listing(out), "; ".join(notes)
