@@ -406,6 +406,17 @@ def test_chat_and_merge_need_a_finished_run(tmp_path) -> None:
         merge_run(tmp_path, "merged")
 
 
+def test_lorafit_ui_help_has_the_options_and_an_example(capsys) -> None:
+    from lorafit.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["ui", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "lorafit ui --port" in out
+    assert all(flag in out for flag in ("--host", "--port", "--runs", "127.0.0.1"))
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
 def test_lorafit_ui_without_gradio_names_the_extra_and_warns_for_other_hosts(host) -> None:
     """``python -S``: a real interpreter without site-packages, so without gradio."""
