@@ -125,6 +125,7 @@ def test_a_used_run_folder_is_refused_and_the_list_holds_runs_only(tmp_path) -> 
     (tmp_path / "old" / RUN_CONFIG_NAME).write_text("model: {}\n")
     (tmp_path / "notes").mkdir()  # a folder that is no run
     (tmp_path / "empty").mkdir()
+    (tmp_path / STATE_DIR / "odd name").mkdir(parents=True)  # not the page's: ignored
     with pytest.raises(LorafitError, match="already used"):
         runs.check_new("old")
     assert runs.check_new("empty") == tmp_path / "empty", "an empty folder is fine, as for the CLI"

@@ -286,7 +286,10 @@ class Runs:
     # -- reading -------------------------------------------------------------------------
 
     def _state_dirs(self) -> list[Path]:
-        return [p for p in self.state_root.iterdir() if p.is_dir()] if self.state_root.is_dir() else []
+        """The page's launch folders, one per run it started (anything else there is ignored)."""
+        if not self.state_root.is_dir():
+            return []
+        return [p for p in self.state_root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)]
 
     def list_runs(self) -> list[str]:
         """Run names, newest first: lorafit run folders and runs this page started."""
