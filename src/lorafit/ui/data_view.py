@@ -124,7 +124,8 @@ def length_histogram(report: DataReport, bins: int = HISTOGRAM_BINS) -> list[tup
 
 
 def packing_html(report: DataReport, rows_shown: int = PACKING_ROWS_SHOWN) -> str:
-    """The first packed rows as bars: one segment per example, its width its share of the row."""
+    """Some packed rows, spread over all of them, as bars: one segment per example, its width its
+    share of the row, and the row's fill."""
     max_length = report.settings.max_length
     if report.rows is None:
         return (
@@ -199,7 +200,8 @@ def example_tokens(tokenizer: Any, report: DataReport, index: int) -> ExampleTok
                 assistant_only_loss=settings.assistant_only_loss,
                 where=record.where,
             )
-            rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+            # the text lorafit's template module renders and encodes (token_texts checks the ids)
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
             add_special = False
     except LorafitError as e:
         return ExampleTokens(record.where, [], 0, True, error=str(e))
