@@ -1,4 +1,4 @@
-"""``lorafit train | chat | eval | merge | export | bench``: the command line's parser.
+"""``lorafit train | chat | eval | merge | export | bench | ui``: the command line's parser.
 
 The commands themselves are in :mod:`lorafit.commands`.
 
@@ -92,6 +92,18 @@ examples:
   lorafit bench --steps 10 --repeats 1 --trl packing
 """
 
+UI_HELP = """\
+A local web page for the whole flow: inspect a data file (format, token lengths, packing, the
+chat template with the trained tokens highlighted, bad records), set up and start a run, watch
+its loss, stop and resume it, chat with the result beside the base model, and merge or export
+it. Needs gradio (pip install 'lorafit[ui]'). Each run is its own `lorafit train` process: it
+keeps going when the page or this server closes. Serves 127.0.0.1 only unless --host says so.
+
+examples:
+  lorafit ui                                  # then open http://127.0.0.1:7860
+  lorafit ui --port 8080 --runs experiments/runs
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -146,6 +158,13 @@ def _parser() -> argparse.ArgumentParser:
         "padded+checkpointing (default: all)",
     )
     b.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke test")
+
+    u = _command(sub, "ui", "a local web page to train, watch and chat", UI_HELP)
+    u.add_argument(
+        "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)"
+    )
+    u.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    u.add_argument("--runs", default="runs", help="folder of run folders (default runs)")
     return p
 
 

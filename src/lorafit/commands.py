@@ -6,6 +6,7 @@ Each command imports what it needs when it runs, so that ``lorafit --help`` stay
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,19 @@ def _export_lora(args: argparse.Namespace, out: Path) -> None:
     export_lora_gguf(base_config(args.adapter), args.adapter, out, dtype=args.dtype or "f16")
     print(f"wrote {out}; llama.cpp applies it over a GGUF of the base model:")
     print(f"  llama-cli -m BASE.gguf --lora {out} -cnv")
+
+
+def cmd_ui(args: argparse.Namespace, _: list[str]) -> int:
+    from lorafit.ui import LOCAL_HOSTS, launch
+
+    if args.host not in LOCAL_HOSTS:
+        print(
+            f"lorafit ui: warning: serving on {args.host}, not only this machine: anyone who can reach "
+            f"port {args.port} can read your run folders and start runs here, with no login",
+            file=sys.stderr,
+        )
+    launch(host=args.host, port=args.port, runs=args.runs)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace, _: list[str]) -> int:

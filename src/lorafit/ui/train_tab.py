@@ -1,0 +1,184 @@
+"""The Train tab: settings, the YAML they make, Start / Stop / Resume, and the live view of a run.
+
+Every second a timer reads the chosen run (its process state, ``metrics.jsonl``, ``samples.md``,
+``loss.png`` and the tail of its output) through ``Runs.view``; the chart is redrawn only when
+the run has logged something new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from lorafit.config import RunConfig
+from lorafit.constants import DEMO_MODEL
+from lorafit.errors import LorafitError
+from lorafit.ui import form
+from lorafit.ui.runs import Runs, RunView, chosen
+from lorafit.ui.widgets import error_text, field_input
+
+CHART_COLORS = {"train": "#2563eb", "eval": "#f59e0b"}
+
+
+def _chart(view: RunView) -> gr.LinePlot:
+    """The loss chart's update: train loss at each logging step, eval loss at each eval."""
+    points = [(r["step"], r["loss"], "train") for r in view.metrics if "loss" in r]
+    points += [(r["step"], r["eval_loss"], "eval") for r in view.metrics if "eval_loss" in r]
+    frame = pd.DataFrame(points, columns=["step", "loss", "series"])
+    # Gradio redraws a plot whose value alone changed by swapping its data, and a series that
+    # was not there at first (eval, after the first eval) then stays clipped away; a change of
+    # colors_in_legend makes it draw the chart anew.
+    present = [series for series in CHART_COLORS if series in set(frame["series"])]
+    return gr.LinePlot(frame, colors_in_legend=present)
+
+
+def train_tab(
+    runs: Runs, downloads: Path, model: gr.Textbox, path: gr.Textbox, eval_path: gr.Textbox, fields: dict
+) -> gr.Dropdown:
+    """Lay out the Train tab (inside a ``gr.Tab``) and wire it; returns the Runs dropdown.
+
+    ``fields`` already holds the Data tab's inputs; the LoRA and training fields are added.
+    ``eval_path`` is created unrendered by the caller, so the Data tab's demo button can fill it.
+    """
+    defaults = form.field_values(form.base_config(DEMO_MODEL))
+    with gr.Row():
+        for f in form.TRAIN_FIELDS[:4]:
+            fields[f.name] = field_input(f, defaults[f.name])
+    with gr.Row():
+        for f in form.TRAIN_FIELDS[4:]:
+            fields[f.name] = field_input(f, defaults[f.name])
+    with gr.Row():
+        qlora = gr.Checkbox(label="QLoRA: 4-bit NF4 base (bitsandbytes)", elem_id="qlora")
+        eval_path.render()
+        name = gr.Textbox(runs.new_name(), label=f"Run folder, inside {runs.root}", elem_id="run-name")
+    extra = gr.Textbox(
+        label="More settings, as on the command line",
+        placeholder="--training_config.logging_steps 1 --training_config.eval_steps 10",
+        elem_id="extra",
+    )
+    with gr.Row():
+        with gr.Column(scale=2):
+            yaml_view = gr.Code(
+                language="yaml",
+                label="Run config: what Start runs",
+                interactive=False,
+                elem_id="run-yaml",
+                max_lines=18,
+            )
+            download = gr.DownloadButton("Download the YAML", elem_id="download-yaml")
+        with gr.Column(scale=3):
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="start")
+                stop = gr.Button("Stop (checkpoint)", variant="stop", elem_id="stop")
+                resume = gr.Button("Resume", elem_id="resume")
+            note = gr.Markdown(elem_id="run-note")
+            status = gr.Markdown(elem_id="run-status")
+            chart = gr.LinePlot(
+                x="step", y="loss", color="series", color_map=CHART_COLORS, label="Loss", elem_id="loss-chart"
+            )
+            with gr.Row():
+                run_select = gr.Dropdown(runs.list_runs(), label="Runs", elem_id="run-select", scale=3)
+                refresh = gr.Button("Refresh the list", scale=1)
+    with gr.Row():
+        samples = gr.Markdown(elem_id="samples")
+        loss_png = gr.Image(label="loss.png", type="pil", interactive=False, elem_id="loss-png")
+    log = gr.Textbox(label="lorafit train output", lines=10, max_lines=10, autoscroll=True, elem_id="run-log")
+    timer = gr.Timer(1.0)
+    inputs = [model, path, eval_path, extra, name, qlora, *fields.values()]
+    seen = gr.State(None)  # what the chart last showed, so an unchanged run is not redrawn
+
+    def config(
+        model_name: str,
+        source: str,
+        eval_source: str,
+        extra_text: str,
+        run_name: str,
+        use_qlora: bool,
+        *values,
+    ) -> RunConfig:
+        """The run config of the page's fields (the order of ``inputs``)."""
+        return form.build_run_config(
+            model_name,
+            dict(zip(fields, values, strict=True)),
+            train=(source or "").strip() or None,
+            eval=(eval_source or "").strip() or None,
+            extra=extra_text,
+            run_dir=runs.run_dir(run_name),
+            qlora=use_qlora,
+        )[0]
+
+    def preview(*args: Any) -> tuple:
+        try:
+            cfg = config(*args)
+        except LorafitError as e:
+            return f"# {e}", None
+        out = downloads / f"{args[4]}.yaml"
+        out.write_text(cfg.to_yaml(), encoding="utf-8")
+        return cfg.to_yaml(), str(out)
+
+    def show(run: str | None, last: Any) -> tuple:
+        if not run:
+            return "", gr.skip(), gr.skip(), gr.skip(), "", last
+        try:
+            view = runs.view(run)
+        except LorafitError as e:
+            return error_text(e), gr.skip(), gr.skip(), gr.skip(), "", last
+        key = (run, len(view.metrics), view.samples is not None, view.state)
+        if key == last:
+            return view.headline(), gr.skip(), gr.skip(), gr.skip(), view.log_tail, last
+        image = _image(view.loss_png)
+        return view.headline(), _chart(view), view.samples or "", image, view.log_tail, key
+
+    def act(what: Callable[..., tuple]) -> Callable[..., tuple]:
+        def handler(*args: Any) -> tuple:
+            try:
+                return what(*args)
+            except LorafitError as e:
+                return error_text(e), gr.skip(), gr.skip()
+
+        return handler
+
+    def do_start(*args: Any) -> tuple:
+        cfg = config(*args)
+        run_name = args[4]
+        runs.start(run_name, cfg)
+        listing = gr.update(choices=runs.list_runs(), value=run_name)
+        return f"started {run_name}", listing, runs.new_name()
+
+    def do_resume(run: str | None) -> tuple:
+        runs.resume(chosen(run, "a stopped run"))
+        return f"resuming {run}", gr.skip(), gr.skip()
+
+    def do_stop(run: str | None) -> tuple:
+        return runs.stop(chosen(run, "the running run")), gr.skip(), gr.skip()
+
+    live = [status, chart, samples, loss_png, log, seen]
+    # triggers=None: on page load and whenever any of the inputs changes
+    gr.on(
+        None,
+        preview,
+        inputs=inputs,
+        outputs=[yaml_view, download],
+        show_progress="hidden",
+        trigger_mode="always_last",
+    )
+    start.click(act(do_start), inputs=inputs, outputs=[note, run_select, name])
+    resume.click(act(do_resume), inputs=run_select, outputs=[note, run_select, name])
+    stop.click(act(do_stop), inputs=run_select, outputs=[note, run_select, name])
+    refresh.click(lambda: gr.update(choices=runs.list_runs()), outputs=run_select)
+    run_select.change(lambda run: show(run, None), inputs=run_select, outputs=live)
+    timer.tick(show, inputs=[run_select, seen], outputs=live, show_progress="hidden")
+    return run_select
+
+
+def _image(path: Path | None) -> Any:
+    if path is None:
+        return None
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.copy()  # a copy: the run rewrites loss.png while the page holds it
