@@ -26,6 +26,9 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
+# The real SmolLM2 model, converted once per session, for every test folder (tests/models/...).
+from real_models import smollm2_session  # noqa: F401
+
 # Tiny models gain nothing from intra-op threads, and OpenMP threads that spin against a busy or
 # parallel test run (pytest-xdist, another job on the same cores) make each op 100x slower.
 torch.set_num_threads(1)

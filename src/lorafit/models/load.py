@@ -1,4 +1,5 @@
-"""Loading a base model and its tokenizer: a hub id, a local folder, or the embedded demo.
+"""Loading a base model and its tokenizer: a hub id, a local folder, a GGUF file (through its dense
+cached copy, :mod:`lorafit.models.gguf`), or the embedded demo.
 
 The model comes in the configured dtype and attention implementation (4-bit when
 ``model.quantization`` says so); the tokenizer is set up for training (pad token, padding side,
@@ -22,6 +23,7 @@ from lorafit.data.chat_templates import missing_template_tokens, resolve_chat_te
 from lorafit.data.template import end_of_turn_token
 from lorafit.errors import LorafitError
 from lorafit.models.device import compute_dtype, has_accelerator
+from lorafit.models.gguf import ensure_gguf_cache, is_gguf
 
 
 def _check_local_path(name: str, what: str) -> None:
@@ -40,12 +42,21 @@ def _load_error(what: str, name: str, error: Exception) -> LorafitError:
     return LorafitError(f"could not load the {what} {name}: {' '.join(str(error).split())}")
 
 
+def _gguf_folder(name: str, dtype: torch.dtype | str, echo: Callable[[str], Any]) -> str:
+    """A GGUF file's dense copy in ``dtype`` (a transformers folder, converted on first use: under
+    torchrun ``train`` converts it on one process per machine first); any other name as it is."""
+    if not is_gguf(name):
+        return name
+    return str(ensure_gguf_cache(name, dtype=dtype, echo=echo))
+
+
 def load_tokenizer(cfg: RunConfig, *, echo: Callable[[str], Any] = print) -> Any:
     """The model's tokenizer (or ``tokenizer.name_or_path``), set up for training, with
     ``tokenizer.chat_template`` (a built-in name, a file or Jinja text) in place of its own."""
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer.name_or_path or cfg.model.name_or_path
+    name = _gguf_folder(name, load_dtype(cfg), echo)
     if name == DEMO_MODEL:
         from lorafit.demo import load_demo_tokenizer
 
@@ -85,16 +96,42 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
+def _on_cpu(cfg: RunConfig) -> bool:
+    return not has_accelerator() or bool(cfg.training_config.get("use_cpu"))
+
+
+def load_dtype(cfg: RunConfig) -> torch.dtype | str:
+    """The dtype the base model loads in (see :func:`lorafit.models.device.compute_dtype`)."""
+    return compute_dtype(cfg.model.torch_dtype, on_cpu=_on_cpu(cfg))[0]
+
+
+def prepare_base(cfg: RunConfig, echo: Callable[[str], Any] = print) -> None:
+    """Make the base model loadable: a GGUF file is converted to its cached dense copy (once)."""
+    for name in {cfg.model.name_or_path, cfg.tokenizer.name_or_path or cfg.model.name_or_path}:
+        _gguf_folder(name, load_dtype(cfg), echo)
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with a local model or tokenizer named by its absolute path, so that the run's
+    ``lorafit_run.yaml`` finds its base from any folder (``lorafit chat`` / ``eval`` / ``export``)."""
+
+    def absolute(name: str | None) -> str | None:
+        return str(Path(name).expanduser().resolve()) if name and Path(name).expanduser().exists() else name
+
+    model = dataclasses.replace(cfg.model, name_or_path=absolute(cfg.model.name_or_path))
+    tokenizer = dataclasses.replace(cfg.tokenizer, name_or_path=absolute(cfg.tokenizer.name_or_path))
+    return dataclasses.replace(cfg, model=model, tokenizer=tokenizer)
+
+
 def load_model(cfg: RunConfig, tokenizer: Any, *, echo: Callable[[str], Any] = print) -> torch.nn.Module:
     """The base model in the configured dtype (or float32 where this CPU would emulate it, said
     through ``echo``) and attention implementation, 4-bit when ``model.quantization`` says so."""
     m = cfg.model
-    on_cpu = not has_accelerator() or bool(cfg.training_config.get("use_cpu"))
-    dtype, note = compute_dtype(m.torch_dtype, on_cpu=on_cpu)
+    dtype, note = compute_dtype(m.torch_dtype, on_cpu=_on_cpu(cfg))
     if note:
         echo(note)
     quantization = dict(m.quantization) if m.quantization else None
-    if quantization and on_cpu:
+    if quantization and _on_cpu(cfg):
         half = quantization.get("bnb_4bit_compute_dtype", "float32")
         _, note = compute_dtype(half, on_cpu=True)
         if note:
@@ -113,7 +150,8 @@ def load_model(cfg: RunConfig, tokenizer: Any, *, echo: Callable[[str], Any] = p
     else:
         from transformers import AutoModelForCausalLM
 
-        _check_local_path(m.name_or_path, "model")
+        name = _gguf_folder(m.name_or_path, dtype, echo)
+        _check_local_path(name, "model")
         kwargs: dict[str, Any] = {
             "dtype": dtype,
             "attn_implementation": m.attn_implementation,
@@ -127,7 +165,7 @@ def load_model(cfg: RunConfig, tokenizer: Any, *, echo: Callable[[str], Any] = p
 
             kwargs["quantization_config"] = bnb_config(quantization)
         try:
-            model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         except (OSError, ValueError, ImportError) as e:
             raise _load_error("model", m.name_or_path, e) from None
     if quantization:
@@ -178,6 +216,7 @@ def base_config(folder: str | os.PathLike) -> Any:
         return demo_config(len(load_demo_tokenizer()))
     from transformers import AutoConfig
 
+    name = _gguf_folder(name, load_dtype(cfg), print)
     _check_local_path(name, "model")
     try:
         return AutoConfig.from_pretrained(

@@ -24,7 +24,8 @@ from lorafit.errors import LorafitError
 from lorafit.inference.metrics import eval_conversations, generation_report
 from lorafit.models.attention import PACKED_ATTENTION, use_packed_attention
 from lorafit.models.device import has_accelerator
-from lorafit.models.load import load_model, load_tokenizer
+from lorafit.models.gguf import gguf_base_name, is_gguf
+from lorafit.models.load import absolute_paths, load_model, load_tokenizer, prepare_base
 from lorafit.training import checkpoints, rundir
 from lorafit.training import distributed as lf_dist
 from lorafit.training.arguments import resolve_training_config, training_arguments
@@ -32,8 +33,11 @@ from lorafit.training.trainer import build_trainer, run_trainer
 
 
 def add_lora(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+    """LoRA as ``peft_config`` says; the adapter records the base as the user named it (a GGUF
+    file by its absolute path, not by the cache folder it was loaded from)."""
     apply_lora(model, cfg.lora)
-    model.lora_config.base_model_name_or_path = cfg.model.name_or_path
+    name = cfg.model.name_or_path
+    model.lora_config.base_model_name_or_path = gguf_base_name(name) if is_gguf(name) else name
     return model
 
 
@@ -139,6 +143,9 @@ def train(
         keep_freed_memory()
     seed = int(cfg.training_config.get("seed", 42))
     notes: list[str] = []  # settings this machine changes, said once with the others
+    cfg = absolute_paths(cfg)
+    with lf_dist.main_process_first():  # a GGUF base is converted once per machine
+        prepare_base(cfg, echo)
     tokenizer = load_tokenizer(cfg, echo=echo)
     train_set, eval_set, stats, fingerprint = load_data(cfg, tokenizer, seed, echo)
     # LoRA's random A matrices from the run's seed: the same on every rank and in every launch,
