@@ -21,7 +21,13 @@ from lorafit.errors import LorafitError
 from lorafit.models.device import cpu_half_is_fast
 
 # Keys lorafit reads itself and never hands to TrainingArguments.
-LORAFIT_ONLY = ("overwrite_output_dir", "save_safetensors", "skip_nonfinite", "logging_dir")
+LORAFIT_ONLY = (
+    "overwrite_output_dir",
+    "save_safetensors",
+    "skip_nonfinite",
+    "logging_dir",
+    "checkpoint_layers",
+)
 # Above this many parameters a model trains with activation checkpointing unless told otherwise:
 # its activations at 2048 tokens (32 layers of Phi-3-mini: tens of GB) outweigh its weights,
 # while below it they fit and recomputing them would only cost a third more time.
@@ -44,6 +50,13 @@ def resolve_training_config(
         new = old.replace("gradient_checkpointing", _CHECKPOINTING)
         if old in tc and new != old:
             tc.setdefault(new, tc.pop(old))
+    if tc.get("checkpoint_layers"):  # some layers recomputed (lorafit.training.run.checkpoint_some_layers)
+        if tc.get(_CHECKPOINTING):
+            raise LorafitError(
+                "training_config: checkpoint_layers recomputes some decoder layers and "
+                f"{_CHECKPOINTING} all of them; set one of the two"
+            )
+        tc[_CHECKPOINTING] = False
     tc.setdefault(_CHECKPOINTING, n_params > CHECKPOINTING_ABOVE)
     tc.setdefault("logging_steps", 10)
     tc.setdefault("save_strategy", "steps")

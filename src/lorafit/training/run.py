@@ -24,6 +24,7 @@ from lorafit.errors import LorafitError
 from lorafit.inference.metrics import eval_conversations, generation_report
 from lorafit.models.attention import PACKED_ATTENTION, use_packed_attention
 from lorafit.models.device import has_accelerator
+from lorafit.models.lean import use_lean_layers
 from lorafit.models.load import load_model, load_tokenizer
 from lorafit.training import checkpoints, rundir
 from lorafit.training import distributed as lf_dist
@@ -90,6 +91,35 @@ def _conversation(record: Any, fmt: str) -> list[dict] | None:
     return messages[: last + 1]
 
 
+def checkpoint_some_layers(model: torch.nn.Module, amount: int | float | None) -> list[int]:
+    """Recompute ``amount`` decoder layers (an int) or that share of them (a float < 1) in backward.
+
+    The chosen layers are spread evenly and keep only their input (non-reentrant checkpointing);
+    the others keep their activations, so a step costs ``amount / layers`` of a forward pass
+    more than none checkpointed and saves that share of the activations. Returns the indices.
+    """
+    if not amount:
+        return []
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise LorafitError(
+            f"training_config.checkpoint_layers: {type(model).__name__} has no decoder layers that "
+            "transformers can checkpoint; use gradient_checkpointing instead"
+        )
+    count = round(amount * len(layers)) if isinstance(amount, float) and amount < 1 else int(amount)
+    if not 0 <= count <= len(layers):
+        raise LorafitError(
+            f"training_config.checkpoint_layers: {amount} is more than the model's {len(layers)} layers"
+        )
+    chosen = sorted({int((i + 0.5) * len(layers) / count) for i in range(count)}) if count else []
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index in chosen
+    return chosen
+
+
 def keep_freed_memory() -> bool:
     """Let glibc keep freed memory for reuse instead of returning it to the kernel.
 
@@ -145,11 +175,13 @@ def train(
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
     model = add_lora(load_model(cfg, tokenizer, echo=notes.append), cfg)
-    if cfg.data.packing:  # attention within each packed example (sdpa models), not over whole rows
-        use_packed_attention(model)
+    if cfg.data.packing and (not has_accelerator() or cfg.training_config.get("use_cpu")):
+        use_packed_attention(model)  # attention within each packed example, not over whole rows
+    use_lean_layers(model)  # norms and SiLU gates rebuilt in backward, not kept
     echo(trainable_summary(model))
     cfg = settle_training_config(cfg, model, has_eval=eval_set is not None, notes=notes)
     echo(describe_settings(cfg, notes))
+    checkpoint_some_layers(model, cfg.training_config.get("checkpoint_layers"))
     if checkpoint is not None:
         checkpoints.check_same_data(Path(checkpoint), fingerprint, echo)
     if main:
