@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_llama, tiny_phi3
 
 from lorafit.adapters import LoraConfig, apply_lora
 from lorafit.models.lean import rms_norm, silu_mul, use_lean_layers
+
+from tiny import tiny_llama, tiny_phi3
 
 TOKENS = (2, 24)
 

@@ -157,10 +157,10 @@ def test_some_layers_checkpointed_train_as_none(reference, work, capsys) -> None
 
 
 def test_checkpoint_layers_are_spread_evenly() -> None:
-    from tiny import tiny_phi3
-
     from lorafit.errors import LorafitError
     from lorafit.training.run import checkpoint_some_layers
+
+    from tiny import tiny_phi3
 
     model = tiny_phi3(layers=8).train()
     assert checkpoint_some_layers(model, 0.25) == [2, 6]

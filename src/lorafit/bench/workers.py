@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lorafit.bench.settings import LORA, TRL_CONFIGS, BenchSettings
+from lorafit.bench.settings import LORA, LORAFIT_CONFIGS, TRL_CONFIGS, BenchSettings
 from lorafit.bench.workload import bench_tokenizer, tokenized_examples, training_config
 
 
@@ -100,18 +100,19 @@ def run_lorafit(spec: dict[str, Any]) -> dict[str, Any]:
     from lorafit.training import train
 
     settings, paths = BenchSettings(**spec["settings"]), spec["paths"]
-    cfg = build_config(
-        {
-            "model": {
-                "name_or_path": paths["model"],
-                "torch_dtype": "bfloat16",
-                "attn_implementation": "sdpa",
-            },
-            "data": {"train": paths["train"], "max_length": settings.max_length, "eval_prompts": 0},
-            "peft_config": dict(LORA),
-            "training_config": training_config(settings, spec["run_dir"]),
-        }
-    )
+    run = {
+        "model": {
+            "name_or_path": paths["model"],
+            "torch_dtype": "bfloat16",
+            "attn_implementation": "sdpa",
+        },
+        "data": {"train": paths["train"], "max_length": settings.max_length, "eval_prompts": 0},
+        "peft_config": dict(LORA),
+        "training_config": training_config(settings, spec["run_dir"]),
+    }
+    for section, values in LORAFIT_CONFIGS[spec["config"]].items():  # the configuration's settings
+        run[section] = {**run[section], **values}
+    cfg = build_config(run)
     meter = _meter()
     train(cfg, callbacks=[meter], echo=lambda *a: print(*a, file=sys.stderr))
     return meter.result(settings.warmup)
