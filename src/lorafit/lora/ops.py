@@ -210,7 +210,8 @@ def lora_linear(
     probability and scale).
 
     Kept for backward: the 16-bit input (or, for a :func:`mark_rebuildable` input, the tensors
-    it is rebuilt from), ``u`` (N, r) and the mask's seed; backward draws the mask again::
+    it is rebuilt from), ``u`` (N, r), the mask's seed and the parameters themselves (no 16-bit
+    copies); backward draws the mask again::
 
         g_u = s * g B            grad_B = s * g^T u          grad_A = g_u^T drop(x)
         grad_x = g W0 + drop'(g_u A)    (drop': the same mask and scale)
@@ -250,7 +251,8 @@ class _LoRALinear(torch.autograd.Function):
         else:
             ctx.rebuild, ctx.n_sources, sources = None, 1, (x16,)
         ctx.weight_fn = weight if callable(weight) else None
-        ctx.save_for_backward(*sources, u, A, B, None if callable(weight) else weight)
+        # the parameters themselves, cast again in backward: their 16-bit copies would be kept per layer
+        ctx.save_for_backward(*sources, u, lora_A, lora_B, None if callable(weight) else weight)
         ctx.scaling, ctx.dropout, ctx.seed, ctx.dtype = scaling, dropout, seed, dtype
         ctx.in_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.param_dtypes = (lora_A.dtype, lora_B.dtype)
@@ -260,10 +262,11 @@ class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         saved = ctx.saved_tensors
-        sources, (u, A, B, weight) = saved[: ctx.n_sources], saved[ctx.n_sources :]
+        sources, (u, lora_A, lora_B, weight) = saved[: ctx.n_sources], saved[ctx.n_sources :]
         dtype, s, device = ctx.dtype, ctx.scaling, grad.device
         wide = widen_products(dtype, device.type)
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            A, B = lora_A.to(dtype), lora_B.to(dtype)  # (r, in), (out, r): as forward rounded them
             x16 = ctx.rebuild(*sources).to(dtype) if ctx.rebuild is not None else sources[0]
             flat = x16.reshape(-1, x16.shape[-1])  # (N, in)
             g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (N, out)
