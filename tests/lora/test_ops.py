@@ -192,3 +192,21 @@ def test_lora_linear_over_a_4bit_base_equals_the_op_by_op_path(products, dropout
 
     for a, b in zip(run(True), run(False), strict=True):
         assert _rel(a, b) < 5e-3
+
+
+def test_frozen_linear_equals_autocasts_linear_and_keeps_only_the_weight(products) -> None:
+    gen = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(40, 48, generator=gen).bfloat16(), torch.randn(40, generator=gen).bfloat16()
+    x = torch.randn(3, 5, 48, generator=gen).bfloat16().requires_grad_()
+    upstream = torch.randn(3, 5, 40, generator=gen).bfloat16()
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = ops.frozen_linear(x, weight, bias)
+    (ours_grad,) = torch.autograd.grad(ours, x, upstream)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = F.linear(x, weight, bias)
+    (plain_grad,) = torch.autograd.grad(plain, x, upstream)
+    assert ours.dtype == plain.dtype == torch.bfloat16
+    assert _rel(ours, plain) < 2**-8 and _rel(ours_grad, plain_grad) < 2**-8
+    assert len(saved) == 1 and saved[0] is weight

@@ -155,9 +155,34 @@ def linear16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     """``F.linear(x, weight, bias)`` for 16-bit tensors with one rounding, as :func:`matmul16`."""
     if not widen_products(x.dtype, x.device.type):
         return F.linear(x, weight, bias)
-    wide = x.float()
+    wide = x.reshape(-1, x.shape[-1]).float()
     out = wide @ weight.float().t() if bias is None else torch.addmm(bias.float(), wide, weight.float().t())
-    return out.to(x.dtype)
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` under autocast for a frozen weight and bias, its products by
+    :func:`matmul16` (so widened where the CPU has no 16-bit matrix instructions). Backward keeps
+    only the weight: ``grad_x = g W``."""
+    return _FrozenLinear.apply(x, weight, bias)
+
+
+class _FrozenLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # noqa: ANN001, ANN205
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            out = linear16(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(weight)
+        ctx.dtype, ctx.x_dtype = dtype, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (weight,) = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_x = matmul16(grad.to(ctx.dtype), weight.to(ctx.dtype)).to(ctx.x_dtype)
+        return grad_x, None, None
 
 
 # -- inputs that are rebuilt instead of kept ---------------------------------------------------

@@ -30,9 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorafit.lora.ops import mark_rebuildable
+from lorafit.lora.ops import frozen_linear, mark_rebuildable, widen_products
 
-__all__ = ["LEAN_MLPS", "LEAN_NORMS", "rms_norm", "silu_mul", "use_lean_layers"]
+__all__ = ["LEAN_MLPS", "LEAN_NORMS", "rms_norm", "silu_mul", "use_lean_layers", "use_wide_linears"]
 
 # RMSNorms computing ``weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)``.
 LEAN_NORMS = frozenset({"LlamaRMSNorm", "Phi3RMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
@@ -121,6 +121,29 @@ def _lean_separate_mlp_forward(module: nn.Module, x: torch.Tensor) -> torch.Tens
 def _lean_fused_mlp_forward(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     gate, up = module.gate_up_proj(hidden_states).chunk(2, dim=-1)
     return module.down_proj(silu_mul(gate, up))
+
+
+def _wide_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    frozen = not module.weight.requires_grad and (module.bias is None or not module.bias.requires_grad)
+    if frozen and torch.is_autocast_enabled(x.device.type):
+        return frozen_linear(x, module.weight, module.bias)
+    return F.linear(x, module.weight, module.bias)
+
+
+def use_wide_linears(model: nn.Module) -> int:
+    """On a CPU without 16-bit matrix instructions, give the model's plain ``nn.Linear`` layers (those
+    LoRA does not wrap: the output head, layers outside ``target_modules``) a forward whose products
+    under autocast are fp32 products of the same 16-bit values (:func:`lorafit.lora.ops.frozen_linear`),
+    as lorafit's LoRA layers, attention and loss compute theirs; elsewhere it changes nothing.
+    Returns how many layers changed."""
+    if not any(widen_products(dtype, "cpu") for dtype in (torch.bfloat16, torch.float16)):
+        return 0
+    changed = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and "forward" not in vars(module):
+            module.forward = functools.partial(_wide_linear_forward, module)
+            changed += 1
+    return changed
 
 
 def _is_silu(act: Any) -> bool:

@@ -85,16 +85,28 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def load_model(cfg: RunConfig, tokenizer: Any, *, echo: Callable[[str], Any] = print) -> torch.nn.Module:
+def load_model(
+    cfg: RunConfig, tokenizer: Any, *, echo: Callable[[str], Any] = print, training: bool = False
+) -> torch.nn.Module:
     """The base model in the configured dtype (or float32 where this CPU would emulate it, said
-    through ``echo``) and attention implementation, 4-bit when ``model.quantization`` says so."""
+    through ``echo``) and attention implementation, 4-bit when ``model.quantization`` says so.
+
+    ``training`` (LoRA training, not DoRA) keeps a 16-bit dtype on such CPUs too: lorafit's
+    training ops (:func:`lorafit.lora.ops.matmul16`) multiply its values as fp32 products, at the
+    fp32 rate with half its weight memory and the 16-bit math of the same run elsewhere."""
     m = cfg.model
     on_cpu = not has_accelerator() or bool(cfg.training_config.get("use_cpu"))
-    dtype, note = compute_dtype(m.torch_dtype, on_cpu=on_cpu)
+    widened = training and not cfg.lora.use_dora
+    dtype, note = compute_dtype(m.torch_dtype, on_cpu=on_cpu and not widened)
+    if widened and on_cpu and compute_dtype(m.torch_dtype, on_cpu=True)[1]:
+        note = (
+            f"model.torch_dtype: {m.torch_dtype} kept: this CPU has no native {m.torch_dtype} matrix "
+            "products, so lorafit's training ops multiply the 16-bit values as float32 products"
+        )
     if note:
         echo(note)
     quantization = dict(m.quantization) if m.quantization else None
-    if quantization and on_cpu:
+    if quantization and on_cpu and not widened:
         half = quantization.get("bnb_4bit_compute_dtype", "float32")
         _, note = compute_dtype(half, on_cpu=True)
         if note:

@@ -38,9 +38,12 @@ _CHECKPOINTING = next(k for k in ("activation_checkpointing", "gradient_checkpoi
 
 
 def resolve_training_config(
-    values: dict[str, Any], *, has_eval: bool, n_params: int, on_cpu: bool
+    values: dict[str, Any], *, has_eval: bool, n_params: int, on_cpu: bool, widened: bool = False
 ) -> tuple[dict[str, Any], list[str]]:
-    """The settings the run applies, and one note per setting replaced for this machine."""
+    """The settings the run applies, and one note per setting replaced for this machine.
+
+    ``widened``: lorafit's training ops multiply 16-bit values as fp32 products on CPUs without
+    16-bit matrix instructions (LoRA, not DoRA), so 16-bit autocast stays on there."""
     tc = dict(values)
     notes: list[str] = []  # each a setting replaced, and why
     if "warmup_ratio" in tc:  # dropped by transformers 5: a warmup_steps below 1 is a ratio there
@@ -73,16 +76,16 @@ def resolve_training_config(
         )
         tc["eval_strategy"] = "no"
     if on_cpu:
-        notes += _cpu_substitutions(tc)
+        notes += _cpu_substitutions(tc, widened)
     return tc, notes
 
 
-def _cpu_substitutions(tc: dict[str, Any]) -> list[str]:
-    """Replace, in place, what a CPU cannot run as asked: 16-bit autocast it would emulate, paged
-    optimizers (CUDA memory paging). The Phi-3 cookbook's script asks for both."""
+def _cpu_substitutions(tc: dict[str, Any], widened: bool = False) -> list[str]:
+    """Replace, in place, what a CPU cannot run as asked: 16-bit autocast it would emulate (unless
+    ``widened``), paged optimizers (CUDA memory paging). The Phi-3 cookbook's script asks for both."""
     notes = []
     for name, key in (("float16", "fp16"), ("bfloat16", "bf16")):
-        if not tc.get(key) or cpu_half_is_fast(name):
+        if not tc.get(key) or cpu_half_is_fast(name) or widened:
             continue
         tc[key] = False
         if key == "fp16" and cpu_half_is_fast("bfloat16"):

@@ -24,7 +24,7 @@ from lorafit.errors import LorafitError
 from lorafit.inference.metrics import eval_conversations, generation_report
 from lorafit.models.attention import PACKED_ATTENTION, use_packed_attention
 from lorafit.models.device import has_accelerator
-from lorafit.models.lean import use_lean_layers
+from lorafit.models.lean import use_lean_layers, use_wide_linears
 from lorafit.models.load import load_model, load_tokenizer
 from lorafit.training import checkpoints, rundir
 from lorafit.training import distributed as lf_dist
@@ -174,10 +174,11 @@ def train(
     # LoRA's random A matrices from the run's seed: the same on every rank and in every launch,
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
-    model = add_lora(load_model(cfg, tokenizer, echo=notes.append), cfg)
+    model = add_lora(load_model(cfg, tokenizer, echo=notes.append, training=True), cfg)
     if cfg.data.packing and (not has_accelerator() or cfg.training_config.get("use_cpu")):
         use_packed_attention(model)  # attention within each packed example, not over whole rows
     use_lean_layers(model)  # norms and SiLU gates rebuilt in backward, not kept
+    use_wide_linears(model)  # on CPUs without bf16 products, the layers LoRA leaves plain as well
     echo(trainable_summary(model))
     cfg = settle_training_config(cfg, model, has_eval=eval_set is not None, notes=notes)
     echo(describe_settings(cfg, notes))
@@ -237,7 +238,11 @@ def settle_training_config(
     on_cpu = not has_accelerator() or bool(cfg.training_config.get("use_cpu"))
     n_params = sum(p.numel() for p in model.parameters())
     resolved, more = resolve_training_config(
-        cfg.training_config, has_eval=has_eval, n_params=n_params, on_cpu=on_cpu
+        cfg.training_config,
+        has_eval=has_eval,
+        n_params=n_params,
+        on_cpu=on_cpu,
+        widened=not cfg.lora.use_dora,
     )
     notes += more
     return dataclasses.replace(cfg, training_config=resolved)
