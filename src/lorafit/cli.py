@@ -162,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--trl",
         help="comma-separated PEFT+TRL configurations: packing, packing+checkpointing, padded, "
-        "padded+checkpointing (default: all)",
+        "padded+checkpointing (default: all for small, packing+checkpointing for phi3-mini; '' for none)",
     )
     b.add_argument("--size", default="small", help="the model: small (default) or phi3-mini")
     b.add_argument("--layers", type=int, help="decoder layers (default: the size's own; fewer is a cut)")

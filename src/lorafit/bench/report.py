@@ -41,6 +41,8 @@ def summarise(runs: list[dict], settings: BenchSettings, ceiling: dict | None = 
     reference = settings.lorafit_configs[0]  # the configuration the headline ratios are for
     ours = table[f"lorafit:{reference}"]
     trl = [row for row in table.values() if row["side"] == "trl"]
+    if not trl:  # lorafit alone (--trl ''): nothing to divide by
+        return {"configs": table, "reference": reference, "lorafit_versus": {}}
     fastest = max(trl, key=lambda row: row["tokens_per_s"])
     leanest = min(trl, key=lambda row: row["peak_rss_mb"])
     return {
@@ -97,16 +99,20 @@ def format_report(report: dict[str, Any]) -> str:
             f"{row['cpu_s_per_step']:10.1f} {row['faults_per_step']:11.0f} "
             f"{row['loss'][0]:8.3f}->{row['loss'][-1]:.3f}"
         )
-    lines += [
-        "",
-        f"lorafit {s.get('reference', LORAFIT_CONFIG)} vs PEFT+TRL's fastest ({s['fastest_trl']}): "
-        f"{s['speedup_vs_fastest_trl']:.2f}x tokens/s, "
-        f"{s['memory_vs_fastest_trl']:.2f}x peak memory; mean |loss gap| per step "
-        f"{s['loss_gap_vs_fastest_trl']:.3f}",
-        f"lorafit {s.get('reference', LORAFIT_CONFIG)} vs PEFT+TRL's leanest ({s['leanest_trl']}): "
-        f"{s['speedup_vs_leanest_trl']:.2f}x tokens/s, "
-        f"{s['memory_vs_leanest_trl']:.2f}x peak memory",
-    ]
+    lines += (
+        []
+        if "fastest_trl" not in s
+        else [
+            "",
+            f"lorafit {s.get('reference', LORAFIT_CONFIG)} vs PEFT+TRL's fastest ({s['fastest_trl']}): "
+            f"{s['speedup_vs_fastest_trl']:.2f}x tokens/s, "
+            f"{s['memory_vs_fastest_trl']:.2f}x peak memory; mean |loss gap| per step "
+            f"{s['loss_gap_vs_fastest_trl']:.3f}",
+            f"lorafit {s.get('reference', LORAFIT_CONFIG)} vs PEFT+TRL's leanest ({s['leanest_trl']}): "
+            f"{s['speedup_vs_leanest_trl']:.2f}x tokens/s, "
+            f"{s['memory_vs_leanest_trl']:.2f}x peak memory",
+        ]
+    )
     for ours, versus in s.get("lorafit_versus", {"defaults": s.get("versus", {})}).items():
         for config, v in versus.items():
             lines.append(

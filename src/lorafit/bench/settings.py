@@ -202,7 +202,7 @@ class BenchSettings:
         ):
             if value is not None:
                 setattr(settings, key, value)
-        if trl:
+        if trl is not None:  # "" runs lorafit alone
             settings.trl_configs = [c.strip() for c in trl.split(",") if c.strip()]
         if lorafit:
             settings.lorafit_configs = [c.strip() for c in lorafit.split(",") if c.strip()]
