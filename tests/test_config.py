@@ -75,6 +75,32 @@ def test_training_arguments_from_the_sample(tmp_path) -> None:
     assert args.output_dir == str(tmp_path / "run") and args.activation_checkpointing
 
 
+def test_lora_training_keeps_bf16_on_a_cpu_without_bf16_products(monkeypatch) -> None:
+    """Without native bf16 products a model loads in fp32 and autocast goes off (lorafit.models.device);
+    LoRA training keeps bf16, whose products lorafit's ops widen to fp32; DoRA's do not."""
+    import torch
+
+    from lorafit.demo import load_demo_tokenizer
+    from lorafit.models import device
+    from lorafit.models.load import load_model
+    from lorafit.training.arguments import resolve_training_config
+
+    monkeypatch.setattr(device, "cpu_half_is_fast", lambda name: False)
+    monkeypatch.setattr("lorafit.training.arguments.cpu_half_is_fast", lambda name: False)
+    cfg = build_config({"model": {"torch_dtype": "bfloat16"}, "training_config": {"bf16": True}})
+    notes: list[str] = []
+    assert load_model(cfg, load_demo_tokenizer(), echo=notes.append).dtype == torch.float32
+    assert load_model(cfg, load_demo_tokenizer(), echo=notes.append, training=True).dtype == torch.bfloat16
+    assert "bfloat16 kept" in notes[-1]
+    kept, _ = resolve_training_config(
+        cfg.training_config, has_eval=False, n_params=10, on_cpu=True, widened=True
+    )
+    off, said = resolve_training_config(cfg.training_config, has_eval=False, n_params=10, on_cpu=True)
+    assert kept["bf16"] is True and off["bf16"] is False and "bf16: true -> false" in said[0]
+    dora = build_config({"model": {"torch_dtype": "bfloat16"}, "peft_config": {"use_dora": True}})
+    assert load_model(dora, load_demo_tokenizer(), echo=notes.append, training=True).dtype == torch.float32
+
+
 def test_yaml_with_overrides(tmp_path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  torch_dtype: float32\ntraining_config:\n  learning_rate: 5e-6\n")

@@ -86,10 +86,17 @@ process, alternately. Prints tokens/s, peak memory and loss per configuration wi
 parity check of loss and gradients on one batch, and the machine's matmul ceiling; writes
 bench.json, bench.png and bench.txt to --out. Needs peft and trl (pip install -e ".[bench]").
 
+--size small (the default) is a hidden-512, 8-layer model on 8 rows of 512 tokens; --size
+phi3-mini is Phi-3-mini's published configuration (3.8 B parameters, written once under
+$LORAFIT_CACHE/bench) on 1 row of 2048 tokens, against PEFT + TRL with packing and gradient
+checkpointing, with lorafit's fast, lean (within PEFT + TRL's memory) and QLoRA settings.
+
 examples:
-  lorafit bench                          # the full benchmark (about an hour on 2 CPU cores)
+  lorafit bench                          # the small benchmark (about an hour on 2 AVX-512 cores)
+  lorafit bench --size phi3-mini         # Phi-3-mini (needs about 16 GB of memory)
   lorafit bench --quick                  # a tiny smoke test of the whole pipeline (under a minute)
   lorafit bench --steps 10 --repeats 1 --trl packing
+  lorafit bench --size phi3-mini --layers 2 --max-length 512   # its widths, 2 layers: a short check
 """
 
 UI_HELP = """\
@@ -155,7 +162,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--trl",
         help="comma-separated PEFT+TRL configurations: packing, packing+checkpointing, padded, "
-        "padded+checkpointing (default: all)",
+        "padded+checkpointing (default: all for small, packing+checkpointing for phi3-mini; '' for none)",
+    )
+    b.add_argument("--size", default="small", help="the model: small (default) or phi3-mini")
+    b.add_argument("--layers", type=int, help="decoder layers (default: the size's own; fewer is a cut)")
+    b.add_argument("--max-length", type=int, help="tokens per row (default: 512 small, 2048 phi3-mini)")
+    b.add_argument(
+        "--lorafit",
+        help="comma-separated lorafit configurations: defaults, fast, lean, qlora (default: defaults "
+        "for small, fast,lean,qlora for phi3-mini)",
     )
     b.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke test")
 

@@ -199,6 +199,16 @@ def cmd_ui(args: argparse.Namespace, _: list[str]) -> int:
 def cmd_bench(args: argparse.Namespace, _: list[str]) -> int:
     from lorafit.bench import BenchSettings, run_bench
 
-    settings = BenchSettings.from_options(args.quick, args.steps, args.warmup, args.repeats, args.trl)
+    settings = BenchSettings.from_options(
+        args.quick,
+        args.steps,
+        args.warmup,
+        args.repeats,
+        args.trl,
+        size=args.size,
+        layers=args.layers,
+        max_length=args.max_length,
+        lorafit=args.lorafit,
+    )
     run_bench(Path(args.out), settings)
     return 0

@@ -37,6 +37,9 @@ LORAFIT_TRAINING_KEYS = {
     "logging_dir": str,  # where TensorBoard events go
     "save_safetensors": bool,  # always true in lorafit; accepted for old configs
     "skip_nonfinite": bool,  # skip an optimizer step whose loss or gradients are NaN/inf, not stop
+    # recompute this many decoder layers (an int) or this share of them (a float < 1) in backward,
+    # evenly spread; the others keep their activations (gradient_checkpointing: all of them)
+    "checkpoint_layers": int | float,
 }
 
 

@@ -23,12 +23,13 @@ def test_quick_bench_runs_both_sides_end_to_end(tmp_path, capsys) -> None:
     assert (out / "bench.png").stat().st_size > 0
     assert (out / "bench.txt").read_text() == report["text"] + "\n"
     printed = capsys.readouterr().out
-    assert "lorafit vs PEFT+TRL's fastest (packing)" in printed
+    assert "lorafit defaults vs PEFT+TRL's fastest (packing)" in printed
     versus = report["summary"]["versus"]["packing"]
     assert (
         versus["speedup"] == pytest.approx(report["summary"]["speedup_vs_fastest_trl"])
-        and f"  vs packing: {versus['speedup']:.2f}x tokens/s" in printed
+        and f"  lorafit defaults vs packing: {versus['speedup']:.2f}x tokens/s" in printed
     )
+    assert report["summary"]["lorafit_versus"]["defaults"] == report["summary"]["versus"]
 
     assert report["parity"]["passed"]
     rows = report["summary"]["configs"]
@@ -47,6 +48,37 @@ def test_quick_bench_runs_both_sides_end_to_end(tmp_path, capsys) -> None:
 def test_unknown_trl_configuration_is_an_error(tmp_path, capsys) -> None:
     assert main(["bench", "--quick", "--trl", "pakcing", "--out", str(tmp_path)]) == 2
     assert "--trl: unknown configuration 'pakcing'" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--lorafit", "defaults,laen", "--out", str(tmp_path)]) == 2
+    assert "--lorafit: unknown configuration 'laen'" in capsys.readouterr().err
+    assert main(["bench", "--size", "phi3-maxi", "--out", str(tmp_path)]) == 2
+    assert "--size: unknown size 'phi3-maxi'" in capsys.readouterr().err
+
+
+def test_phi3_mini_settings(tmp_path, monkeypatch) -> None:
+    """Phi-3-mini's published shapes, 1 x 2048 rows of 260-1,900-token chats, the model kept under
+    $LORAFIT_CACHE; --layers and --max-length make a labelled cut."""
+    full = settings.BenchSettings.from_options(size="phi3-mini")
+    assert full.model_sizes == settings.PHI3_MINI and full.model_name == "phi3-mini"
+    assert (full.batch_size, full.max_length, full.trl_configs) == (1, 2048, ["packing+checkpointing"])
+    assert full.lorafit_configs == ["fast", "lean", "qlora"]
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path / "cache"))
+    assert workload.model_dir(tmp_path, full) == tmp_path / "cache" / "bench" / "phi3-mini-32layers-seed1234"
+    lo, hi = workload._words_for_tokens(full)
+    tokens = [
+        len(
+            workload.tokenize_conversation(workload.load_demo_tokenizer(), r["messages"], max_length=10**6)[
+                "input_ids"
+            ]
+        )
+        for r in workload.synthetic_conversations(30, 0, (lo, hi))
+    ]
+    assert 260 <= min(tokens) and max(tokens) <= 1900
+    cut = settings.BenchSettings.from_options(size="phi3-mini", layers=2, max_length=512)
+    assert (
+        cut.model_sizes["num_hidden_layers"] == 2
+        and cut.model_name == "phi3-mini (its widths, 2 of 32 layers)"
+    )
+    assert cut.max_tokens <= 512
 
 
 def test_synthetic_conversations_are_valid_and_fixed() -> None:

@@ -342,8 +342,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_autocast_update_equals_the_op_by_op_update(dropout) -> None:
-    """Under bf16 autocast Linear runs lora_update: same output and gradients as the op-by-op
-    update (what PEFT computes under autocast) with the same dropout mask, to bf16 rounding."""
+    """Under bf16 autocast Linear runs lora_linear (tests/lora/test_ops.py), its bias trained here
+    (loralib leaves it trainable): same output and gradients as the op-by-op update (what PEFT
+    computes under autocast) with the same dropout mask, to bf16 rounding."""
+    from lorafit.lora import ops
+
     torch.manual_seed(0)
     layer = lora.Linear(48, 40, r=4, lora_alpha=8, lora_dropout=dropout, merge_weights=False)
     layer.weight.data = layer.weight.data.bfloat16()  # a bf16 base under fp32 LoRA, as apply_lora leaves it
@@ -354,23 +357,23 @@ def test_autocast_update_equals_the_op_by_op_update(dropout) -> None:
     def run(fused: bool) -> list[torch.Tensor]:
         layer.zero_grad()
         x.grad = None
-        torch.manual_seed(7)  # the same mask: lora_update draws it first, as below
+        torch.manual_seed(7)  # the same mask: lora_linear draws its seed first, as below
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if fused:
                 out = layer(x)
             else:
                 xd = x
                 if dropout:
-                    keep = lora.dropout_keep_mask(x.shape, dropout, x.device)  # tested below
-                    xd = (x * keep).mul_(1.0 / (1.0 - dropout))
+                    keep = lora.dropout_keep_mask(x.shape, dropout, x.device, ops.draw_seed())
+                    xd = (x * keep).mul_(ops.dropout_scale(dropout, x.dtype, x.device))
                 update = nn.functional.linear(nn.functional.linear(xd, layer.lora_A), layer.lora_B)
                 out = nn.functional.linear(x, layer.weight, layer.bias) + update * layer.scaling
         out.backward(upstream.to(out.dtype))
-        return [out.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad]
+        return [out.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.bias.grad]
 
     fused, reference = run(True), run(False)
     assert fused[0].dtype == torch.bfloat16
-    assert fused[2].dtype == fused[3].dtype == torch.float32
+    assert fused[2].dtype == fused[3].dtype == fused[4].dtype == torch.float32
     for a, b in zip(fused, reference, strict=True):
         assert _rel(a, b) < 5e-3  # about one bf16 rounding (2^-8) of the output
 

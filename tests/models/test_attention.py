@@ -1,7 +1,8 @@
-"""lorafit.attention on its own: sdpa's result over a block-diagonal mask, as accurately.
+"""lorafit.models.attention on its own: sdpa's result over a block-diagonal mask, as accurately,
+in tiles of query rows, with grouped-query attention, keeping nothing quadratic in the length.
 
 The model-level checks (packed logits equal per-example logits, gradients equal sdpa's, the
-fallbacks to sdpa, training through it) are in test_data.py and test_train.py.
+fallbacks to sdpa, training through it) are in tests/data/test_pack.py and tests/training/test_run.py.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lorafit.lora import ops
+from lorafit.models import attention
 from lorafit.models.attention import _ExampleAttention, _examples
 
 B, H, T, D = 4, 4, 96, 16
@@ -23,10 +26,22 @@ def block_causal_mask() -> torch.Tensor:
     return mask
 
 
-def run(attention, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+@pytest.fixture(params=["native", "wide", "tiles"])
+def mode(request, monkeypatch):  # noqa: ANN001, ANN201
+    """16-bit products native or widened to fp32; "tiles": blocks of 16 query rows (several per example)."""
+    monkeypatch.setenv("LORAFIT_WIDE_PRODUCTS", "1" if request.param == "wide" else "0")
+    if request.param == "tiles":
+        monkeypatch.setattr(attention, "TILE_SCORES", 16 * H * 16)
+    ops.widen_products.cache_clear()
+    yield request.param
+    ops.widen_products.cache_clear()
+
+
+def run(attention, dtype: torch.dtype, seed: int, kv_heads: int = H) -> list[torch.Tensor]:
     """Output and the gradients of Q, K and V, in fp64 for comparison."""
     gen = torch.Generator().manual_seed(seed)
-    q, k, v, upstream = (torch.randn(B, H, T, D, generator=gen) * 2 for _ in range(4))
+    q, upstream = (torch.randn(B, H, T, D, generator=gen) * 2 for _ in range(2))
+    k, v = (torch.randn(B, kv_heads, T, D, generator=gen) * 2 for _ in range(2))
     q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
     out = attention(q, k, v)
     out.backward(upstream.to(dtype))
@@ -34,22 +49,24 @@ def run(attention, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
 
 
 def sdpa(q, k, v):  # noqa: ANN001, ANN201
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask())
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(), enable_gqa=True)
 
 
 def ours(q, k, v):  # noqa: ANN001, ANN201
-    return _ExampleAttention.apply(q, k, v, _examples(LENGTHS, B, T), D**-0.5)
+    return _ExampleAttention.apply(q, k, v, _examples(LENGTHS, B, T), D**-0.5).transpose(1, 2)
 
 
-def test_equals_sdpa_with_the_block_diagonal_mask_in_fp64() -> None:
-    for a, b in zip(run(ours, torch.float64, 0), run(sdpa, torch.float64, 0), strict=True):
+@pytest.mark.parametrize("kv_heads", [H, 2])
+def test_equals_sdpa_with_the_block_diagonal_mask_in_fp64(mode, kv_heads) -> None:
+    found, expected = run(ours, torch.float64, 0, kv_heads), run(sdpa, torch.float64, 0, kv_heads)
+    for a, b in zip(found, expected, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_bf16_is_as_accurate_as_sdpa(seed) -> None:
-    """Against fp64: the output within 10% of sdpa's bf16 error (measured 1.04x: the weights are
-    rounded to bf16 before the product with V), the gradients no worse (measured 0.9-0.95x)."""
+def test_bf16_is_as_accurate_as_sdpa(mode, seed) -> None:
+    """Against fp64: the output within 10% of sdpa's bf16 error (natively the weights are rounded to
+    bf16 before the product with V), the gradients no worse."""
     truth = run(sdpa, torch.float64, seed)
 
     def errors(attention) -> list[float]:  # noqa: ANN001
@@ -64,3 +81,26 @@ def test_bf16_is_as_accurate_as_sdpa(seed) -> None:
 def test_an_example_across_a_row_end_is_refused() -> None:
     with pytest.raises(ValueError, match="crosses the end of packed row 0"):
         _examples([60, 60], batch=2, length=96)
+
+
+def test_keeps_nothing_quadratic_in_the_example_length(monkeypatch) -> None:
+    """Backward keeps Q, K, V and one fp32 log-sum-exp per query and head, and no block of scores is
+    larger than TILE_SCORES."""
+    n, heads, dim = 256, 4, 8
+    monkeypatch.setattr(attention, "TILE_SCORES", 32 * heads * n)  # eight blocks of 32 rows
+    q, k, v = (torch.randn(1, heads, n, dim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = _ExampleAttention.apply(q, k, v, ((0, 0, n),), dim**-0.5)
+    assert sum(t.numel() for t in saved) == 3 * heads * n * dim + heads * n
+    largest = []
+    real_bmm = torch.bmm
+
+    def bmm(a, b, **kw):  # noqa: ANN001, ANN202
+        result = real_bmm(a, b, **kw)
+        largest.append(result.numel())
+        return result
+
+    monkeypatch.setattr(torch, "bmm", bmm)
+    out.backward(torch.ones_like(out))
+    assert max(largest) <= 32 * heads * n

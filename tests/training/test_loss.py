@@ -95,19 +95,26 @@ def test_head_cross_entropy_equals_torch_cross_entropy(scale) -> None:
 
 
 def test_bf16_autocast_is_as_accurate_as_the_models_own_loss() -> None:
-    inputs = batch()
+    """Against fp64, over four batches: the loss and the largest relative LoRA-gradient error per
+    batch, on average no worse than the model's own loss (one batch alone scatters by +-15%: the
+    two paths round independently)."""
     model = lora_model(dtype=torch.bfloat16)
     reference = lora_model(dtype=torch.bfloat16).double()  # same weights (same seeds), fp64
-    ref_loss, ref_grads = loss_and_grads(reference, inputs, fast=False)
-    plain_loss, plain_grads = loss_and_grads(model, inputs, fast=False, autocast=True)
-    loss, grads = loss_and_grads(model, inputs, fast=True, autocast=True)
+    ours, theirs = [], []
+    for seed in range(4):
+        inputs = batch(seed)
+        ref_loss, ref_grads = loss_and_grads(reference, inputs, fast=False)
+        plain_loss, plain_grads = loss_and_grads(model, inputs, fast=False, autocast=True)
+        loss, grads = loss_and_grads(model, inputs, fast=True, autocast=True)
 
-    def err(g: dict) -> float:
-        return max(float((g[n].double() - ref_grads[n]).norm() / ref_grads[n].norm()) for n in ref_grads)
+        def err(g: dict, ref_grads: dict = ref_grads) -> float:
+            return max(float((g[n].double() - ref_grads[n]).norm() / ref_grads[n].norm()) for n in ref_grads)
 
-    assert loss.dtype == torch.float32
-    assert abs(loss - ref_loss) <= 1.1 * abs(plain_loss - ref_loss) + 1e-3
-    assert err(grads) <= 1.1 * err(plain_grads)
+        assert loss.dtype == torch.float32
+        assert abs(loss - ref_loss) <= 1.1 * abs(plain_loss - ref_loss) + 1e-3
+        ours.append(err(grads))
+        theirs.append(err(plain_grads))
+    assert sum(ours) <= 1.02 * sum(theirs)
 
 
 def test_a_batch_without_labels_gives_zero_gradients() -> None:

@@ -144,6 +144,32 @@ def test_packed_rows_train_through_per_example_attention_as_sdpa_would(work, mon
         assert a[1:3] == pytest.approx(b[1:3], rel=1e-5) and a[5] == pytest.approx(b[5], rel=1e-5)
 
 
+def test_some_layers_checkpointed_train_as_none(reference, work, capsys) -> None:
+    """checkpoint_layers recomputes those layers in backward (same RNG: same dropout masks), so the
+    run is the reference run bit for bit; with gradient_checkpointing as well it is refused."""
+    run = work / "checkpoint-some"
+    assert main(["train", *run_args(run, work / "data"), "--training_config.checkpoint_layers", "1"]) == 0
+    assert losses(run) == losses(reference)
+    assert (run / ADAPTER).read_bytes() == (reference / ADAPTER).read_bytes()
+    both = ["--training_config.checkpoint_layers", "0.5", "--training_config.gradient_checkpointing", "true"]
+    assert main(["train", *run_args(work / "both", work / "data"), *both]) == 2
+    assert "checkpoint_layers recomputes some decoder layers" in capsys.readouterr().err
+
+
+def test_checkpoint_layers_are_spread_evenly() -> None:
+    from lorafit.errors import LorafitError
+    from lorafit.training.run import checkpoint_some_layers
+
+    from tiny import tiny_phi3
+
+    model = tiny_phi3(layers=8).train()
+    assert checkpoint_some_layers(model, 0.25) == [2, 6]
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [i in (2, 6) for i in range(8)]
+    assert checkpoint_some_layers(model, 3) == [1, 4, 6]
+    with pytest.raises(LorafitError, match="9 is more than the model's 8 layers"):
+        checkpoint_some_layers(model, 9)
+
+
 def test_sigkill_mid_run_then_resume_is_bit_identical(reference, work) -> None:
     run = work / "killed"
     proc = start(run_args(run, work / "data"), work, "killed")

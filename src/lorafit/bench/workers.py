@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lorafit.bench.settings import LORA, TRL_CONFIGS, BenchSettings
+from lorafit.bench.settings import LORA, LORAFIT_CONFIGS, TRL_CONFIGS, TRL_QLORA_CONFIGS, BenchSettings
 from lorafit.bench.workload import bench_tokenizer, tokenized_examples, training_config
 
 
@@ -100,18 +100,21 @@ def run_lorafit(spec: dict[str, Any]) -> dict[str, Any]:
     from lorafit.training import train
 
     settings, paths = BenchSettings(**spec["settings"]), spec["paths"]
-    cfg = build_config(
-        {
-            "model": {
-                "name_or_path": paths["model"],
-                "torch_dtype": "bfloat16",
-                "attn_implementation": "sdpa",
-            },
-            "data": {"train": paths["train"], "max_length": settings.max_length, "eval_prompts": 0},
-            "peft_config": dict(LORA),
-            "training_config": training_config(settings, spec["run_dir"]),
-        }
-    )
+    run = {
+        "model": {
+            "name_or_path": paths["model"],
+            "torch_dtype": "bfloat16",
+            "attn_implementation": "sdpa",
+        },
+        "data": {"train": paths["train"], "max_length": settings.max_length, "eval_prompts": 0},
+        "peft_config": dict(LORA),
+        "training_config": training_config(settings, spec["run_dir"]),
+    }
+    for section, values in LORAFIT_CONFIGS[spec["config"]].items():  # the configuration's settings
+        run[section] = {**run[section], **values}
+    if "quantization" in run["model"] and torch.cuda.is_available():
+        run["model"]["device_map"] = {"": torch.cuda.current_device()}  # bitsandbytes quantizes there
+    cfg = build_config(run)
     meter = _meter()
     train(cfg, callbacks=[meter], echo=lambda *a: print(*a, file=sys.stderr))
     return meter.result(settings.warmup)
@@ -125,7 +128,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     settings, paths = BenchSettings(**spec["settings"]), spec["paths"]
-    packing, checkpointing = TRL_CONFIGS[spec["config"]]
+    packing, checkpointing = {**TRL_CONFIGS, **TRL_QLORA_CONFIGS}[spec["config"]]
+    qlora = spec["config"] in TRL_QLORA_CONFIGS
     examples = tokenized_examples(paths, settings)
     train_set = datasets.Dataset.from_dict(
         {
@@ -140,9 +144,16 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         gradient_checkpointing=checkpointing,  # TRL's default is on: set it either way
         gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        paths["model"], dtype=torch.bfloat16, attn_implementation="sdpa"
-    )
+    load: dict[str, Any] = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+    if qlora:
+        from transformers import BitsAndBytesConfig
+
+        load["quantization_config"] = BitsAndBytesConfig(**LORAFIT_CONFIGS["qlora"]["model"]["quantization"])
+        if torch.cuda.is_available():
+            load["device_map"] = {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(paths["model"], **load)
+    if qlora:  # the QLoRA recipe of PEFT's docs and the Phi-3 samples
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     meter = _meter()
     trainer = SFTTrainer(
         model=model,
@@ -166,6 +177,7 @@ def worker(spec_path: str) -> int:
         side=spec["side"],
         config=spec["config"],
         peak_rss_mb=_peak_rss_mb(),
+        cuda_max_memory_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         load_before=load_before,
         load_after=os.getloadavg()[0],
         torch_threads=torch.get_num_threads(),

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from lorafit.bench.settings import MODEL_SEED, BenchSettings
+from lorafit.data import tokenize_conversation
+from lorafit.demo import load_demo_tokenizer
 
 
 def build_bench_model(sizes: dict[str, int]) -> torch.nn.Module:
@@ -26,18 +28,25 @@ def build_bench_model(sizes: dict[str, int]) -> torch.nn.Module:
     for key, value in sizes.items():
         setattr(config, key, value)
     config.initializer_range = sizes["hidden_size"] ** -0.5  # as demo_config: activations at unit scale
+    # Phi-3-mini's 3.8 B parameters are drawn in bf16 (15 GB in fp32 would not fit beside the rest);
+    # the small models in fp32 and rounded, as before, so their weights stay what they were.
+    big = sizes["hidden_size"] * sizes["num_hidden_layers"] > 8192
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(MODEL_SEED)
-        model = Phi3ForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+        model = Phi3ForCausalLM._from_config(
+            config, attn_implementation="sdpa", dtype=torch.bfloat16 if big else torch.float32
+        )
     return model.to(torch.bfloat16)
 
 
-def synthetic_conversations(n: int, seed: int = 0) -> list[dict]:
+def synthetic_conversations(n: int, seed: int = 0, word_range: tuple[int, int] | None = None) -> list[dict]:
     """``n`` chat records: a system prompt, then one to three user/assistant turns.
 
     Text is drawn from the words of the demo conversations (so the demo tokenizer covers it),
     with their frequencies. Answers run from 2 to 160 words, log-uniformly: many short, some
-    long, as in instruction data; with the chat template that makes 50 to 500 tokens.
+    long, as in instruction data; with the chat template that makes 50 to 500 tokens. With
+    ``word_range = (lo, hi)`` each record instead has one or two turns holding a total drawn
+    uniformly from ``lo`` to ``hi`` words, most of them in the answers (long chats).
     """
     from lorafit.demo import train_file
 
@@ -60,6 +69,18 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[dict]:
 
     records = []
     for _ in range(n):
+        if word_range is not None:
+            total = rng.randint(*word_range)
+            system = rng.randint(6, 40)
+            turns = rng.choice([1, 2])
+            messages = [{"role": "system", "content": text(system)}]
+            for _ in range(turns):
+                question = rng.randint(3, 40)
+                answer = max(2, (total - system) // turns - question)
+                messages.append({"role": "user", "content": text(question)})
+                messages.append({"role": "assistant", "content": text(answer)})
+            records.append({"messages": messages})
+            continue
         messages = [{"role": "system", "content": text(rng.randint(6, 40))}]
         for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
             messages.append({"role": "user", "content": text(rng.randint(3, 40))})
@@ -69,20 +90,59 @@ def synthetic_conversations(n: int, seed: int = 0) -> list[dict]:
     return records
 
 
-def prepare_assets(root: Path, settings: BenchSettings) -> dict[str, str]:
-    """Write the model (with the demo tokenizer) and the chat data under ``root``, once."""
-    from lorafit.demo import load_demo_tokenizer
+def _words_for_tokens(settings: BenchSettings) -> tuple[int, int] | None:
+    """The word range whose chats come to ``min_tokens``..``max_tokens`` with the chat template,
+    from the demo tokenizer's tokens per word on this text (measured on a sample)."""
+    if settings.min_tokens is None or settings.max_tokens is None:
+        return None
+    tokenizer = load_demo_tokenizer()
+    sample = synthetic_conversations(8, settings.seed + 1, word_range=(400, 400))
+    tokens = [
+        len(tokenize_conversation(tokenizer, r["messages"], max_length=10**6)["input_ids"]) for r in sample
+    ]
+    per_word = sum(tokens) / (8 * 400)
+    return int(settings.min_tokens / per_word) + 1, int(settings.max_tokens / per_word)
 
-    spec = {"model": settings.model_sizes, "seed": MODEL_SEED, "conversations": settings.conversations}
-    paths = {"model": str(root / "model"), "train": str(root / "train.jsonl"), "cache": str(root / "cache")}
+
+def model_dir(root: Path, settings: BenchSettings) -> Path:
+    """Where the bench model lives: under ``root`` for the small ones; Phi-3-mini's 7.6 GB are
+    written once under ``$LORAFIT_CACHE/bench`` and shared by every benchmark folder."""
+    if settings.quick or settings.size == "small":
+        return root / "model"
+    from lorafit.data.build import _cache_root
+
+    layers = settings.model_sizes["num_hidden_layers"]
+    return _cache_root(None) / "bench" / f"{settings.size}-{layers}layers-seed{MODEL_SEED}"
+
+
+def prepare_assets(root: Path, settings: BenchSettings) -> dict[str, str]:
+    """Write the model (with the demo tokenizer, :func:`model_dir`) and the chat data under
+    ``root``, once each."""
+    words = _words_for_tokens(settings)
+    folder = model_dir(root, settings)
+    paths = {"model": str(folder), "train": str(root / "train.jsonl"), "cache": str(root / "cache")}
+    model_spec = {"model": settings.model_sizes, "seed": MODEL_SEED}
+    model_stamp = folder / "lorafit-bench-spec.json"
+    if not (model_stamp.is_file() and json.loads(model_stamp.read_text()) == model_spec):
+        build_bench_model(settings.model_sizes).save_pretrained(paths["model"])
+        load_demo_tokenizer().save_pretrained(paths["model"])
+        model_stamp.write_text(json.dumps(model_spec))  # last: a half-written model is rebuilt
+    paths["parity_model"] = paths["model"]
+    if settings.parity_layers is not None:  # a cut of the model's widths, small enough for three copies
+        paths["parity_model"] = str(root / f"parity-model-{settings.parity_layers}layers")
+        cut = {**settings.model_sizes, "num_hidden_layers": settings.parity_layers}
+        cut_stamp = Path(paths["parity_model"]) / "lorafit-bench-spec.json"
+        if not (cut_stamp.is_file() and json.loads(cut_stamp.read_text()) == {"model": cut}):
+            build_bench_model(cut).save_pretrained(paths["parity_model"])
+            load_demo_tokenizer().save_pretrained(paths["parity_model"])
+            cut_stamp.write_text(json.dumps({"model": cut}))
+    spec = {"conversations": settings.conversations, "seed": settings.seed, "words": words}
     stamp = root / "spec.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == spec:
         return paths
     root.mkdir(parents=True, exist_ok=True)
-    build_bench_model(settings.model_sizes).save_pretrained(paths["model"])
-    load_demo_tokenizer().save_pretrained(paths["model"])
     with open(paths["train"], "w", encoding="utf-8") as f:
-        for record in synthetic_conversations(settings.conversations, settings.seed):
+        for record in synthetic_conversations(settings.conversations, settings.seed, words):
             f.write(json.dumps(record) + "\n")
     stamp.write_text(json.dumps(spec))
     return paths
@@ -97,14 +157,15 @@ def bench_tokenizer(model_dir: str) -> Any:
     return prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir), pad_token="unk")
 
 
-def tokenized_examples(paths: dict[str, str], settings: BenchSettings) -> Any:
-    """lorafit's tokenisation of the chat data (a ``TokenizedDataset``), used by both sides."""
+def tokenized_examples(paths: dict[str, str], settings: BenchSettings, max_length: int | None = None) -> Any:
+    """lorafit's tokenisation of the chat data (a ``TokenizedDataset``), used by both sides;
+    examples longer than ``max_length`` (default: the rows') are cut."""
     from lorafit.data import build_datasets
 
     dataset, _, _ = build_datasets(
         bench_tokenizer(paths["model"]),
         train=paths["train"],
-        max_length=settings.max_length,
+        max_length=max_length or settings.max_length,
         packing=False,
         cache_dir=paths["cache"],
         progress=False,

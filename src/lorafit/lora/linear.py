@@ -6,12 +6,15 @@ Face models (over a shared 16-bit weight or a 4-bit base), with a variant seam (
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lorafit.lora.layers import LoRALayer, _init_pair
-from lorafit.lora.variants import variant_for
+from lorafit.lora.ops import lora_linear
+from lorafit.lora.variants import LORA, variant_for
 
 
 class Linear(nn.Linear, LoRALayer):
@@ -134,6 +137,9 @@ class Linear(nn.Linear, LoRALayer):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = _fused_linear_args(self, x)
+        if fused is not None:  # mixed-precision training over a frozen base: base and LoRA in one op
+            return lora_linear(x, *fused)
         if self.base_layer is not None:
             result = self.base_layer(x)
         else:
@@ -141,6 +147,19 @@ class Linear(nn.Linear, LoRALayer):
         if self.has_lora and not self.merged:
             return self.variant.forward(self, x, result)
         return result
+
+
+def _fused_linear_args(layer: Linear, x: torch.Tensor) -> tuple | None:
+    """:func:`lora_linear`'s arguments after ``x`` when it computes ``layer(x)``: plain LoRA under
+    autocast, unmerged, base weight frozen; else None (the variant's op-by-op path)."""
+    if not (layer.has_lora and not layer.merged and torch.is_autocast_enabled(x.device.type)):
+        return None
+    if layer.variant is not LORA or (layer.base_layer is None and layer.weight.requires_grad):
+        return None
+    weight = layer._w() if layer.base_layer is None else functools.partial(dequantize_4bit, layer.base_layer)
+    drop = layer.lora_dropout
+    p = drop.p if layer.training and isinstance(drop, nn.Dropout) else 0.0
+    return weight, layer.base_bias(), layer.lora_A, layer.lora_B, layer.scaling, p
 
 
 # The LoRA dtype over a shared 16-bit base (PEFT's choice); a 4-bit base stores uint8: fp32 too.

@@ -1,15 +1,27 @@
-"""The fused LoRA update under autocast, and dropout masks drawn on every core.
+"""LoRA's linear layer under autocast as one autograd op, 16-bit products, and dropout masks.
 
-What autocast makes of ``result + scaling * drop(x) A^T B^T`` (three casts, four products
-and sums) computed as one autograd op with less work and less kept for backward.
+:func:`lora_linear` computes what autocast makes of a LoRA layer over a frozen base,
+``y = x W0^T + b + s * drop(x) A^T B^T``, as one op that keeps for backward only the 16-bit
+input (shared by the base and the LoRA path), the rank-r ``drop(x) A^T`` and the seed of the
+dropout mask; when the input is itself a cheap function of tensors that are kept anyway (a norm
+of the residual stream, SiLU(gate) * up: :func:`mark_rebuildable`), not even the input.
+:func:`lora_update` is the older op that adds the update to a base output computed outside.
+
+:func:`matmul16` multiplies 16-bit matrices as the machine does it fastest for the same math:
+natively, or, on CPUs without 16-bit matrix instructions (AVX2), as fp32 products of the same
+values (exact: a product of two bf16 or fp16 numbers fits fp32), accumulated in fp32 and
+rounded once, as a native bf16 product is.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 
 
 def lora_update(
@@ -41,7 +53,9 @@ def _mask_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lorafit-dropout")
 
 
-def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+def dropout_keep_mask(
+    shape: torch.Size, p: float, device: torch.device, seed: int | None = None
+) -> torch.Tensor:
     """``nn.Dropout(p)``'s keep mask: i.i.d. True with probability ``1 - p``, shaped ``shape``.
 
     On CPU each element is a uniform 31-bit integer ``u`` (``random_`` on int32), kept where
@@ -52,10 +66,14 @@ def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torc
     own generator on its own thread. Those generators are seeded from the default one (which
     draws small masks itself), so ``torch.manual_seed`` and gradient checkpointing's RNG
     replay decide the mask as they decide ``nn.Dropout``'s.
+
+    With ``seed`` the mask is a function of ``seed`` alone (the default generator is not used),
+    so :func:`lora_linear` draws it again in backward instead of keeping it.
     """
     keep = torch.empty(shape, dtype=torch.bool, device=device)
+    source = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     if device.type != "cpu":
-        return keep.bernoulli_(1.0 - p)
+        return keep.bernoulli_(1.0 - p, generator=source)
     threshold = round(p * 2**31)
 
     def draw(piece: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -64,16 +82,247 @@ def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torc
 
     threads = torch.get_num_threads()
     if threads < 2 or keep.numel() < _PARALLEL_MASK_MIN:
-        draw(keep)
+        draw(keep, source)
         return keep
     pool = _mask_pool(threads - 1)
     pieces = keep.view(-1).chunk(threads)
-    generators = [torch.Generator().manual_seed(s) for s in torch.randint(0, 2**62, (len(pieces),)).tolist()]
+    seeds = torch.randint(0, 2**62, (len(pieces),), generator=source).tolist()
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
     others = [pool.submit(draw, piece, g) for piece, g in zip(pieces[1:], generators[1:], strict=True)]
     draw(pieces[0], generators[0])
     for future in others:
         future.result()
     return keep
+
+
+def draw_seed() -> int:
+    """A seed for :func:`dropout_keep_mask`, from the default CPU generator (so ``manual_seed``
+    and checkpointing's RNG replay decide it)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def dropout_scale(p: float, dtype: torch.dtype, device: torch.device) -> float:
+    """The factor ``nn.Dropout(p)`` multiplies kept elements by, as it rounds it.
+
+    On CPU, ``nn.Dropout`` forms its noise ``keep / (1 - p)`` in the input's dtype, so a 16-bit
+    input is scaled by ``1 / (1 - p)`` rounded to that dtype (1.0547 for p = 0.05 in bf16); on
+    accelerators the fused kernel scales in fp32.
+    """
+    scale = 1.0 / (1.0 - p)
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        scale = float(torch.tensor(scale, dtype=dtype))
+    return scale
+
+
+# -- 16-bit products -----------------------------------------------------------------------------
+
+_NATIVE_16BIT = {
+    torch.bfloat16: lambda: bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    torch.float16: lambda: bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()),
+}
+
+
+@functools.cache
+def widen_products(dtype: torch.dtype, device_type: str) -> bool:
+    """Whether :func:`matmul16` multiplies ``dtype`` matrices on ``device_type`` as fp32 products.
+
+    True on CPUs without 16-bit matrix instructions (oneDNN's bf16/fp16 kernels need AVX-512 or
+    AMX), where PyTorch falls back to a plain loop that runs at a fraction of the fp32 rate (on a
+    2-core AVX2 EPYC: 2-4 GFLOP/s in bf16 against 15-60 in fp32, measured). Accelerators and
+    CPUs with those instructions multiply natively. ``LORAFIT_WIDE_PRODUCTS=0`` or ``1``
+    overrides the choice (to compare the two).
+    """
+    forced = os.environ.get("LORAFIT_WIDE_PRODUCTS")
+    if forced in ("0", "1"):
+        return forced == "1" and device_type == "cpu" and dtype in _NATIVE_16BIT
+    if device_type != "cpu" or dtype not in _NATIVE_16BIT:
+        return False
+    return not _NATIVE_16BIT[dtype]()
+
+
+def matmul16(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``a @ b`` for 16-bit ``a`` and ``b`` (any of them may be fp32 already): fp32 accumulation,
+    one rounding to ``out_dtype`` (default ``a``'s dtype), computed natively or, where
+    :func:`widen_products` says so, as an fp32 product of the same values."""
+    dtype = a.dtype if out_dtype is None else out_dtype
+    low = a.dtype if a.dtype != torch.float32 else b.dtype
+    if widen_products(low, a.device.type):
+        return torch.matmul(a.float(), b.float()).to(dtype)
+    return torch.matmul(a, b).to(dtype)
+
+
+def linear16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for 16-bit tensors with one rounding, as :func:`matmul16`."""
+    if not widen_products(x.dtype, x.device.type):
+        return F.linear(x, weight, bias)
+    wide = x.reshape(-1, x.shape[-1]).float()
+    out = wide @ weight.float().t() if bias is None else torch.addmm(bias.float(), wide, weight.float().t())
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` under autocast for a frozen weight and bias, its products by
+    :func:`matmul16` (so widened where the CPU has no 16-bit matrix instructions). Backward keeps
+    only the weight: ``grad_x = g W``."""
+    return _FrozenLinear.apply(x, weight, bias)
+
+
+class _FrozenLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # noqa: ANN001, ANN205
+        dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            out = linear16(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(weight)
+        ctx.dtype, ctx.x_dtype = dtype, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (weight,) = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_x = matmul16(grad.to(ctx.dtype), weight.to(ctx.dtype)).to(ctx.x_dtype)
+        return grad_x, None, None
+
+
+# -- inputs that are rebuilt instead of kept ---------------------------------------------------
+
+_RECIPE = "_lorafit_rebuild"
+
+
+def mark_rebuildable(
+    out: torch.Tensor, rebuild: Callable[..., torch.Tensor], *sources: torch.Tensor
+) -> torch.Tensor:
+    """Note on ``out`` that ``rebuild(*sources)`` recomputes it bit for bit, and cheaply.
+
+    The producer (a norm, an activation) keeps ``sources`` for its own backward anyway;
+    :func:`lora_linear` then keeps ``sources`` instead of ``out`` and rebuilds ``out`` in
+    backward, so the two ops share one saved copy. The note holds for this tensor object as long
+    as it is not modified in place (its version is recorded); views and copies carry no note.
+    """
+    setattr(out, _RECIPE, (rebuild, sources, out._version))
+    return out
+
+
+def _recipe(x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]] | None:
+    note = getattr(x, _RECIPE, None)
+    if note is None or note[2] != x._version:
+        return None
+    return note[0], note[1]
+
+
+# -- the LoRA linear layer as one op -------------------------------------------------------------
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | Callable[[], torch.Tensor],
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """``x W0^T + b + s * drop(x) A^T B^T`` under autocast, as one autograd op.
+
+    ``weight`` is the frozen (out, in) base weight, or a function returning it (a 4-bit base,
+    dequantized each time it is needed instead of being kept); ``bias`` may be trained (loralib's
+    ``bias="all"``); ``A`` (r, in) and ``B`` (out, r) are trainable. Everything is computed in the
+    autocast dtype (16 bits), as autocast computes it op by op: the base product, ``u = drop(x) A^T``
+    and ``u B^T`` with fp32 accumulation; the update is added to the base output before a single rounding
+    (autocast rounds ``x W0^T``, ``u B^T`` and ``s * u B^T`` each), so outputs and gradients
+    equal PEFT's under autocast to bf16 rounding. Dropout is ``nn.Dropout``'s (the same keep
+    probability and scale).
+
+    Kept for backward: the 16-bit input (or, for a :func:`mark_rebuildable` input, the tensors
+    it is rebuilt from), ``u`` (N, r), the mask's seed and the parameters themselves (no 16-bit
+    copies); backward draws the mask again::
+
+        g_u = s * g B            grad_B = s * g^T u          grad_A = g_u^T drop(x)
+        grad_x = g W0 + drop'(g_u A)    (drop': the same mask and scale)
+
+    and returns fp32 gradients for fp32 ``A`` and ``B``. Without dropout ``g W0 + g_u A`` is
+    one accumulating product.
+    """
+    return _LoRALinear.apply(x, weight, bias, lora_A, lora_B, scaling, dropout)
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout):  # noqa: ANN001, ANN205
+        device = x.device
+        dtype = torch.get_autocast_dtype(device.type)
+        recipe = _recipe(x)
+        with torch.autocast(device.type, enabled=False):
+            w = (weight() if callable(weight) else weight).to(dtype)  # (out, in)
+            b = None if bias is None else bias.to(dtype)
+            A, B = lora_A.to(dtype), lora_B.to(dtype)  # (r, in), (out, r)
+            x16 = x.to(dtype)
+            flat = x16.reshape(-1, x16.shape[-1])  # (N, in)
+            seed = draw_seed() if dropout > 0.0 else None
+            wide = widen_products(dtype, device.type)
+            xw = flat.float() if wide else flat  # the working copy of x for both products
+            xd = _dropped(xw, dropout, seed, dtype, device)  # drop(x)
+            u = matmul16(xd, A.t(), dtype)  # (N, r), rounded as autocast's lora_A output is
+            if wide:
+                acc = torch.mm(xw, w.float().t()) if b is None else torch.addmm(b.float(), xw, w.float().t())
+                out = acc.addmm_(u.float(), B.float().t(), alpha=scaling).to(dtype)
+            else:
+                base = flat @ w.t() if b is None else torch.addmm(b, flat, w.t())
+                out = torch.addmm(base, u, B.t(), alpha=scaling)  # (N, out)
+        if recipe is not None:
+            rebuild, sources = recipe
+            ctx.rebuild, ctx.n_sources = rebuild, len(sources)
+        else:
+            ctx.rebuild, ctx.n_sources, sources = None, 1, (x16,)
+        ctx.weight_fn = weight if callable(weight) else None
+        # the parameters themselves, cast again in backward: their 16-bit copies would be kept per layer
+        ctx.save_for_backward(*sources, u, lora_A, lora_B, None if callable(weight) else weight)
+        ctx.scaling, ctx.dropout, ctx.seed, ctx.dtype = scaling, dropout, seed, dtype
+        ctx.in_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.param_dtypes = (lora_A.dtype, lora_B.dtype)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        saved = ctx.saved_tensors
+        sources, (u, lora_A, lora_B, weight) = saved[: ctx.n_sources], saved[ctx.n_sources :]
+        dtype, s, device = ctx.dtype, ctx.scaling, grad.device
+        wide = widen_products(dtype, device.type)
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            A, B = lora_A.to(dtype), lora_B.to(dtype)  # (r, in), (out, r): as forward rounded them
+            x16 = ctx.rebuild(*sources).to(dtype) if ctx.rebuild is not None else sources[0]
+            flat = x16.reshape(-1, x16.shape[-1])  # (N, in)
+            g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (N, out)
+            if wide:
+                g, flat, u, A, B = g.float(), flat.float(), u.float(), A.float(), B.float()
+            xd = _dropped(flat, ctx.dropout, ctx.seed, dtype, device)
+            g_u = matmul16(g, B, g.dtype).mul_(s)  # (N, r)
+            grad_B = matmul16(g.t(), u, torch.float32).mul_(s).to(ctx.param_dtypes[1])  # (out, r)
+            grad_A = matmul16(g_u.t(), xd, torch.float32).to(ctx.param_dtypes[0])  # (r, in)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                w = (ctx.weight_fn() if ctx.weight_fn is not None else weight).to(dtype)  # (out, in)
+                if wide:
+                    w = w.float()
+                lora_part = g_u @ A  # (N, in)
+                if ctx.dropout > 0.0:
+                    lora_part = _dropped(lora_part, ctx.dropout, ctx.seed, dtype, device)
+                grad_x = torch.addmm(lora_part, g, w).to(ctx.x_dtype).view(ctx.in_shape)
+            grad_bias = g.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None
+
+
+def _dropped(
+    x: torch.Tensor, p: float, seed: int | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``x`` times the keep mask drawn from ``seed`` and nn.Dropout's scale (a new tensor), or
+    ``x`` itself when ``p`` is 0. The same seed gives the same mask in forward and backward."""
+    if p == 0.0:
+        return x
+    keep = dropout_keep_mask(x.shape, p, device, seed)
+    return (x * keep).mul_(dropout_scale(p, dtype, device))
 
 
 class _LoRAUpdate(torch.autograd.Function):

@@ -1,29 +1,40 @@
-"""Attention within each packed example: a fraction of the work, sdpa's accuracy.
+"""Attention within each packed example, in tiles: memory linear in its length, sdpa's accuracy.
 
 For a packed row transformers builds a block-diagonal causal mask from the position_ids, and
-sdpa then scores every pair of the row's ``T`` tokens before masking most of them away. On CPU
-its fused kernel is also slow per score: on the bench model (8 rows of 512 tokens, 8 heads of
-64) it takes about 83 ms per layer, forward and backward, whatever the mask: a third of a
-training step. :func:`packed_attention` computes each example of ``n`` tokens on its own
-(about 42 ms per layer for the same rows):
+sdpa then scores every pair of the row's ``T`` tokens before masking most of them away.
+:func:`packed_attention` computes each example of ``n`` tokens on its own, a block of query
+rows at a time (flash attention's forward and backward, with whole key rows per block)::
 
-    S = (Q K^T) * scale,   P = softmax(S + causal mask),   O = P V,
-    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dP * P)) * scale,   dQ = dS K,   dK = dS^T Q.
+    S = (Q_i K_{<=i}^T) * scale,   P = softmax(S + causal mask),   O_i = P V,   L_i = logsumexp(S)
+    backward, S again from Q, K and L:   P = exp(S - L),   dP = dO_i V^T,   D = rowsum(dP * P),
+    dV += P^T dO_i,   dS = P * (dP - D) * scale,   dQ_i = dS K,   dK += dS^T Q_i
 
-Only ``sum(n_i^2)`` scores are formed instead of ``B T^2``. S, the softmax, dP and dS are
-computed in fp32 (from bf16 Q, K, V and dO when the model runs in bf16): a rounded score would
-become a relative error in its weight, and dP - rowsum(dP * P) cancels. P and dS are rounded
-to the model's dtype for the products with V, K and Q, which run at the machine's bf16 rate, as
-transformers' eager attention does for P. Against an fp64 computation the output's error is
-1.04x sdpa's bf16 error and the gradients' 0.9-0.95x (tests/test_attention.py). Backward keeps P
-besides Q, K and V.
+A block of ``m`` queries meets only the keys up to its last row, so about ``n^2 / 2`` scores are
+formed per example instead of ``T^2`` per row, and no more than one block's scores exist at a
+time (``TILE_SCORES``). Backward keeps Q, K, V and ``L`` (one fp32 number per query and head):
+memory grows linearly with the example's length (keeping P, as a plain
+implementation does, costs ``H n^2`` 16-bit numbers: 268 MB per layer for one 2048-token
+Phi-3-mini example). Grouped-query attention reads each key/value head for its group of query
+heads without repeating it.
+
+S, the softmax, dP and dS are computed in fp32 (from 16-bit Q, K, V and dO): a rounded score
+would become a relative error in its weight, and dP - D cancels. P and dS are rounded to the
+model's dtype for the products O = P V, dQ = dS K and dK = dS^T Q where the machine multiplies
+16-bit matrices natively (:func:`lorafit.lora.ops.widen_products`; elsewhere they stay fp32), as
+transformers' eager attention does for P; dV = P^T dO is an fp32 product, and partial sums of dK
+and dV over query blocks accumulate in fp32.
+Against an fp64 computation the output's and the gradients' errors are within sdpa's bf16 errors
+(tests/models/test_attention.py).
 
 The example boundaries come from :class:`lorafit.data.PackedCollator` (``cu_seq_lens_q``, which
 transformers passes on to attention functions). Everything else goes to transformers' own sdpa
 function with the mask it was given: rows without boundaries (padded batches, whose attention
 mask is sdpa's to apply), boundaries that do not cover the rows exactly, a KV cache (keys longer
 than the queries), mixed dtypes, attention dropout in training, a non-causal module, and a
-sliding window shorter than an example.
+sliding window shorter than an example. The per-example loop reads the boundaries on the host,
+so it runs on CPUs only: tensors on an accelerator go to sdpa without the boundaries being read
+(no host sync per layer), and :func:`lorafit.training.train` switches to it only on CPU;
+flash-attention's varlen kernel and sdpa read the boundaries from the position_ids there.
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from lorafit.lora.ops import widen_products
 
 __all__ = ["PACKED_ATTENTION", "packed_attention", "use_packed_attention"]
 
@@ -55,12 +68,14 @@ def packed_attention(
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
     window = kwargs.get("sliding_window")
     batch, heads, length, dim = query.shape
-    lengths = cu_seq_lens.diff().tolist() if cu_seq_lens is not None else []
+    on_cpu = query.device.type == "cpu"  # elsewhere reading the boundaries would sync every layer
+    lengths = cu_seq_lens.diff().tolist() if cu_seq_lens is not None and on_cpu else []
     if (
         not lengths
         or sum(lengths) != batch * length
         or key.shape[2] != length
         or not query.dtype == key.dtype == value.dtype
+        or heads % key.shape[1] != 0
         or (dropout and module.training)
         or not getattr(module, "is_causal", True)
         or (window is not None and max(lengths) > window)
@@ -68,12 +83,8 @@ def packed_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if key.shape[1] != heads:  # grouped-query attention: repeat each key/value head
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-        value = value.repeat_interleave(heads // value.shape[1], dim=1)
     scale = dim**-0.5 if scaling is None else scaling
-    out = _ExampleAttention.apply(query, key, value, _examples(lengths, batch, length), scale)
-    return out.transpose(1, 2).contiguous(), None
+    return _ExampleAttention.apply(query, key, value, _examples(lengths, batch, length), scale), None
 
 
 def _examples(lengths: list[int], batch: int, length: int) -> tuple[tuple[int, int, int], ...]:
@@ -88,7 +99,17 @@ def _examples(lengths: list[int], batch: int, length: int) -> tuple[tuple[int, i
     return tuple(examples)
 
 
+TILE_SCORES = 1 << 22
+"""Scores per block of query rows (16 MB in fp32): the attention's working memory, whatever ``n``."""
+
+
+def _query_block(heads: int, n: int) -> int:
+    return max(16, min(n, TILE_SCORES // (heads * n)))
+
+
 class _ExampleAttention(torch.autograd.Function):
+    """q (B, H, T, D), k and v (B, H_kv, T, D) in; (B, T, H, D) out (what attention functions return)."""
+
     @staticmethod
     def forward(ctx, q, k, v, examples, scale):  # noqa: ANN001, ANN205
         with torch.autocast(q.device.type, enabled=False):  # the dtypes below, whatever autocast says
@@ -101,42 +122,77 @@ class _ExampleAttention(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, q, k, v, examples, scale):  # noqa: ANN001, ANN205
-        # Contiguous (B, H, T, D) once: each example's (H, n, D) slice is then a strided batch
-        # that bmm reads and writes in place.
-        wide = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-        qf, kf, v = q.to(wide).contiguous(), k.to(wide).contiguous(), v.contiguous()
-        above = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).triu_(1)
-        out = torch.empty_like(v)
-        probs = []
+        batch, heads, length, dim = q.shape
+        kv_heads, dtype = k.shape[1], v.dtype
+        group = heads // kv_heads
+        wide = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        low = wide if widen_products(dtype, q.device.type) else dtype  # operands of the P V product
+        # Contiguous (B, H, T, D) once: an example's (H, n, D) slice is then a strided batch.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = torch.empty(batch, length, heads, dim, dtype=dtype, device=q.device)
+        lse = torch.empty(batch, heads, length, dtype=wide, device=q.device)
         for b, s, n in examples:
             rows = slice(s, s + n)
-            scores = torch.bmm(qf[b, :, rows], kf[b, :, rows].transpose(1, 2)).mul_(scale)  # (H, n, n)
-            scores.masked_fill_(above[:n, :n], float("-inf"))
-            p = torch.softmax(scores, dim=-1).to(v.dtype)
-            torch.bmm(p, v[b, :, rows], out=out[b, :, rows])
-            probs.append(p)
-        ctx.save_for_backward(q, k, v, *probs)
+            qe = q[b, :, rows].view(kv_heads, group, n, dim)
+            ke, ve = k[b, :, rows].to(wide), v[b, :, rows].to(low)  # (H_kv, n, D)
+            step = _query_block(heads, n)
+            above = torch.ones(step, step, dtype=torch.bool, device=q.device).triu_(1)
+            for i0 in range(0, n, step):
+                i1 = min(n, i0 + step)
+                m = i1 - i0
+                qb = qe[:, :, i0:i1].reshape(kv_heads, group * m, dim).to(wide)
+                scores = torch.bmm(qb, ke[:, :i1].transpose(1, 2)).mul_(scale)  # (H_kv, g m, i1)
+                scores.view(kv_heads, group, m, i1)[..., i0:].masked_fill_(above[:m, :m], float("-inf"))
+                top = scores.amax(-1, keepdim=True)
+                probs = scores.sub_(top).exp_()
+                total = probs.sum(-1, keepdim=True)
+                probs.div_(total)  # softmax, as torch.softmax computes it
+                lse[b, :, s + i0 : s + i1] = (top + total.log_()).view(heads, m)
+                o = torch.bmm(probs.to(low), ve[:, :i1])  # (H_kv, g m, D)
+                out[b, s + i0 : s + i1] = o.view(heads, m, dim).transpose(0, 1)
+        ctx.save_for_backward(q, k, v, lse)
         ctx.examples, ctx.scale = examples, scale
         return out
 
     @staticmethod
     def _backward(ctx, grad):  # noqa: ANN001, ANN205
-        q, k, v, *probs = ctx.saved_tensors
-        dtype = v.dtype
-        q, k = q.contiguous(), k.contiguous()
-        g = grad.to(dtype).contiguous()
-        # dP in fp32 too: dP - rowsum(dP * P) cancels, and would magnify dP's bf16 rounding
+        q, k, v, lse = ctx.saved_tensors
+        heads, dim, kv_heads, dtype = q.shape[1], q.shape[3], k.shape[1], v.dtype
+        group = heads // kv_heads
         wide = torch.promote_types(dtype, torch.float32)
-        gf, vf = g.to(wide), v.to(wide)
+        low = wide if widen_products(dtype, q.device.type) else dtype  # operands of dV, dQ, dK
+        grad = grad.to(dtype)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for (b, s, n), p in zip(ctx.examples, probs, strict=True):
+        for b, s, n in ctx.examples:
             rows = slice(s, s + n)
-            torch.bmm(p.transpose(1, 2), g[b, :, rows], out=dv[b, :, rows])
-            dp = torch.bmm(gf[b, :, rows], vf[b, :, rows].transpose(1, 2))  # (H, n, n)
-            pf = p.to(wide)
-            ds = dp.sub_((dp * pf).sum(-1, keepdim=True)).mul_(pf).mul_(ctx.scale).to(dtype)
-            torch.bmm(ds, k[b, :, rows], out=dq[b, :, rows])
-            torch.bmm(ds.transpose(1, 2), q[b, :, rows], out=dk[b, :, rows])
+            qe = q[b, :, rows].view(kv_heads, group, n, dim)
+            ke, ve = k[b, :, rows].to(wide), v[b, :, rows].to(wide)  # (H_kv, n, D)
+            ke_low = ke.to(low)
+            dk_acc = torch.zeros(kv_heads, n, dim, dtype=wide, device=q.device)
+            dv_acc = torch.zeros(kv_heads, n, dim, dtype=wide, device=q.device)
+            step = _query_block(heads, n)
+            above = torch.ones(step, step, dtype=torch.bool, device=q.device).triu_(1)
+            for i0 in range(0, n, step):
+                i1 = min(n, i0 + step)
+                m = i1 - i0
+                block = slice(s + i0, s + i1)
+                qb = qe[:, :, i0:i1].reshape(kv_heads, group * m, dim).to(wide)  # (H_kv, g m, D)
+                # dO of the block as (H_kv, g m, D), like qb
+                do = grad[b, block].transpose(0, 1).reshape(kv_heads, group * m, dim).to(wide)
+                scores = torch.bmm(qb, ke[:, :i1].transpose(1, 2)).mul_(ctx.scale)  # (H_kv, g m, i1)
+                scores.view(kv_heads, group, m, i1)[..., i0:].masked_fill_(above[:m, :m], float("-inf"))
+                probs = scores.sub_(lse[b, :, block].reshape(kv_heads, group * m, 1)).exp_()
+                # in fp32: bf16 partial sums of P^T dO over query blocks would add up to 1.03x sdpa's error
+                dv_acc[:, :i1] += torch.bmm(probs.transpose(1, 2), do)
+                # dP in fp32: dP - D cancels, and would magnify dP's bf16 rounding. D = rowsum(dP * P)
+                # rather than rowsum(dO * O), which carries O's rounding (1.2x the error of dQ, dK)
+                dp = torch.bmm(do, ve[:, :i1].transpose(1, 2))  # (H_kv, g m, i1)
+                ds = dp.sub_((dp * probs).sum(-1, keepdim=True)).mul_(probs).mul_(ctx.scale).to(low)
+                dq_block = torch.bmm(ds, ke_low[:, :i1])  # (H_kv, g m, D)
+                dq[b, :, block] = dq_block.view(heads, m, dim)
+                dk_acc[:, :i1] += torch.bmm(ds.transpose(1, 2), qb.to(low))
+            dk[b, :, rows] = dk_acc
+            dv[b, :, rows] = dv_acc
         return dq, dk, dv, None, None
 
 

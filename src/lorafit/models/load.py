@@ -50,13 +50,14 @@ def _gguf_folder(name: str, dtype: torch.dtype | str, echo: Callable[[str], Any]
     return str(ensure_gguf_cache(name, dtype=dtype, echo=echo))
 
 
-def load_tokenizer(cfg: RunConfig, *, echo: Callable[[str], Any] = print) -> Any:
+def load_tokenizer(cfg: RunConfig, *, echo: Callable[[str], Any] = print, training: bool = False) -> Any:
     """The model's tokenizer (or ``tokenizer.name_or_path``), set up for training, with
-    ``tokenizer.chat_template`` (a built-in name, a file or Jinja text) in place of its own."""
+    ``tokenizer.chat_template`` (a built-in name, a file or Jinja text) in place of its own.
+    ``training`` as for :func:`load_model`: a GGUF base's tokenizer comes from the same dense copy."""
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer.name_or_path or cfg.model.name_or_path
-    name = _gguf_folder(name, load_dtype(cfg), echo)
+    name = _gguf_folder(name, load_dtype(cfg, training=training), echo)
     if name == DEMO_MODEL:
         from lorafit.demo import load_demo_tokenizer
 
@@ -100,15 +101,32 @@ def _on_cpu(cfg: RunConfig) -> bool:
     return not has_accelerator() or bool(cfg.training_config.get("use_cpu"))
 
 
-def load_dtype(cfg: RunConfig) -> torch.dtype | str:
+def _widened(cfg: RunConfig, training: bool) -> bool:
+    """LoRA training (not DoRA, whose variant multiplies natively) keeps a 16-bit dtype on a CPU
+    without 16-bit matrix products: lorafit's training ops multiply its values as fp32 products."""
+    return training and not cfg.lora.use_dora
+
+
+def _dtype_and_note(cfg: RunConfig, training: bool) -> tuple[torch.dtype | str, str | None]:
+    name, widened = cfg.model.torch_dtype, _widened(cfg, training)
+    dtype, note = compute_dtype(name, on_cpu=_on_cpu(cfg) and not widened)
+    if widened and _on_cpu(cfg) and compute_dtype(name, on_cpu=True)[1]:
+        note = (
+            f"model.torch_dtype: {name} kept: this CPU has no native {name} matrix "
+            "products, so lorafit's training ops multiply the 16-bit values as float32 products"
+        )
+    return dtype, note
+
+
+def load_dtype(cfg: RunConfig, *, training: bool = False) -> torch.dtype | str:
     """The dtype the base model loads in (see :func:`lorafit.models.device.compute_dtype`)."""
-    return compute_dtype(cfg.model.torch_dtype, on_cpu=_on_cpu(cfg))[0]
+    return _dtype_and_note(cfg, training)[0]
 
 
-def prepare_base(cfg: RunConfig, echo: Callable[[str], Any] = print) -> None:
+def prepare_base(cfg: RunConfig, echo: Callable[[str], Any] = print, *, training: bool = False) -> None:
     """Make the base model loadable: a GGUF file is converted to its cached dense copy (once)."""
     for name in {cfg.model.name_or_path, cfg.tokenizer.name_or_path or cfg.model.name_or_path}:
-        _gguf_folder(name, load_dtype(cfg), echo)
+        _gguf_folder(name, load_dtype(cfg, training=training), echo)
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -123,15 +141,21 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model=model, tokenizer=tokenizer)
 
 
-def load_model(cfg: RunConfig, tokenizer: Any, *, echo: Callable[[str], Any] = print) -> torch.nn.Module:
+def load_model(
+    cfg: RunConfig, tokenizer: Any, *, echo: Callable[[str], Any] = print, training: bool = False
+) -> torch.nn.Module:
     """The base model in the configured dtype (or float32 where this CPU would emulate it, said
-    through ``echo``) and attention implementation, 4-bit when ``model.quantization`` says so."""
+    through ``echo``) and attention implementation, 4-bit when ``model.quantization`` says so.
+
+    ``training`` (LoRA training, not DoRA) keeps a 16-bit dtype on such CPUs too: lorafit's
+    training ops (:func:`lorafit.lora.ops.matmul16`) multiply its values as fp32 products, at the
+    fp32 rate with half its weight memory and the 16-bit math of the same run elsewhere."""
     m = cfg.model
-    dtype, note = compute_dtype(m.torch_dtype, on_cpu=_on_cpu(cfg))
+    dtype, note = _dtype_and_note(cfg, training)
     if note:
         echo(note)
     quantization = dict(m.quantization) if m.quantization else None
-    if quantization and _on_cpu(cfg):
+    if quantization and _on_cpu(cfg) and not _widened(cfg, training):
         half = quantization.get("bnb_4bit_compute_dtype", "float32")
         _, note = compute_dtype(half, on_cpu=True)
         if note:

@@ -21,7 +21,13 @@ from lorafit.errors import LorafitError
 from lorafit.models.device import cpu_half_is_fast
 
 # Keys lorafit reads itself and never hands to TrainingArguments.
-LORAFIT_ONLY = ("overwrite_output_dir", "save_safetensors", "skip_nonfinite", "logging_dir")
+LORAFIT_ONLY = (
+    "overwrite_output_dir",
+    "save_safetensors",
+    "skip_nonfinite",
+    "logging_dir",
+    "checkpoint_layers",
+)
 # Above this many parameters a model trains with activation checkpointing unless told otherwise:
 # its activations at 2048 tokens (32 layers of Phi-3-mini: tens of GB) outweigh its weights,
 # while below it they fit and recomputing them would only cost a third more time.
@@ -32,9 +38,12 @@ _CHECKPOINTING = next(k for k in ("activation_checkpointing", "gradient_checkpoi
 
 
 def resolve_training_config(
-    values: dict[str, Any], *, has_eval: bool, n_params: int, on_cpu: bool
+    values: dict[str, Any], *, has_eval: bool, n_params: int, on_cpu: bool, widened: bool = False
 ) -> tuple[dict[str, Any], list[str]]:
-    """The settings the run applies, and one note per setting replaced for this machine."""
+    """The settings the run applies, and one note per setting replaced for this machine.
+
+    ``widened``: lorafit's training ops multiply 16-bit values as fp32 products on CPUs without
+    16-bit matrix instructions (LoRA, not DoRA), so 16-bit autocast stays on there."""
     tc = dict(values)
     notes: list[str] = []  # each a setting replaced, and why
     if "warmup_ratio" in tc:  # dropped by transformers 5: a warmup_steps below 1 is a ratio there
@@ -44,6 +53,13 @@ def resolve_training_config(
         new = old.replace("gradient_checkpointing", _CHECKPOINTING)
         if old in tc and new != old:
             tc.setdefault(new, tc.pop(old))
+    if tc.get("checkpoint_layers"):  # some layers recomputed (lorafit.training.run.checkpoint_some_layers)
+        if tc.get(_CHECKPOINTING):
+            raise LorafitError(
+                "training_config: checkpoint_layers recomputes some decoder layers and "
+                f"{_CHECKPOINTING} all of them; set one of the two"
+            )
+        tc[_CHECKPOINTING] = False
     tc.setdefault(_CHECKPOINTING, n_params > CHECKPOINTING_ABOVE)
     tc.setdefault("logging_steps", 10)
     tc.setdefault("save_strategy", "steps")
@@ -60,16 +76,16 @@ def resolve_training_config(
         )
         tc["eval_strategy"] = "no"
     if on_cpu:
-        notes += _cpu_substitutions(tc)
+        notes += _cpu_substitutions(tc, widened)
     return tc, notes
 
 
-def _cpu_substitutions(tc: dict[str, Any]) -> list[str]:
-    """Replace, in place, what a CPU cannot run as asked: 16-bit autocast it would emulate, paged
-    optimizers (CUDA memory paging). The Phi-3 cookbook's script asks for both."""
+def _cpu_substitutions(tc: dict[str, Any], widened: bool = False) -> list[str]:
+    """Replace, in place, what a CPU cannot run as asked: 16-bit autocast it would emulate (unless
+    ``widened``), paged optimizers (CUDA memory paging). The Phi-3 cookbook's script asks for both."""
     notes = []
     for name, key in (("float16", "fp16"), ("bfloat16", "bf16")):
-        if not tc.get(key) or cpu_half_is_fast(name):
+        if not tc.get(key) or cpu_half_is_fast(name) or widened:
             continue
         tc[key] = False
         if key == "fp16" and cpu_half_is_fast("bfloat16"):

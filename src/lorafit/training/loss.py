@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorafit.constants import IGNORE_INDEX
+from lorafit.lora.ops import widen_products
 
 __all__ = ["causal_lm_loss", "supports_fast_loss", "head_cross_entropy_sum"]
 
@@ -158,13 +159,21 @@ class _HeadCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
+            # On CPUs without bf16 matrix instructions (where bf16 products run at 0.3-4 GFLOP/s) the
+            # products are fp32 products of the same 16-bit values: the head is widened once here,
+            # not once per tile, and each product is rounded to dtype as a bf16 product would be.
+            wide = widen_products(dtype, hidden.device.type)
+            if wide:
+                w = w.float()
+                b = None if b is None else b.float()
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             # fp32, so the one rounding to hidden's dtype happens after scaling in backward
             grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_grad else None
             for start in range(0, hidden.shape[0], rows):
                 h = hidden[start : start + rows].to(dtype)  # (c, H)
                 t = targets[start : start + rows]  # (c,)
-                logits = F.linear(h, w, b).float()  # (c, V): rounded to dtype as nn.Linear's would be
+                logits = F.linear(h.float() if wide else h, w, b)  # (c, V)
+                logits = logits.to(dtype).float() if wide else logits.float()  # rounded as nn.Linear's
                 picked = logits.gather(1, t[:, None]).squeeze(1)  # z_i[t_i], before z is overwritten
                 # The softmax as exp(z - max) / sum, not exp(z - logsumexp): z - max is exact for
                 # the largest logits, where z - lse would carry lse's rounding (up to 4e-3
@@ -178,7 +187,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 if need_grad:
                     probs = exps.div_(sums)  # softmax, in place: (c, V)
                     probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                    grad[start : start + rows] = probs.to(dtype) @ w  # d(sum CE)/dh: (c, H)
+                    probs = probs.to(dtype)  # rounded as autograd rounds the logits' gradient
+                    # d(sum CE)/dh: (c, H), rounded to dtype as a bf16 product is
+                    grad[start : start + rows] = (probs.float() @ w).to(dtype) if wide else probs @ w
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
         return total

@@ -25,6 +25,7 @@ from lorafit.inference.metrics import eval_conversations, generation_report
 from lorafit.models.attention import PACKED_ATTENTION, use_packed_attention
 from lorafit.models.device import has_accelerator
 from lorafit.models.gguf import gguf_base_name, is_gguf
+from lorafit.models.lean import use_lean_layers, use_wide_linears
 from lorafit.models.load import absolute_paths, load_model, load_tokenizer, prepare_base
 from lorafit.training import checkpoints, rundir
 from lorafit.training import distributed as lf_dist
@@ -94,6 +95,35 @@ def _conversation(record: Any, fmt: str) -> list[dict] | None:
     return messages[: last + 1]
 
 
+def checkpoint_some_layers(model: torch.nn.Module, amount: int | float | None) -> list[int]:
+    """Recompute ``amount`` decoder layers (an int) or that share of them (a float < 1) in backward.
+
+    The chosen layers are spread evenly and keep only their input (non-reentrant checkpointing);
+    the others keep their activations, so a step costs ``amount / layers`` of a forward pass
+    more than none checkpointed and saves that share of the activations. Returns the indices.
+    """
+    if not amount:
+        return []
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise LorafitError(
+            f"training_config.checkpoint_layers: {type(model).__name__} has no decoder layers that "
+            "transformers can checkpoint; use gradient_checkpointing instead"
+        )
+    count = round(amount * len(layers)) if isinstance(amount, float) and amount < 1 else int(amount)
+    if not 0 <= count <= len(layers):
+        raise LorafitError(
+            f"training_config.checkpoint_layers: {amount} is more than the model's {len(layers)} layers"
+        )
+    chosen = sorted({int((i + 0.5) * len(layers) / count) for i in range(count)}) if count else []
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index in chosen
+    return chosen
+
+
 def keep_freed_memory() -> bool:
     """Let glibc keep freed memory for reuse instead of returning it to the kernel.
 
@@ -145,18 +175,21 @@ def train(
     notes: list[str] = []  # settings this machine changes, said once with the others
     cfg = absolute_paths(cfg)
     with lf_dist.main_process_first():  # a GGUF base is converted once per machine
-        prepare_base(cfg, echo)
-    tokenizer = load_tokenizer(cfg, echo=echo)
+        prepare_base(cfg, echo, training=True)
+    tokenizer = load_tokenizer(cfg, echo=echo, training=True)
     train_set, eval_set, stats, fingerprint = load_data(cfg, tokenizer, seed, echo)
     # LoRA's random A matrices from the run's seed: the same on every rank and in every launch,
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
-    model = add_lora(load_model(cfg, tokenizer, echo=notes.append), cfg)
-    if cfg.data.packing:  # attention within each packed example (sdpa models), not over whole rows
-        use_packed_attention(model)
+    model = add_lora(load_model(cfg, tokenizer, echo=notes.append, training=True), cfg)
+    if cfg.data.packing and (not has_accelerator() or cfg.training_config.get("use_cpu")):
+        use_packed_attention(model)  # attention within each packed example, not over whole rows
+    use_lean_layers(model)  # norms and SiLU gates rebuilt in backward, not kept
+    use_wide_linears(model)  # on CPUs without bf16 products, the layers LoRA leaves plain as well
     echo(trainable_summary(model))
     cfg = settle_training_config(cfg, model, has_eval=eval_set is not None, notes=notes)
     echo(describe_settings(cfg, notes))
+    checkpoint_some_layers(model, cfg.training_config.get("checkpoint_layers"))
     if checkpoint is not None:
         checkpoints.check_same_data(Path(checkpoint), fingerprint, echo)
     if main:
@@ -212,7 +245,11 @@ def settle_training_config(
     on_cpu = not has_accelerator() or bool(cfg.training_config.get("use_cpu"))
     n_params = sum(p.numel() for p in model.parameters())
     resolved, more = resolve_training_config(
-        cfg.training_config, has_eval=has_eval, n_params=n_params, on_cpu=on_cpu
+        cfg.training_config,
+        has_eval=has_eval,
+        n_params=n_params,
+        on_cpu=on_cpu,
+        widened=not cfg.lora.use_dora,
     )
     notes += more
     return dataclasses.replace(cfg, training_config=resolved)
