@@ -162,7 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--trl",
         help="comma-separated PEFT+TRL configurations: packing, packing+checkpointing, padded, "
-        "padded+checkpointing (default: all for small, packing+checkpointing for phi3-mini; '' for none)",
+        "padded+checkpointing, fp32+packing, fp32+packing+checkpointing (PEFT + TRL without bf16: fair on "
+        "CPUs without bf16 instructions); default: all bf16 ones for small, packing+checkpointing for "
+        "phi3-mini; '' for none",
     )
     b.add_argument("--size", default="small", help="the model: small (default) or phi3-mini")
     b.add_argument("--layers", type=int, help="decoder layers (default: the size's own; fewer is a cut)")

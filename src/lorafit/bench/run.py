@@ -50,7 +50,14 @@ import torch
 
 from lorafit.bench.parity import ceiling, parity_check
 from lorafit.bench.report import format_report, plot, summarise
-from lorafit.bench.settings import LORA, LORAFIT_CONFIGS, TRL_CONFIGS, TRL_QLORA_CONFIGS, BenchSettings
+from lorafit.bench.settings import (
+    LORA,
+    LORAFIT_CONFIGS,
+    TRL_CONFIGS,
+    TRL_FP32_CONFIGS,
+    TRL_QLORA_CONFIGS,
+    BenchSettings,
+)
 from lorafit.bench.workers import _run_worker
 from lorafit.bench.workload import prepare_assets
 from lorafit.errors import LorafitError
@@ -59,7 +66,7 @@ from lorafit.errors import LorafitError
 def run_bench(out: Path, settings: BenchSettings, echo: Any = print) -> dict[str, Any]:
     """The whole benchmark; writes ``bench.json``, ``bench.png`` and ``bench.txt`` to ``out``."""
     for option, chosen, known in (
-        ("--trl", settings.trl_configs, {**TRL_CONFIGS, **TRL_QLORA_CONFIGS}),
+        ("--trl", settings.trl_configs, {**TRL_CONFIGS, **TRL_QLORA_CONFIGS, **TRL_FP32_CONFIGS}),
         ("--lorafit", settings.lorafit_configs, LORAFIT_CONFIGS),
     ):
         unknown = [c for c in chosen if c not in known]

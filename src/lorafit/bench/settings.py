@@ -67,6 +67,11 @@ TRL_CONFIGS = {
 TRL_QLORA_CONFIGS = {"qlora+packing+checkpointing": (True, True)}
 
 
+# PEFT + TRL in fp32, weights and math: what a PEFT + TRL user picks on a CPU without bf16 matrix
+# instructions (AVX2), where its bf16 run emulates every product at a few percent of the fp32 rate.
+TRL_FP32_CONFIGS = {"fp32+packing": (True, False), "fp32+packing+checkpointing": (True, True)}
+
+
 LORAFIT_CONFIG = "defaults"  # packing, no checkpointing: what `lorafit train` does
 
 # lorafit's configurations: name -> run-config overrides; the first one run is the one the ratios

@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-from lorafit.bench.settings import LORA, LORAFIT_CONFIGS, TRL_CONFIGS, TRL_QLORA_CONFIGS, BenchSettings
+from lorafit.bench.settings import (
+    LORA,
+    LORAFIT_CONFIGS,
+    TRL_CONFIGS,
+    TRL_FP32_CONFIGS,
+    TRL_QLORA_CONFIGS,
+    BenchSettings,
+)
 from lorafit.bench.workload import bench_tokenizer, tokenized_examples, training_config
 
 
@@ -128,8 +135,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     settings, paths = BenchSettings(**spec["settings"]), spec["paths"]
-    packing, checkpointing = {**TRL_CONFIGS, **TRL_QLORA_CONFIGS}[spec["config"]]
-    qlora = spec["config"] in TRL_QLORA_CONFIGS
+    packing, checkpointing = {**TRL_CONFIGS, **TRL_QLORA_CONFIGS, **TRL_FP32_CONFIGS}[spec["config"]]
+    qlora, fp32 = spec["config"] in TRL_QLORA_CONFIGS, spec["config"] in TRL_FP32_CONFIGS
     examples = tokenized_examples(paths, settings)
     train_set = datasets.Dataset.from_dict(
         {
@@ -138,13 +145,13 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         }
     )
     args = SFTConfig(
-        **training_config(settings, spec["run_dir"]),
+        **{**training_config(settings, spec["run_dir"]), **({"bf16": False} if fp32 else {})},
         max_length=settings.max_length,
         packing=packing,
         gradient_checkpointing=checkpointing,  # TRL's default is on: set it either way
         gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
     )
-    load: dict[str, Any] = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+    load: dict[str, Any] = {"dtype": torch.float32 if fp32 else torch.bfloat16, "attn_implementation": "sdpa"}
     if qlora:
         from transformers import BitsAndBytesConfig
 
