@@ -269,6 +269,14 @@ def test_export_writes_gguf_and_modelfile_that_transformers_reads(trained, tmp_p
     with torch.no_grad():
         want, got = merged(input_ids=ids).logits, read_back(input_ids=ids).logits
     assert (got - want).abs().max() <= 2e-3 * want.abs().max()  # f16 rounding of the weights
+    # and the file is a base lorafit trains on again: export -> train --model.name_or_path FILE
+    from lorafit.demo import train_file
+
+    again = tmp_path / "again"
+    train_again = ["train", *FAST, "--training_config.max_steps", "2", "--data.eval_prompts", "0"]
+    train_again += ["--model.name_or_path", str(out), "--data.train", str(train_file())]
+    assert main([*train_again, "--training_config.output_dir", str(again)]) == 0
+    assert json.loads((again / "adapter_config.json").read_text())["base_model_name_or_path"] == str(out)
     # nothing is written over: the file, then the Modelfile beside a new file name
     assert main(["export", "--adapter", str(trained), "--out", str(out)]) == 2
     assert main(["export", "--adapter", str(trained), "--out", str(out.with_name("other.gguf"))]) == 2

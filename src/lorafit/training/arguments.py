@@ -82,17 +82,22 @@ def resolve_training_config(
 
 def _cpu_substitutions(tc: dict[str, Any], widened: bool = False) -> list[str]:
     """Replace, in place, what a CPU cannot run as asked: 16-bit autocast it would emulate (unless
-    ``widened``), paged optimizers (CUDA memory paging). The Phi-3 cookbook's script asks for both."""
+    ``widened``: lorafit's ops multiply the 16-bit values as fp32 products), fp16 where bf16 serves
+    (fp32's range, no loss scaling), paged optimizers (CUDA memory paging). The Phi-3 cookbook's
+    script asks for fp16 and a paged optimizer."""
     notes = []
-    for name, key in (("float16", "fp16"), ("bfloat16", "bf16")):
-        if not tc.get(key) or cpu_half_is_fast(name) or widened:
-            continue
-        tc[key] = False
-        if key == "fp16" and cpu_half_is_fast("bfloat16"):
+    bf16_runs = cpu_half_is_fast("bfloat16") or widened
+    if tc.get("fp16") and not cpu_half_is_fast("float16"):
+        tc["fp16"] = False
+        if bf16_runs:
             tc["bf16"] = True
-            notes.append("fp16: true -> bf16: true (this CPU multiplies in bf16 natively, not in fp16)")
+            how = "natively" if cpu_half_is_fast("bfloat16") else "as fp32 products (lorafit's training ops)"
+            notes.append(f"fp16: true -> bf16: true (this CPU multiplies bf16 {how}, fp16 only emulated)")
         else:
-            notes.append(f"{key}: true -> false (no native {name} products on this CPU; fp32 is faster)")
+            notes.append("fp16: true -> false (no native float16 products on this CPU; fp32 is faster)")
+    if tc.get("bf16") and not bf16_runs:
+        tc["bf16"] = False
+        notes.append("bf16: true -> false (no native bfloat16 products on this CPU; fp32 is faster)")
     optim = str(tc.get("optim", ""))
     if optim.startswith("paged_"):
         tc["optim"] = "adamw_torch"
