@@ -93,6 +93,26 @@ def export_lora_gguf(
     if dtype not in LORA_DTYPES:
         raise LorafitError(f"dtype {dtype!r} is not one a GGUF LoRA file takes; choose f16 or f32")
     arch = gguf_arch.architecture(base_config)
+    config, tensors = _adapter(adapter, lora_config)
+    check_target(path, overwrite)
+    planned = _planned_pairs(arch, base_config, config, tensors, LORA_DTYPES[dtype])
+    if not planned:
+        raise LorafitError("the adapter holds no lora_A / lora_B tensors")
+    source = getattr(base_config, "_name_or_path", None) or "model"
+    kv: dict[str, KV] = {
+        "general.type": ("adapter", GGUFValueType.STRING),
+        "general.name": (f"{Path(str(source)).name} LoRA", GGUFValueType.STRING),
+        "adapter.type": ("lora", GGUFValueType.STRING),
+        "adapter.lora.alpha": (float(config.lora_alpha), GGUFValueType.FLOAT32),
+    }
+    return write_atomically(path, arch, kv, planned)
+
+
+def _adapter(
+    adapter: str | os.PathLike | Mapping[str, torch.Tensor],
+    lora_config: LoraConfig | Mapping[str, Any] | None,
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The adapter's config and tensors, from its folder or as given; DoRA refused."""
     if isinstance(adapter, Mapping):
         if lora_config is None:
             raise LorafitError("adapter tensors need their lora_config (r, lora_alpha, use_rslora, ...)")
@@ -111,7 +131,14 @@ def export_lora_gguf(
             "this is a DoRA adapter: llama.cpp's LoRA files hold B A only, not DoRA's magnitude "
             "rescaling. Export the merged model instead (lorafit.export.export_gguf)."
         )
-    check_target(path, overwrite)
+    return config, tensors
+
+
+def _planned_pairs(
+    arch: str, base_config: Any, config: LoraConfig, tensors: dict[str, torch.Tensor], qtype: Any
+) -> list[PlannedTensor]:
+    """Each module's ``lora_a`` and ``lora_b`` under llama.cpp's name, B scaled so that llama.cpp's
+    ``alpha / r`` gives the adapter's own scale, and regrouped like its base's rows."""
     tied = bool(getattr(base_config, "tie_word_embeddings", False))
     planned: list[PlannedTensor] = []
     for module, (a, b) in _pairs(tensors).items():
@@ -132,16 +159,6 @@ def export_lora_gguf(
             b32 = b32 * fold
         if heads:
             b32 = gguf_arch.regroup_rows(b32, heads)
-        qtype = LORA_DTYPES[dtype]
         planned.append(PlannedTensor(f"{name}.weight.lora_a", qtype, tuple(a.shape), lambda t=a: t))
         planned.append(PlannedTensor(f"{name}.weight.lora_b", qtype, tuple(b32.shape), lambda t=b32: t))
-    if not planned:
-        raise LorafitError("the adapter holds no lora_A / lora_B tensors")
-    source = getattr(base_config, "_name_or_path", None) or "model"
-    kv: dict[str, KV] = {
-        "general.type": ("adapter", GGUFValueType.STRING),
-        "general.name": (f"{Path(str(source)).name} LoRA", GGUFValueType.STRING),
-        "adapter.type": ("lora", GGUFValueType.STRING),
-        "adapter.lora.alpha": (float(config.lora_alpha), GGUFValueType.FLOAT32),
-    }
-    return write_atomically(path, arch, kv, planned)
+    return planned

@@ -158,6 +158,21 @@ def tokenizer_metadata(
     whitespace handling on it. Raises LorafitError for tokenizers llama.cpp could not reproduce;
     the notes say where it will tokenize some text differently.
     """
+    spec, vocab, byte_level, space_prefix = _bpe_spec(tokenizer, n_vocab)
+    tokens, types = _token_table(tokenizer, vocab, n_vocab, model_name)
+    if byte_level:
+        kv, notes = _byte_level_kv(spec, tokens, types, pre), []
+    else:
+        kv, notes = _sentencepiece_kv(tokenizer, spec["model"], vocab, tokens, types, space_prefix)
+    kv.update(_special_ids_kv(tokenizer))
+    kv.update(_chat_templates(tokenizer))
+    notes += _rstrip_notes(tokenizer.added_tokens_decoder, model_name)
+    return kv, notes
+
+
+def _bpe_spec(tokenizer: Any, n_vocab: int) -> tuple[dict, dict[str, int], bool, str | None]:
+    """The tokenizer's tokenizer.json, its vocabulary, whether it is byte-level, and (if not) where
+    it puts SentencePiece's space prefix; LorafitError for a kind llama.cpp cannot read."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise LorafitError(
@@ -184,6 +199,11 @@ def tokenizer_metadata(
             "the tokenizer is neither byte-level BPE (ByteLevel pre-tokenizer) nor SentencePiece-style "
             "BPE (byte_fallback with '▁' for spaces); llama.cpp reads only those two kinds of BPE"
         )
+    return spec, vocab, byte_level, space_prefix
+
+
+def _token_table(tokenizer: Any, vocab: dict[str, int], n_vocab: int, model_name: str) -> tuple[list, list]:
+    """Every embedding row's token text and GGUF token type (rows past the tokenizer: unused pads)."""
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [int(TokenType.UNUSED)] * n_vocab
     for text, index in vocab.items():
@@ -209,58 +229,74 @@ def tokenizer_metadata(
                 f"looks up {', '.join(_PHI3_LOOKED_UP)} and fails to load without them; this vocabulary "
                 f"lacks {', '.join(missing)}. Name it otherwise with metadata={{'general.name': ...}}"
             )
+    return tokens, types
+
+
+def _byte_level_kv(spec: dict, tokens: list, types: list, pre: str | None) -> dict[str, KV]:
+    """GPT-2-style byte-level BPE: tokens, types and merges, under llama.cpp's pre-tokenizer name."""
+    model = spec["model"]
+    detected = byte_level_pre(spec)
+    if pre is None and detected is None:
+        raise LorafitError(
+            f"the tokenizer's pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))} is not one lorafit "
+            f"maps to llama.cpp's: {'; '.join(f'{k} ({v})' for k, v in PRE_TOKENIZERS.items())}. "
+            "Name llama.cpp's pre-tokenizer yourself with metadata={'tokenizer.ggml.pre': NAME}"
+        )
+    merges = []
+    for left, right in _merge_pairs(model):
+        if " " in left or " " in right:
+            raise LorafitError(f"merge ({left!r}, {right!r}) holds a space, which a GGUF merge cannot")
+        merges.append(f"{left} {right}")
+    kv: dict[str, KV] = {"tokenizer.ggml.model": _str("gpt2")}
+    kv["tokenizer.ggml.pre"] = _str(pre or detected)
+    kv["tokenizer.ggml.tokens"] = _array(tokens)
+    kv["tokenizer.ggml.token_type"] = _array(types)
+    kv["tokenizer.ggml.merges"] = _array(merges)
+    return kv
+
+
+def _sentencepiece_kv(
+    tokenizer: Any, model: dict, vocab: dict[str, int], tokens: list, types: list, space_prefix: str | None
+) -> tuple[dict[str, KV], list[str]]:
+    """SentencePiece-style BPE (Llama 2, Phi-3): tokens, scores ranked by merge order, byte tokens."""
+    n_vocab, notes = len(tokens), []
+    missing = [b for b in range(256) if f"<0x{b:02X}>" not in vocab]
+    if missing:
+        raise LorafitError(
+            f"this SentencePiece-style tokenizer lacks {len(missing)} of the 256 byte tokens <0x00> .. "
+            f"<0xFF> (e.g. <0x{missing[0]:02X}>); llama.cpp spells every character outside the "
+            "vocabulary with them and aborts when one is missing"
+        )
+    if space_prefix == "first":
+        notes.append(
+            "this SentencePiece-style tokenizer puts '▁' only at the very start of the text; "
+            "llama.cpp puts it after every special token too, so text right after a special token "
+            "(a chat template's role tokens) can tokenize differently there"
+        )
+    scores = [0.0] * n_vocab
+    for rank, (left, right) in enumerate(_merge_pairs(model)):
+        made = vocab.get(left + right)
+        if made is not None and scores[made] == 0.0:  # the first merge that makes a token ranks it
+            scores[made] = -(rank + 1.0)
+    for index, text in enumerate(tokens):
+        if types[index] in (TokenType.CONTROL, TokenType.USER_DEFINED):
+            scores[index] = -1000.0  # as llama.cpp's converters score added tokens
+        elif _BYTE_TOKEN.fullmatch(text):
+            types[index] = int(TokenType.BYTE)
+    if tokenizer.unk_token_id is not None:
+        types[tokenizer.unk_token_id] = int(TokenType.UNKNOWN)
+    kv: dict[str, KV] = {"tokenizer.ggml.model": _str("llama")}
+    kv["tokenizer.ggml.pre"] = _str("default")
+    kv["tokenizer.ggml.tokens"] = _array(tokens)
+    kv["tokenizer.ggml.scores"] = _array(scores)
+    kv["tokenizer.ggml.token_type"] = _array(types)
+    kv["tokenizer.ggml.add_space_prefix"] = (space_prefix != "never", GGUFValueType.BOOL)
+    return kv, notes
+
+
+def _special_ids_kv(tokenizer: Any) -> dict[str, KV]:
+    """The special token ids llama.cpp reads, and whether the tokenizer adds bos and eos."""
     kv: dict[str, KV] = {}
-    notes: list[str] = []
-    if byte_level:
-        detected = byte_level_pre(spec)
-        if pre is None and detected is None:
-            raise LorafitError(
-                f"the tokenizer's pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))} is not one lorafit "
-                f"maps to llama.cpp's: {'; '.join(f'{k} ({v})' for k, v in PRE_TOKENIZERS.items())}. "
-                "Name llama.cpp's pre-tokenizer yourself with metadata={'tokenizer.ggml.pre': NAME}"
-            )
-        merges = []
-        for left, right in _merge_pairs(model):
-            if " " in left or " " in right:
-                raise LorafitError(f"merge ({left!r}, {right!r}) holds a space, which a GGUF merge cannot")
-            merges.append(f"{left} {right}")
-        kv["tokenizer.ggml.model"] = _str("gpt2")
-        kv["tokenizer.ggml.pre"] = _str(pre or detected)
-        kv["tokenizer.ggml.tokens"] = _array(tokens)
-        kv["tokenizer.ggml.token_type"] = _array(types)
-        kv["tokenizer.ggml.merges"] = _array(merges)
-    else:
-        missing = [b for b in range(256) if f"<0x{b:02X}>" not in vocab]
-        if missing:
-            raise LorafitError(
-                f"this SentencePiece-style tokenizer lacks {len(missing)} of the 256 byte tokens <0x00> .. "
-                f"<0xFF> (e.g. <0x{missing[0]:02X}>); llama.cpp spells every character outside the "
-                "vocabulary with them and aborts when one is missing"
-            )
-        if space_prefix == "first":
-            notes.append(
-                "this SentencePiece-style tokenizer puts '▁' only at the very start of the text; "
-                "llama.cpp puts it after every special token too, so text right after a special token "
-                "(a chat template's role tokens) can tokenize differently there"
-            )
-        scores = [0.0] * n_vocab
-        for rank, (left, right) in enumerate(_merge_pairs(model)):
-            made = vocab.get(left + right)
-            if made is not None and scores[made] == 0.0:  # the first merge that makes a token ranks it
-                scores[made] = -(rank + 1.0)
-        for index, text in enumerate(tokens):
-            if types[index] in (TokenType.CONTROL, TokenType.USER_DEFINED):
-                scores[index] = -1000.0  # as llama.cpp's converters score added tokens
-            elif _BYTE_TOKEN.fullmatch(text):
-                types[index] = int(TokenType.BYTE)
-        if tokenizer.unk_token_id is not None:
-            types[tokenizer.unk_token_id] = int(TokenType.UNKNOWN)
-        kv["tokenizer.ggml.model"] = _str("llama")
-        kv["tokenizer.ggml.pre"] = _str("default")
-        kv["tokenizer.ggml.tokens"] = _array(tokens)
-        kv["tokenizer.ggml.scores"] = _array(scores)
-        kv["tokenizer.ggml.token_type"] = _array(types)
-        kv["tokenizer.ggml.add_space_prefix"] = (space_prefix != "never", GGUFValueType.BOOL)
     for key, index in (
         ("bos_token_id", tokenizer.bos_token_id),
         ("eos_token_id", tokenizer.eos_token_id),
@@ -273,9 +309,7 @@ def tokenizer_metadata(
     add_bos, add_eos = _add_flags(tokenizer)
     kv["tokenizer.ggml.add_bos_token"] = (add_bos, GGUFValueType.BOOL)
     kv["tokenizer.ggml.add_eos_token"] = (add_eos, GGUFValueType.BOOL)
-    kv.update(_chat_templates(tokenizer))
-    notes += _rstrip_notes(added, model_name)
-    return kv, notes
+    return kv
 
 
 def _end_of_turn(tokenizer: Any) -> int | None:
