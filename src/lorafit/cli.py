@@ -170,6 +170,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--layers", type=int, help="decoder layers (default: the size's own; fewer is a cut)")
     b.add_argument("--max-length", type=int, help="tokens per row (default: 512 small, 2048 phi3-mini)")
     b.add_argument(
+        "--parity-length",
+        type=int,
+        help="tokens in the parity check's row (default: --max-length; 512 for phi3-mini); 0 skips "
+        "the check, whose PEFT bf16 side a CPU without bf16 instructions emulates slowly",
+    )
+    b.add_argument(
         "--lorafit",
         help="comma-separated lorafit configurations: defaults, fast, lean, qlora (default: defaults "
         "for small, fast,lean,qlora for phi3-mini)",

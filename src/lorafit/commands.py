@@ -209,6 +209,7 @@ def cmd_bench(args: argparse.Namespace, _: list[str]) -> int:
         layers=args.layers,
         max_length=args.max_length,
         lorafit=args.lorafit,
+        parity_length=args.parity_length,
     )
     run_bench(Path(args.out), settings)
     return 0

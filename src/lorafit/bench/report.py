@@ -128,12 +128,18 @@ def format_report(report: dict[str, Any]) -> str:
         f"{c['tokens_per_s']:.1f} tokens/s; lorafit reaches "
         f"{100 * reference_row['tokens_per_s'] / c['tokens_per_s']:.0f}% of it "
         f"(it skips the head for the {100 * (1 - c['label_token_share']):.0f}% of tokens without a label)",
-        f"parity on one batch of {p['tokens']} label tokens: loss lorafit {p['loss']['lorafit']:.5f}, "
-        f"PEFT {p['loss']['peft']:.5f}, fp32 {p['loss']['fp32 reference']:.5f}; LoRA gradients, max relative "
-        f"difference: lorafit-PEFT {p['lorafit_vs_peft']['grad_rel_max']:.4f}, lorafit-fp32 "
-        f"{p['lorafit_vs_fp32']['grad_rel_max']:.4f}, PEFT-fp32 {p['peft_vs_fp32']['grad_rel_max']:.4f}: "
-        + ("PASSED" if p["passed"] else "FAILED"),
     ]
+    lines.append(
+        "parity: not run (--parity-length 0)"
+        if p is None
+        else (
+            f"parity on one batch of {p['tokens']} label tokens: loss lorafit {p['loss']['lorafit']:.5f}, "
+            f"PEFT {p['loss']['peft']:.5f}, fp32 {p['loss']['fp32 reference']:.5f}; LoRA gradients, max "
+            f"relative difference: lorafit-PEFT {p['lorafit_vs_peft']['grad_rel_max']:.4f}, lorafit-fp32 "
+            f"{p['lorafit_vs_fp32']['grad_rel_max']:.4f}, PEFT-fp32 {p['peft_vs_fp32']['grad_rel_max']:.4f}: "
+            + ("PASSED" if p["passed"] else "FAILED")
+        )
+    )
     if "minutes" in report:
         lines.append(f"the benchmark took {report['minutes']:.1f} minutes")
     return "\n".join(lines)

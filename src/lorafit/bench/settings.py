@@ -119,7 +119,9 @@ class BenchSettings:
         max_tokens: see ``min_tokens``.
         parity_layers: the parity check's model: the bench model's widths with this many layers
             (None: the bench model itself).
-        parity_length: the parity check's row length (None: ``max_length``).
+        parity_length: the parity check's row length (None: ``max_length``; 0: no parity check,
+            for CPUs without bf16 instructions, where PEFT's bf16 side of it is emulated: tens of
+            minutes at Phi-3-mini's widths).
         trl_configs: which of ``TRL_CONFIGS`` to run.
         lorafit_configs: which of ``LORAFIT_CONFIGS`` to run.
         quick: the tiny smoke-test model and sizes.
@@ -195,6 +197,7 @@ class BenchSettings:
         layers: int | None = None,
         max_length: int | None = None,
         lorafit: str | None = None,
+        parity_length: int | None = None,
     ) -> BenchSettings:
         """The defaults of ``size`` (or the quick ones) with the ``lorafit bench`` options applied."""
         settings = cls.quick_settings() if quick else cls.for_size(size)
@@ -204,6 +207,7 @@ class BenchSettings:
             ("repeats", repeats),
             ("layers", layers),
             ("max_length", max_length),
+            ("parity_length", parity_length),
         ):
             if value is not None:
                 setattr(settings, key, value)
