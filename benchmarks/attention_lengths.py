@@ -68,9 +68,12 @@ def main() -> None:
         for t in (q, k, v):
             t.requires_grad_()
         scale = args.dim**-0.5
+        # the tensors bound as defaults: each length's closures read that length's q, k, v
         runs = {
-            "lorafit": lambda: attention._ExampleAttention.apply(q, k, v, ((0, 0, n),), scale),
-            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            "lorafit": lambda q=q, k=k, v=v, n=n, scale=scale: attention._ExampleAttention.apply(
+                q, k, v, ((0, 0, n),), scale
+            ),
+            "sdpa": lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         }
         row = {"n": n}
         for side in args.sides.split(","):
