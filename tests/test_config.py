@@ -77,7 +77,8 @@ def test_training_arguments_from_the_sample(tmp_path) -> None:
 
 def test_lora_training_keeps_bf16_on_a_cpu_without_bf16_products(monkeypatch) -> None:
     """Without native bf16 products a model loads in fp32 and autocast goes off (lorafit.models.device);
-    LoRA training keeps bf16, whose products lorafit's ops widen to fp32; DoRA's do not."""
+    LoRA training of a large model keeps bf16, whose products lorafit's ops widen to fp32; DoRA's do
+    not."""
     import torch
 
     from lorafit.demo import load_demo_tokenizer
@@ -90,8 +91,12 @@ def test_lora_training_keeps_bf16_on_a_cpu_without_bf16_products(monkeypatch) ->
     cfg = build_config({"model": {"torch_dtype": "bfloat16"}, "training_config": {"bf16": True}})
     notes: list[str] = []
     assert load_model(cfg, load_demo_tokenizer(), echo=notes.append).dtype == torch.float32
-    assert load_model(cfg, load_demo_tokenizer(), echo=notes.append, training=True).dtype == torch.bfloat16
-    assert "bfloat16 kept" in notes[-1]
+    # a model this small trains faster in fp32; from LORAFIT_WIDE_ABOVE parameters (1 B) bf16 is kept
+    small = load_model(cfg, load_demo_tokenizer(), echo=notes.append, training=True)
+    assert small.dtype == torch.float32 and not small._lorafit_wide_products and "-> float32" in notes[-1]
+    monkeypatch.setenv("LORAFIT_WIDE_ABOVE", "0")
+    large = load_model(cfg, load_demo_tokenizer(), echo=notes.append, training=True)
+    assert large.dtype == torch.bfloat16 and large._lorafit_wide_products and "bfloat16 kept" in notes[-1]
     kept, _ = resolve_training_config(
         cfg.training_config, has_eval=False, n_params=10, on_cpu=True, widened=True
     )

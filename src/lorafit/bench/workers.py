@@ -107,6 +107,8 @@ def run_lorafit(spec: dict[str, Any]) -> dict[str, Any]:
     from lorafit.training import train
 
     settings, paths = BenchSettings(**spec["settings"]), spec["paths"]
+    if settings.size == "phi3-mini":  # a cut of it (--layers) trains as the 3.8 B model would
+        os.environ["LORAFIT_WIDE_ABOVE"] = "0"
     run = {
         "model": {
             "name_or_path": paths["model"],

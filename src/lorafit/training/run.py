@@ -249,7 +249,7 @@ def settle_training_config(
         has_eval=has_eval,
         n_params=n_params,
         on_cpu=on_cpu,
-        widened=not cfg.lora.use_dora,
+        widened=bool(getattr(model, "_lorafit_wide_products", False)),
     )
     notes += more
     return dataclasses.replace(cfg, training_config=resolved)
