@@ -125,8 +125,8 @@ def _widened(cfg: RunConfig, training: bool) -> bool:
     return True
 
 
-def _dtype_and_note(cfg: RunConfig, training: bool) -> tuple[torch.dtype | str, str | None]:
-    name, widened = cfg.model.torch_dtype, _widened(cfg, training)
+def _dtype_and_note(cfg: RunConfig, widened: bool) -> tuple[torch.dtype | str, str | None]:
+    name = cfg.model.torch_dtype
     dtype, note = compute_dtype(name, on_cpu=_on_cpu(cfg) and not widened)
     if widened and _on_cpu(cfg) and compute_dtype(name, on_cpu=True)[1]:
         note = (
@@ -138,7 +138,7 @@ def _dtype_and_note(cfg: RunConfig, training: bool) -> tuple[torch.dtype | str, 
 
 def load_dtype(cfg: RunConfig, *, training: bool = False) -> torch.dtype | str:
     """The dtype the base model loads in (see :func:`lorafit.models.device.compute_dtype`)."""
-    return _dtype_and_note(cfg, training)[0]
+    return _dtype_and_note(cfg, _widened(cfg, training))[0]
 
 
 def prepare_base(cfg: RunConfig, echo: Callable[[str], Any] = print, *, training: bool = False) -> None:
@@ -169,14 +169,15 @@ def load_model(
     training ops (:func:`lorafit.lora.ops.matmul16`) multiply its values as fp32 products, at the
     fp32 rate with half its weight memory and the 16-bit math of the same run elsewhere."""
     m = cfg.model
-    dtype, note = _dtype_and_note(cfg, training)
+    widened = _widened(cfg, training)
+    dtype, note = _dtype_and_note(cfg, widened)
     quantization = dict(m.quantization) if m.quantization else None
-    if quantization and _on_cpu(cfg) and not _widened(cfg, training):
+    if quantization and _on_cpu(cfg) and not widened:
         half = quantization.get("bnb_4bit_compute_dtype", "float32")
-        _, note = compute_dtype(half, on_cpu=True)
-        if note:
+        _, compute_note = compute_dtype(half, on_cpu=True)
+        if compute_note:
             quantization["bnb_4bit_compute_dtype"] = "float32"
-            echo(note.replace("model.torch_dtype", "model.quantization.bnb_4bit_compute_dtype"))
+            echo(compute_note.replace("model.torch_dtype", "model.quantization.bnb_4bit_compute_dtype"))
     if m.name_or_path == DEMO_MODEL:
         from lorafit.demo import build_demo_model
 
@@ -208,7 +209,7 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         except (OSError, ValueError, ImportError) as e:
             raise _load_error("model", m.name_or_path, e) from None
-    wide = bool(note) and _widened(cfg, training) and _on_cpu(cfg)
+    wide = widened and note is not None  # a note: this CPU would have emulated the 16-bit dtype
     if wide and not quantization and sum(p.numel() for p in model.parameters()) < _wide_above():
         model.float()  # small: fp32 is the faster way on this CPU (see _widened)
         wide = False
