@@ -216,7 +216,7 @@ def load_model(
         echo(compute_dtype(m.torch_dtype, on_cpu=True)[1])
     elif note:
         echo(note)
-    model._lorafit_wide_products = wide  # read by training.run.settle_training_config
+    model._lorafit_wide_products = wide  # read by training.run (autocast, widened plain linears)
     if quantization:
         from lorafit.models.quant import prepare_kbit_model
 

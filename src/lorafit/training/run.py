@@ -185,7 +185,8 @@ def train(
     if cfg.data.packing and (not has_accelerator() or cfg.training_config.get("use_cpu")):
         use_packed_attention(model)  # attention within each packed example, not over whole rows
     use_lean_layers(model)  # norms and SiLU gates rebuilt in backward, not kept
-    use_wide_linears(model)  # on CPUs without bf16 products, the layers LoRA leaves plain as well
+    if getattr(model, "_lorafit_wide_products", False):  # bf16 kept, products widened (models.load)
+        use_wide_linears(model)  # the layers LoRA leaves plain widen their products too
     echo(trainable_summary(model))
     cfg = settle_training_config(cfg, model, has_eval=eval_set is not None, notes=notes)
     echo(describe_settings(cfg, notes))
