@@ -97,7 +97,8 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def _on_cpu(cfg: RunConfig) -> bool:
+def on_cpu(cfg: RunConfig) -> bool:
+    """Whether the run computes on the CPU: no accelerator, or ``training_config.use_cpu``."""
     return not has_accelerator() or bool(cfg.training_config.get("use_cpu"))
 
 
@@ -127,8 +128,8 @@ def _widened(cfg: RunConfig, training: bool) -> bool:
 
 def _dtype_and_note(cfg: RunConfig, widened: bool) -> tuple[torch.dtype | str, str | None]:
     name = cfg.model.torch_dtype
-    dtype, note = compute_dtype(name, on_cpu=_on_cpu(cfg) and not widened)
-    if widened and _on_cpu(cfg) and compute_dtype(name, on_cpu=True)[1]:
+    dtype, note = compute_dtype(name, on_cpu=on_cpu(cfg) and not widened)
+    if widened and on_cpu(cfg) and compute_dtype(name, on_cpu=True)[1]:
         note = (
             f"model.torch_dtype: {name} kept: this CPU has no native {name} matrix "
             "products, so lorafit's training ops multiply the 16-bit values as float32 products"
@@ -172,7 +173,7 @@ def load_model(
     widened = _widened(cfg, training)
     dtype, note = _dtype_and_note(cfg, widened)
     quantization = dict(m.quantization) if m.quantization else None
-    if quantization and _on_cpu(cfg) and not widened:
+    if quantization and on_cpu(cfg) and not widened:
         half = quantization.get("bnb_4bit_compute_dtype", "float32")
         _, compute_note = compute_dtype(half, on_cpu=True)
         if compute_note:

@@ -26,7 +26,7 @@ from lorafit.models.attention import PACKED_ATTENTION, use_packed_attention
 from lorafit.models.device import has_accelerator
 from lorafit.models.gguf import gguf_base_name, is_gguf
 from lorafit.models.lean import use_lean_layers, use_wide_linears
-from lorafit.models.load import absolute_paths, load_model, load_tokenizer, prepare_base
+from lorafit.models.load import absolute_paths, load_model, load_tokenizer, on_cpu, prepare_base
 from lorafit.training import checkpoints, rundir
 from lorafit.training import distributed as lf_dist
 from lorafit.training.arguments import resolve_training_config, training_arguments
@@ -182,7 +182,7 @@ def train(
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
     model = add_lora(load_model(cfg, tokenizer, echo=notes.append, training=True), cfg)
-    if cfg.data.packing and (not has_accelerator() or cfg.training_config.get("use_cpu")):
+    if cfg.data.packing and on_cpu(cfg):
         use_packed_attention(model)  # attention within each packed example, not over whole rows
     use_lean_layers(model)  # norms and SiLU gates rebuilt in backward, not kept
     if getattr(model, "_lorafit_wide_products", False):  # bf16 kept, products widened (models.load)
@@ -243,13 +243,12 @@ def settle_training_config(
 ) -> RunConfig:
     """``cfg`` with the training settings the run applies (lorafit's defaults filled in, this
     machine's substitutions made and added to ``notes``): what ``lorafit_run.yaml`` records."""
-    on_cpu = not has_accelerator() or bool(cfg.training_config.get("use_cpu"))
     n_params = sum(p.numel() for p in model.parameters())
     resolved, more = resolve_training_config(
         cfg.training_config,
         has_eval=has_eval,
         n_params=n_params,
-        on_cpu=on_cpu,
+        on_cpu=on_cpu(cfg),
         widened=bool(getattr(model, "_lorafit_wide_products", False)),
     )
     notes += more
