@@ -82,14 +82,16 @@ class RunFilesCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
         if not logs:
             return
-        # Trainer logs on every rank with the same keys, so every rank joins this sum.
-        tokens = self.trainer.tokens_seen() if "loss" in logs else 0
+        if "loss" in logs:
+            # Trainer logs on every rank with the same keys, so every rank joins this sum. Into the
+            # logs themselves: the trackers (report_to), called after this callback, report them too.
+            tokens = self.trainer.tokens_seen()
+            logs["tokens_per_s"] = round(self.tokens_per_s(tokens), 1)
+            logs["tokens_seen"] = tokens
         if not state.is_world_process_zero:
             return
         row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         if "loss" in logs:
-            row["tokens_per_s"] = round(self.tokens_per_s(tokens), 1)
-            row["tokens_seen"] = tokens
             self.last = {
                 "loss": f"{logs['loss']:.4f}",
                 "lr": f"{logs.get('learning_rate', 0):.2e}",

@@ -30,6 +30,7 @@ from lorafit.models.load import absolute_paths, load_model, load_tokenizer, on_c
 from lorafit.training import checkpoints, rundir
 from lorafit.training import distributed as lf_dist
 from lorafit.training.arguments import resolve_training_config, training_arguments
+from lorafit.training.tracking import check_report_to
 from lorafit.training.trainer import build_trainer, run_trainer
 
 
@@ -165,6 +166,7 @@ def train(
     Launched by torchrun or accelerate launch, every process runs this: rank 0 picks the run
     folder and writes the files, the others train their share of each batch.
     """
+    check_report_to(cfg.training_config.get("report_to"))  # a tracker not installed: said before loading
     lf_dist.join_processes(cfg)
     main = lf_dist.is_main_process()
     echo = echo if main else _say_nothing

@@ -38,6 +38,7 @@ from lorafit.training import checkpoints
 from lorafit.training import distributed as lf_dist
 from lorafit.training.callbacks import NonFiniteGuard, RunFilesCallback, StopOnSignal
 from lorafit.training.loss import causal_lm_loss, supports_fast_loss
+from lorafit.training.tracking import ConfigToTrackers
 
 
 class LorafitTrainer(Trainer):
@@ -247,10 +248,12 @@ def build_trainer(
     trainer.remove_callback(ProgressCallback)
     run_dir = Path(args.output_dir)
     files = RunFilesCallback(run_dir, trainer)
-    trainer.add_callback(files)
+    # First: its on_log adds tokens/s to the logs, which the trackers (report_to) then receive.
+    trainer.callback_handler.callbacks.insert(0, files)
     skip = bool(cfg.training_config.get("skip_nonfinite"))
     trainer.add_callback(NonFiniteGuard(trainer, run_dir, skip=skip, echo=files.write))
     trainer.add_callback(StopOnSignal(echo=files.write))
+    trainer.add_callback(ConfigToTrackers(cfg.to_dict(), cfg.to_yaml(), trainer.callback_handler.callbacks))
     return trainer
 
 
