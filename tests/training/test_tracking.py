@@ -217,6 +217,7 @@ def test_an_unknown_tracker_is_named_with_the_nearest() -> None:
         check_report_to("tensorbord")
     assert check_report_to("none") == [] and check_report_to(["none"]) == []
     assert check_report_to("mlflow") == ["mlflow"]
+    assert {"tensorboard", "mlflow", "wandb"} <= set(check_report_to("all"))  # all installed here
 
 
 def test_where_the_user_points_a_tracker_wins(tmp_path, monkeypatch) -> None:
