@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import string
 
 import pytest
@@ -32,6 +33,10 @@ from real_models import smollm2_session  # noqa: F401
 # Tiny models gain nothing from intra-op threads, and OpenMP threads that spin against a busy or
 # parallel test run (pytest-xdist, another job on the same cores) make each op 100x slower.
 torch.set_num_threads(1)
+
+# `lorafit train` with no model named runs the tiny demo model in every test and every process a test
+# starts, not the real one (tests/test_demo.py tries the real demo by clearing this).
+os.environ["LORAFIT_DEMO"] = "tiny"
 
 # The chat template of microsoft/Phi-3-mini-4k-instruct, verbatim.
 PHI3_TEMPLATE = (

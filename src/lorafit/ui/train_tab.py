@@ -15,7 +15,6 @@ import gradio as gr
 import pandas as pd
 
 from lorafit.config import RunConfig
-from lorafit.constants import DEMO_MODEL
 from lorafit.errors import LorafitError
 from lorafit.ui import form
 from lorafit.ui.runs import Runs, RunView, chosen
@@ -37,14 +36,20 @@ def _chart(view: RunView) -> gr.LinePlot:
 
 
 def train_tab(
-    runs: Runs, downloads: Path, model: gr.Textbox, path: gr.Textbox, eval_path: gr.Textbox, fields: dict
+    runs: Runs,
+    downloads: Path,
+    model: gr.Textbox,
+    path: gr.Textbox,
+    eval_path: gr.Textbox,
+    fields: dict,
+    start_model: str,
 ) -> gr.Dropdown:
     """Lay out the Train tab (inside a ``gr.Tab``) and wire it; returns the Runs dropdown.
 
     ``fields`` already holds the Data tab's inputs; the LoRA and training fields are added.
     ``eval_path`` is created unrendered by the caller, so the Data tab's demo button can fill it.
     """
-    defaults = form.field_values(form.base_config(DEMO_MODEL))
+    defaults = form.field_values(form.base_config(start_model))
     with gr.Row():
         for f in form.TRAIN_FIELDS[:4]:
             fields[f.name] = field_input(f, defaults[f.name])
