@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorafit.lora import ops
+from lorafit import kernels
 from lorafit.models import attention
 from lorafit.models.attention import _ExampleAttention, _examples
 
@@ -32,9 +32,9 @@ def mode(request, monkeypatch):  # noqa: ANN001, ANN201
     monkeypatch.setenv("LORAFIT_WIDE_PRODUCTS", "1" if request.param == "wide" else "0")
     if request.param == "tiles":
         monkeypatch.setattr(attention, "TILE_SCORES", 16 * H * 16)
-    ops.widen_products.cache_clear()
+    kernels.widen_products.cache_clear()
     yield request.param
-    ops.widen_products.cache_clear()
+    kernels.widen_products.cache_clear()
 
 
 def run(attention, dtype: torch.dtype, seed: int, kv_heads: int = H) -> list[torch.Tensor]:

@@ -108,18 +108,18 @@ def test_other_activations_keep_their_forward() -> None:
 
 
 def test_wide_linears_only_where_the_cpu_has_no_bf16_products(monkeypatch) -> None:
-    from lorafit.lora import ops
+    from lorafit import kernels
 
     model = _model(tiny_phi3, lean=False)  # LoRA on every linear layer but the head
     monkeypatch.setenv("LORAFIT_WIDE_PRODUCTS", "0")
-    ops.widen_products.cache_clear()
+    kernels.widen_products.cache_clear()
     assert use_wide_linears(model) == 0
     monkeypatch.setenv("LORAFIT_WIDE_PRODUCTS", "1")
-    ops.widen_products.cache_clear()
+    kernels.widen_products.cache_clear()
     plain_loss, plain_grads, _ = _step(_model(tiny_phi3, lean=False), autocast=True)
     assert use_wide_linears(model) == 1 and "forward" in vars(model.lm_head)
     loss, grads, _ = _step(model, autocast=True)
-    ops.widen_products.cache_clear()
+    kernels.widen_products.cache_clear()
     assert abs(float(loss - plain_loss)) < 1e-2
     for name, g in plain_grads.items():
         assert float((grads[name] - g).norm() / g.norm()) < 2e-2, name

@@ -12,7 +12,7 @@ tensors that backward needs anyway (``x`` and ``a`` with one fp32 number per tok
 ``up``). :func:`use_lean_layers` gives a model's norms and MLPs forwards that compute exactly
 what transformers' do (the same ops in the same order: outputs are bit for bit the same) with
 autograd functions that keep only those tensors and mark their outputs rebuildable
-(:func:`lorafit.lora.ops.mark_rebuildable`): the LoRA linear layer that reads ``n1``, ``n2`` or
+(:func:`lorafit.kernels.mark_rebuildable`): the LoRA linear layer that reads ``n1``, ``n2`` or
 the gate then keeps nothing of its own input and rebuilds it in backward. Per token and layer
 that is ``x``, ``a``, ``gate``, ``up`` and the attention's q, k, v and output, all 16-bit
 (68 KB for Phi-3-mini in bf16, against about 180 KB op by op).
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorafit.lora.ops import frozen_linear, mark_rebuildable, widen_products
+from lorafit.kernels import frozen_linear, mark_rebuildable, widen_products
 
 __all__ = ["LEAN_MLPS", "LEAN_NORMS", "rms_norm", "silu_mul", "use_lean_layers", "use_wide_linears"]
 
@@ -133,7 +133,7 @@ def _wide_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def use_wide_linears(model: nn.Module) -> int:
     """On a CPU without 16-bit matrix instructions, give the model's plain ``nn.Linear`` layers (those
     LoRA does not wrap: the output head, layers outside ``target_modules``) a forward whose products
-    under autocast are fp32 products of the same 16-bit values (:func:`lorafit.lora.ops.frozen_linear`),
+    under autocast are fp32 products of the same 16-bit values (:func:`lorafit.kernels.frozen_linear`),
     as lorafit's LoRA layers, attention and loss compute theirs; elsewhere it changes nothing.
     Returns how many layers changed."""
     if not any(widen_products(dtype, "cpu") for dtype in (torch.bfloat16, torch.float16)):

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorafit.constants import IGNORE_INDEX
-from lorafit.lora.ops import widen_products
+from lorafit.kernels import widen_products
 
 __all__ = ["causal_lm_loss", "supports_fast_loss", "head_cross_entropy_sum"]
 
