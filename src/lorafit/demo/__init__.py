@@ -175,7 +175,7 @@ def demo_config(vocab_size: int) -> Phi3Config:
     4 heads, intermediate 704: about 4.0M parameters. Measured on 2 CPU cores, one step
     of LoRA r=16 on all linear layers, batch 8 x 512 tokens, forward + backward +
     AdamW, takes about 0.7 s in float32 and 0.5 s in bfloat16 (1.05 s and 0.75 s with
-    gradient checkpointing), so a two-minute demo runs some 150-250 steps.
+    gradient checkpointing).
 
     ``initializer_range`` is ``hidden_size ** -0.5`` rather than Phi-3's 0.02. LoRA
     leaves the random embeddings and output head frozen, and with 0.02 the head can
