@@ -29,6 +29,7 @@ from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
 # The real SmolLM2 model, converted once per session, for every test folder (tests/models/...).
 from real_models import smollm2_session  # noqa: F401
+from tiny import SIZES
 
 # Tiny models gain nothing from intra-op threads, and OpenMP threads that spin against a busy or
 # parallel test run (pytest-xdist, another job on the same cores) make each op 100x slower.
@@ -190,15 +191,8 @@ def build_tiny_phi3(
     """A 2-layer random Phi-3 (fp32, eval mode); grouped-query attention like Phi-3-medium."""
     torch.manual_seed(seed)
     config = Phi3Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        **{**SIZES, "vocab_size": vocab_size, "pad_token_id": pad_token_id},
         sliding_window=sliding_window,
-        pad_token_id=pad_token_id,
         bos_token_id=None,
         eos_token_id=None,
         attn_implementation=attn_implementation,
