@@ -28,7 +28,7 @@ from transformers import Trainer, TrainerCallback
 from lorafit.disk import write_text_atomic
 from lorafit.errors import LorafitError
 from lorafit.training.checkpoints import resume_hint
-from lorafit.training.rundir import METRICS_NAME
+from lorafit.training.rundir import LOSS_PLOT_NAME, METRICS_NAME
 
 
 class RunFilesCallback(TrainerCallback):
@@ -110,12 +110,12 @@ class RunFilesCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         if state.is_world_process_zero:
-            plot_loss(self.history, self.run_dir / "loss.png")
+            plot_loss(self.history, self.run_dir / LOSS_PLOT_NAME)
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         self.close()
         if state.is_world_process_zero:
-            plot_loss(self.history, self.run_dir / "loss.png")
+            plot_loss(self.history, self.run_dir / LOSS_PLOT_NAME)
 
 
 def metrics_up_to(path: Path, step: int) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from lorafit.constants import RUN_CONFIG_NAME
 from lorafit.errors import LorafitError, did_you_mean
 
 # report_to name -> (module it imports, what pip installs)
@@ -141,7 +142,7 @@ class ConfigToTrackers(TrainerCallback):
                 ]
                 for i in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
                     mlflow.log_params(dict(params[i : i + MAX_PARAMS_TAGS_PER_BATCH]))
-                mlflow.log_text(self.config_yaml, "lorafit_run.yaml")
+                mlflow.log_text(self.config_yaml, RUN_CONFIG_NAME)
         if "wandb" in targets:
             import wandb
 

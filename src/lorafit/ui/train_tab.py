@@ -16,6 +16,7 @@ import pandas as pd
 
 from lorafit.config import RunConfig
 from lorafit.errors import LorafitError
+from lorafit.training.rundir import LOSS_PLOT_NAME
 from lorafit.ui import form
 from lorafit.ui.runs import Runs, RunView, chosen
 from lorafit.ui.widgets import error_text, field_input
@@ -90,7 +91,7 @@ def train_tab(
                 refresh = gr.Button("Refresh the list", scale=1)
     with gr.Row():
         samples = gr.Markdown(elem_id="samples")
-        loss_png = gr.Image(label="loss.png", type="pil", interactive=False, elem_id="loss-png")
+        loss_png = gr.Image(label=LOSS_PLOT_NAME, type="pil", interactive=False, elem_id="loss-png")
     log = gr.Textbox(label="lorafit train output", lines=10, max_lines=10, autoscroll=True, elem_id="run-log")
     timer = gr.Timer(1.0)
     inputs = [model, path, eval_path, extra, name, qlora, *fields.values()]
