@@ -8,7 +8,8 @@ is shown in the tab's status line, as the CLI prints it.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +96,17 @@ def build(page: Page) -> gr.Blocks:
         eval_path = gr.Textbox(label="Eval data (optional)", elem_id="eval-path", scale=2, render=False)
         with gr.Tabs():
             with gr.Tab("Data", id="data"):
-                path = _data_tab(page, model, fields, eval_path)
+                data = _data_tab(page, model, fields)
             with gr.Tab("Train", id="train"):
-                run_select = train_tab(page.runs, page.downloads, model, path, eval_path, fields, page.model)
+                run_select = train_tab(
+                    page.runs, page.downloads, model, data.path, eval_path, fields, page.model
+                )
             with gr.Tab("Chat", id="chat") as chat_tab:
                 chat_run = _chat_tab(page)
             with gr.Tab("Export", id="export") as export_tab:
                 export_run = _export_tab(page)
         _follow_the_recipe(model, fields, page.model)
+        _wire_demo_button(page, data, model, eval_path, fields)  # after the Train tab added its fields
         for tab, dropdown in ((chat_tab, chat_run), (export_tab, export_run)):
             tab.select(lambda: gr.update(choices=page.runs.finished()), outputs=dropdown)
         # A page opened (or reopened after a closed tab) while a run goes on shows that run.
@@ -132,8 +136,20 @@ def _follow_the_recipe(model: gr.Textbox, fields: dict[str, gr.components.Compon
     )
 
 
-def _data_tab(page: Page, model: gr.Textbox, fields: dict, eval_path: gr.Textbox) -> gr.Textbox:
-    """Lay out the Data tab and wire it; returns the data path box (the Train tab reads it)."""
+@dataclass
+class _DataTab:
+    """What the Data tab hands on: its data path box (the Train tab reads it), its demo button, and
+    its Inspect handler with that handler's inputs and outputs (the demo button runs it too)."""
+
+    path: gr.Textbox
+    demo: gr.Button
+    inspect: Callable[..., tuple]
+    inputs: list
+    outputs: list
+
+
+def _data_tab(page: Page, model: gr.Textbox, fields: dict) -> _DataTab:
+    """Lay out the Data tab and wire its own handlers."""
     defaults = form.field_values(form.base_config(page.model))
 
     with gr.Row():
@@ -206,21 +222,28 @@ def _data_tab(page: Page, model: gr.Textbox, fields: dict, eval_path: gr.Textbox
 
     outputs = [summary, histogram, packing, index, mask, bad, report]
     inspect.click(run_inspect, inputs=data_inputs, outputs=outputs)
-
-    def use_demo(model_name: str | None) -> list:
-        """The demo's data for the model in the box; for the real demo model also the demo's settings."""
-        train, evaluate, values = form.demo_settings((model_name or "").strip() or page.model)
-        settings = [values[key] for key in fields] if values else [gr.skip()] * len(fields)
-        return [train, evaluate, *settings]
-
-    demo.click(use_demo, inputs=model, outputs=[path, eval_path, *fields.values()]).then(
-        run_inspect, inputs=data_inputs, outputs=outputs
-    )
     upload.upload(lambda f: f, inputs=upload, outputs=path).then(
         run_inspect, inputs=data_inputs, outputs=outputs
     )
     index.input(show_example, inputs=[model, report, index], outputs=mask, trigger_mode="always_last")
-    return path
+    return _DataTab(path=path, demo=demo, inspect=run_inspect, inputs=data_inputs, outputs=outputs)
+
+
+def _wire_demo_button(
+    page: Page, data: _DataTab, model: gr.Textbox, eval_path: gr.Textbox, fields: dict
+) -> None:
+    """The demo button: the demo's data for the model in the box and, for the real demo model, the
+    demo's settings in every field of both tabs; then the data is inspected."""
+    keys = list(fields)
+
+    def use_demo(model_name: str | None) -> list:
+        train, evaluate, values = form.demo_settings((model_name or "").strip() or page.model)
+        settings = [values[key] for key in keys] if values else [gr.skip()] * len(keys)
+        return [train, evaluate, *settings]
+
+    data.demo.click(use_demo, inputs=model, outputs=[data.path, eval_path, *fields.values()]).then(
+        data.inspect, inputs=data.inputs, outputs=data.outputs
+    )
 
 
 def _chat_tab(page: Page) -> gr.Dropdown:
