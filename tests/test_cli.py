@@ -97,7 +97,7 @@ def test_chat_interactive_keeps_history(trained, monkeypatch, capsys) -> None:
     seen: list[list[dict]] = []
     real = lorafit.inference.generate
 
-    def recording(model, tokenizer, messages, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    def recording(model, tokenizer, messages, **kwargs):
         seen.append([dict(m) for m in messages])
         return real(model, tokenizer, messages, **kwargs)
 

@@ -73,7 +73,7 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 class _FrozenLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, bias):
         dtype = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             out = linear16(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
@@ -82,7 +82,7 @@ class _FrozenLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         with torch.autocast(grad.device.type, enabled=False):
             grad_x = matmul16(grad.to(ctx.dtype), weight.to(ctx.dtype)).to(ctx.x_dtype)

@@ -16,7 +16,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(params=["native", "wide"])
-def products(request, monkeypatch):  # noqa: ANN001, ANN201
+def products(request, monkeypatch):
     """Both ways of multiplying 16-bit matrices, whatever this CPU has."""
     monkeypatch.setenv("LORAFIT_WIDE_PRODUCTS", "1" if request.param == "wide" else "0")
     kernels.widen_products.cache_clear()

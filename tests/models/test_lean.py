@@ -13,7 +13,7 @@ from tiny import tiny_llama, tiny_phi3
 TOKENS = (2, 24)
 
 
-def _model(make, lean: bool, dtype: torch.dtype = torch.bfloat16, dropout: float = 0.1) -> torch.nn.Module:  # noqa: ANN001
+def _model(make, lean: bool, dtype: torch.dtype = torch.bfloat16, dropout: float = 0.1) -> torch.nn.Module:
     model = make(dtype=dtype).train()
     torch.manual_seed(1)
     config = LoraConfig(
@@ -47,7 +47,7 @@ def _step(model: torch.nn.Module, autocast: bool) -> tuple[torch.Tensor, dict, i
 
 
 @pytest.mark.parametrize("make", [tiny_phi3, tiny_llama])
-def test_same_loss_and_gradients_as_transformers_under_autocast(make) -> None:  # noqa: ANN001
+def test_same_loss_and_gradients_as_transformers_under_autocast(make) -> None:
     plain_loss, plain_grads, plain_bytes = _step(_model(make, lean=False), autocast=True)
     lean_loss, lean_grads, lean_bytes = _step(_model(make, lean=True), autocast=True)
     assert torch.equal(lean_loss, plain_loss)  # the forward runs the same ops: bit for bit
@@ -57,7 +57,7 @@ def test_same_loss_and_gradients_as_transformers_under_autocast(make) -> None:  
 
 
 @pytest.mark.parametrize("make", [tiny_phi3, tiny_llama])
-def test_same_loss_and_gradients_in_fp32_without_autocast(make) -> None:  # noqa: ANN001
+def test_same_loss_and_gradients_in_fp32_without_autocast(make) -> None:
     plain_loss, plain_grads, _ = _step(_model(make, lean=False, dtype=torch.float32, dropout=0.0), False)
     lean_loss, lean_grads, _ = _step(_model(make, lean=True, dtype=torch.float32, dropout=0.0), False)
     assert torch.equal(lean_loss, plain_loss)

@@ -164,12 +164,12 @@ def _save_unmerged(module: LoRALayer, state_dict: dict, prefix: str, local_metad
             state_dict[key] = module._unmerged_weight(w.detach().float()).to(w.dtype)
 
 
-def _unmerge_before_load(module: LoRALayer, state_dict, prefix, *args) -> None:  # noqa: ANN001
+def _unmerge_before_load(module: LoRALayer, state_dict, prefix, *args) -> None:
     module._remerge_on_load = module.merged
     module.unmerge()
 
 
-def _remerge_after_load(module: LoRALayer, incompatible_keys) -> None:  # noqa: ANN001
+def _remerge_after_load(module: LoRALayer, incompatible_keys) -> None:
     if getattr(module, "_remerge_on_load", False):
         module.merge()
     module._remerge_on_load = False

@@ -148,7 +148,7 @@ def lora_linear(
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout):
         device = x.device
         dtype = torch.get_autocast_dtype(device.type)
         recipe = rebuild_recipe(x)
@@ -184,7 +184,7 @@ class _LoRALinear(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         saved = ctx.saved_tensors
         sources, (u, lora_A, lora_B, weight) = saved[: ctx.n_sources], saved[ctx.n_sources :]
         dtype, s, device = ctx.dtype, ctx.scaling, grad.device
@@ -226,7 +226,7 @@ def _dropped(
 
 class _LoRAUpdate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, result, x, lora_A, lora_B, scaling, dropout):  # noqa: ANN001, ANN205
+    def forward(ctx, result, x, lora_A, lora_B, scaling, dropout):
         dtype = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
@@ -248,7 +248,7 @@ class _LoRAUpdate(torch.autograd.Function):
         return flat.view(result.shape[:-1] + (flat.shape[-1],))
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         x, keep, after_A, A, B = ctx.saved_tensors
         s = ctx.scaling
         result_dtype, A_dtype, B_dtype = ctx.dtypes

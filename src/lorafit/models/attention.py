@@ -111,17 +111,17 @@ class _ExampleAttention(torch.autograd.Function):
     """q (B, H, T, D), k and v (B, H_kv, T, D) in; (B, T, H, D) out (what attention functions return)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, examples, scale):  # noqa: ANN001, ANN205
+    def forward(ctx, q, k, v, examples, scale):
         with torch.autocast(q.device.type, enabled=False):  # the dtypes below, whatever autocast says
             return _ExampleAttention._forward(ctx, q, k, v, examples, scale)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         with torch.autocast(grad.device.type, enabled=False):
             return _ExampleAttention._backward(ctx, grad)
 
     @staticmethod
-    def _forward(ctx, q, k, v, examples, scale):  # noqa: ANN001, ANN205
+    def _forward(ctx, q, k, v, examples, scale):
         batch, heads, length, dim = q.shape
         kv_heads, dtype = k.shape[1], v.dtype
         group = heads // kv_heads
@@ -155,7 +155,7 @@ class _ExampleAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def _backward(ctx, grad):  # noqa: ANN001, ANN205
+    def _backward(ctx, grad):
         q, k, v, lse = ctx.saved_tensors
         heads, dim, kv_heads, dtype = q.shape[1], q.shape[3], k.shape[1], v.dtype
         group = heads // kv_heads

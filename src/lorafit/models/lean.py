@@ -60,7 +60,7 @@ def _norm_output(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> t
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, eps):
         h = x.to(torch.float32)
         rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
         y = weight * (h * rstd).to(x.dtype)
@@ -69,7 +69,7 @@ class _RMSNorm(torch.autograd.Function):
         return y, rstd
 
     @staticmethod
-    def backward(ctx, dy, _drstd):  # noqa: ANN001, ANN205
+    def backward(ctx, dy, _drstd):
         # y = w * round(n), n = x * r, r = (mean(x^2) + eps)^-1/2:
         #   dn = dy * w (in y's dtype, as autograd's mul),  dx = r * (dn - n * mean(dn * n))
         x, rstd, weight = ctx.saved_tensors
@@ -94,12 +94,12 @@ def _gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 class _SiluMul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up):  # noqa: ANN001, ANN205
+    def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
         return _gated(gate, up)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         # the ops autograd runs for silu(gate) * up, in the same dtypes
         gate, up = ctx.saved_tensors
         grad_gate = grad_up = None

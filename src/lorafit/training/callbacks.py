@@ -45,7 +45,7 @@ class RunFilesCallback(TrainerCallback):
         self.tokens0 = 0
         self.last: dict[str, str] = {}  # the progress bar's postfix
 
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_train_begin(self, args, state, control, **kwargs):
         self.t0 = time.perf_counter()
         self.tokens0 = self.trainer.tokens_seen()  # every rank runs this callback: a collective is safe
         if state.is_world_process_zero and state.global_step > 0:
@@ -72,14 +72,14 @@ class RunFilesCallback(TrainerCallback):
         """Throughput since training began, given the tokens seen by all processes so far."""
         return (tokens - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             # loss, lr and tokens/s as of the last log: reading them every step would wait for
             # the device every step
             self.bar.update(state.global_step - self.bar.n)
             self.bar.set_postfix(self.last, refresh=False)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
+    def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
             return
         if "loss" in logs:
@@ -108,11 +108,11 @@ class RunFilesCallback(TrainerCallback):
         with open(self.run_dir / METRICS_NAME, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
-    def on_evaluate(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_evaluate(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             plot_loss(self.history, self.run_dir / LOSS_PLOT_NAME)
 
-    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_train_end(self, args, state, control, **kwargs):
         self.close()
         if state.is_world_process_zero:
             plot_loss(self.history, self.run_dir / LOSS_PLOT_NAME)
@@ -205,7 +205,7 @@ class StopOnSignal(TrainerCallback):
             "(send it again to stop at once)"
         )
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_step_end(self, args, state, control, **kwargs):
         if self.received is not None:
             control.should_save = True
             control.should_training_stop = True
@@ -235,7 +235,7 @@ class NonFiniteGuard(TrainerCallback):
                 bad.append("gradients")
         return " and ".join(bad) or None
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         what = self._what_is_not_finite(model)
         if what is None:
             return

@@ -122,7 +122,7 @@ class ConfigToTrackers(TrainerCallback):
         self.config, self.config_yaml = config, config_yaml
         self.callbacks = callbacks  # the Trainer's list: TensorBoard's writer is found there
 
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
         from transformers.integrations import TensorBoardCallback
@@ -149,7 +149,7 @@ class ConfigToTrackers(TrainerCallback):
             if wandb.run is not None:
                 wandb.config.update({"lorafit": self.config}, allow_val_change=True)
 
-    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and "wandb" in report_targets(args.report_to):
             import wandb
 

@@ -67,7 +67,7 @@ class LorafitTrainer(Trainer):
         self._loss_finite: torch.Tensor | None = None  # all micro-batch losses of this step finite
         self._staging: str | None = None
 
-    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001, ANN201
+    def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         finite = torch.isfinite(loss).all()  # stays on the device: no sync per micro-batch
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
@@ -78,7 +78,7 @@ class LorafitTrainer(Trainer):
         finite, self._loss_finite = self._loss_finite, None
         return finite is None or bool(finite)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             ids = inputs["input_ids"]
             mask = inputs.get("attention_mask")
@@ -98,7 +98,7 @@ class LorafitTrainer(Trainer):
             loss = loss * (self.accelerator.num_processes // self.get_tp_size() if n_gpu <= 1 else n_gpu)
         return loss
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: ANN001, ANN201
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation without metrics needs the loss only: take it without the logits. (One
         # batch's loss over its own label tokens, as Trainer's num_items_in_batch makes it.)
         if not (prediction_loss_only and self._fast_loss_applies(inputs)):
