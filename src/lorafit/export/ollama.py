@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,7 @@ def write_modelfile(
     *,
     stop_tokens: Sequence[str] | None = None,
     system: str | None = None,
+    notes: Callable[[str], Any] | None = None,
 ) -> Path:
     """Write ``folder/Modelfile`` for the GGUF file ``gguf_filename`` in the same folder.
 
@@ -103,8 +104,10 @@ def write_modelfile(
         stop_tokens: one ``PARAMETER stop`` line each; by default eos, the end-of-turn token
             (``<|end|>`` for Phi-3) and the template family's role markers.
         system: an optional system prompt (``SYSTEM``).
+        notes: called with the note that the chat template is not one lorafit can write (without
+            it, the note is a ``UserWarning``).
 
-    Returns the Modelfile's path. Warns when the chat template is not one lorafit can write.
+    Returns the Modelfile's path.
     """
     folder = Path(folder)
     if Path(gguf_filename).name != gguf_filename:
@@ -121,7 +124,10 @@ def write_modelfile(
             "chat template stored in the GGUF when it recognises it, and otherwise sends the bare prompt"
         )
         lines.append(f"# no TEMPLATE: {note}")
-        warnings.warn(f"Modelfile: {note}", UserWarning, stacklevel=2)
+        if notes is None:
+            warnings.warn(f"Modelfile: {note}", UserWarning, stacklevel=2)
+        else:
+            notes(f"Modelfile: {note}")
     if system is not None:
         lines.append(f"SYSTEM {_quoted(system)}")
     lines.append("")
