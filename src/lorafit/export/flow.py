@@ -113,7 +113,7 @@ def _gguf(
     check_target(out, overwrite=False)
     modelfile = out.parent / MODELFILE_NAME
     if modelfile.exists():
-        raise LorafitError(f"{modelfile} already exists; export into a new folder (NEW/{out.name})")
+        raise LorafitError(f"{modelfile} already exists; export into a new folder (--out NEW/model.gguf)")
     _, tokenizer, model = load_trained(adapter, sixteen_bit=True, echo=echo)
     notes: list[str] = []
     export_gguf(model, tokenizer, out, dtype=dtype, merge=True, progress=progress, notes=notes.append)
