@@ -471,6 +471,21 @@ def test_merge_writes_each_weight_merged_in_fp32_and_rounded_once(dtype, use_dor
             check_weights(expected.state_dict(), load_back(twice).state_dict(), dtype)
 
 
+def test_an_adapter_on_a_tied_output_head_is_written_as_its_own_output_weight(tmp_path) -> None:
+    tokenizer = build_tokenizer("chatml")
+    model = tiny_llama(len(tokenizer), tie_word_embeddings=True)
+    config = lorafit.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False)
+    lorafit.apply_lora(model, config)
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", merge=True)
+    tensors = {t.name: torch.from_numpy(np.array(t.data)).float() for t in GGUFReader(path).tensors}
+    w0 = model.get_input_embeddings().weight.detach()
+    head = w0 + model.lm_head.update_weight()
+    # the embeddings stay W0; llama.cpp takes output.weight, when the file has one, for the head
+    assert torch.equal(tensors["token_embd.weight"], w0.half().float())
+    assert torch.equal(tensors["output.weight"], head.half().float())
+    assert not torch.equal(tensors["output.weight"], tensors["token_embd.weight"])
+
+
 def test_export_notes_go_to_the_callers_function_instead_of_warnings(tmp_path) -> None:
     tokenizer = faithful_phi3_tokenizer()
     notes: list[str] = []

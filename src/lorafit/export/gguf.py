@@ -131,7 +131,9 @@ def plan_tensors(
     tied = bool(getattr(config, "tie_word_embeddings", False))
     planned = []
     for key, tensor in state.items():
-        if key in adapter_keys or (tied and key == "lm_head.weight"):
+        if key in adapter_keys:
+            continue
+        if tied and key == "lm_head.weight" and key not in folded:
             continue  # llama.cpp reads a missing output.weight as tied to token_embd
         # bitsandbytes keeps its 4-bit weights as integers with their scales under "weight.absmax" ...
         if not tensor.is_floating_point() or ".weight." in key:
