@@ -69,7 +69,8 @@ example:
 
 EXPORT_HELP = """\
 Export a run for llama.cpp and Ollama: the adapter merged into its base as one GGUF file
-(f16 by default; bf16, or q8_0 at about half the size), with an Ollama Modelfile beside it
+(f16 by default; bf16, or q8_0 at about half the size; each merged weight computed in fp32 and
+rounded once, to the file's type), with an Ollama Modelfile beside it
 (FROM, the chat template in Ollama's syntax, the stop tokens). A QLoRA run is merged into the
 base's original 16-bit weights. With --lora-only, the adapter alone as a GGUF LoRA file for
 llama.cpp's --lora (f16 or f32), to use over a GGUF of the base model.

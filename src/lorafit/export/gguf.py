@@ -77,7 +77,7 @@ def _matrix_type(dtype: str, shape: tuple[int, ...]) -> GGMLQuantizationType:
     return qtype if shape[-1] % block == 0 else GGMLQuantizationType.F16
 
 
-def folded_weights(model: torch.nn.Module) -> tuple[dict[str, Callable[[], torch.Tensor]], set[str]]:
+def merged_weights(model: torch.nn.Module) -> tuple[dict[str, Callable[[], torch.Tensor]], set[str]]:
     """The merged weight of every LoRA layer of ``model``, computed when asked for, and the
     adapter's own state-dict keys (``lora_A``, ``lora_B``, DoRA's magnitude), which the merged
     weights replace.
@@ -86,13 +86,13 @@ def folded_weights(model: torch.nn.Module) -> tuple[dict[str, Callable[[], torch
     one layer at a time: a file's type then rounds each weight once, and a full fp32 copy of the
     model never exists. A layer merged already holds its merged weight, which is returned as it is.
     """
-    merged: dict[str, Callable[[], torch.Tensor]] = {}
+    weights: dict[str, Callable[[], torch.Tensor]] = {}
     adapter_keys: set[str] = set()
     for name, layer in lora_layers(model):
         if getattr(layer, "base_layer", None) is not None:
             raise LorafitError(
                 f"{name} is a LoRA layer over a 4-bit weight; dequantize the model to 16 bits before "
-                "exporting (lorafit.export.merge_into_base does). Nothing was written."
+                "exporting (lorafit.models.quant.dequantize_model does). Nothing was written."
             )
         module = cast(torch.nn.Module, layer)
         adapter_keys |= {f"{name}.{key}" for key in module.state_dict() if key.startswith("lora_")}
@@ -108,8 +108,8 @@ def folded_weights(model: torch.nn.Module) -> tuple[dict[str, Callable[[], torch
                 layer.dora_merged_norm = kept  # DoRA keeps the norms of a merge for unmerge: none was done
             return merged
 
-        merged[f"{name}.{layer._base_weight_key()}"] = value
-    return merged, adapter_keys
+        weights[f"{name}.{layer._base_weight_key()}"] = value
+    return weights, adapter_keys
 
 
 def plan_tensors(
@@ -117,10 +117,10 @@ def plan_tensors(
 ) -> list[PlannedTensor]:
     """Every tensor of ``model`` under its GGUF name and type, checked: no 4-bit weight, nothing
     outside the layout, every value finite (and within f16's range for f16). LoRA layers are
-    refused unless ``merge``, which writes each as its merged weight (:func:`folded_weights`)."""
+    refused unless ``merge``, which writes each as its merged weight (:func:`merged_weights`)."""
     config = model.config
     state = model.state_dict()
-    folded, adapter_keys = folded_weights(model) if merge else ({}, set())
+    merged, adapter_keys = merged_weights(model) if merge else ({}, set())
     leftover = [k for k in state if ".lora_" in k and k not in adapter_keys]
     if leftover:
         raise LorafitError(
@@ -133,8 +133,10 @@ def plan_tensors(
     for key, tensor in state.items():
         if key in adapter_keys:
             continue
-        if tied and key == "lm_head.weight" and key not in folded:
-            continue  # llama.cpp reads a missing output.weight as tied to token_embd
+        # llama.cpp reads a missing output.weight as tied to token_embd; a tied head with an update
+        # of its own is written, and llama.cpp takes it for the output while token_embd stays W0
+        if tied and key == "lm_head.weight" and key not in merged:
+            continue
         # bitsandbytes keeps its 4-bit weights as integers with their scales under "weight.absmax" ...
         if not tensor.is_floating_point() or ".weight." in key:
             raise LorafitError(
@@ -145,7 +147,7 @@ def plan_tensors(
         if suffix not in ("weight", "bias"):
             raise LorafitError(f"{key} is neither a weight nor a bias; GGUF export has no place for it")
         name, heads = gguf_arch.gguf_name(arch, config, module)
-        source = folded.get(key, lambda t=tensor: t)
+        source = merged.get(key, lambda t=tensor: t)
         _check_values(key, source(), dtype)  # a merged weight is computed here and again when written
         shape = tuple(tensor.shape)
         qtype = _matrix_type(dtype, shape) if tensor.dim() == 2 else GGMLQuantizationType.F32
