@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from lorafit.errors import LorafitError
 from lorafit.export import gguf_arch
 from lorafit.export.gguf_arch import KV
 from lorafit.export.gguf_tokenizer import named_phi3, tokenizer_metadata, wants_phi3_rule
+from lorafit.lora.variants import parameter_name
 
 DTYPES = {
     "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
@@ -79,8 +80,8 @@ def _matrix_type(dtype: str, shape: tuple[int, ...]) -> GGMLQuantizationType:
 
 def merged_weights(model: torch.nn.Module) -> tuple[dict[str, Callable[[], torch.Tensor]], set[str]]:
     """The merged weight of every LoRA layer of ``model``, computed when asked for, and the
-    adapter's own state-dict keys (``lora_A``, ``lora_B``, DoRA's magnitude), which the merged
-    weights replace.
+    state-dict keys of the adapter's own tensors (each layer's ``adapter_params``: ``lora_A``,
+    ``lora_B``, DoRA's magnitude), which the merged weights replace.
 
     Each function returns ``W0 + s B A`` (DoRA: ``c (W0 + s B A)``) in fp32, in the stored layout,
     one layer at a time: a file's type then rounds each weight once, and a full fp32 copy of the
@@ -94,8 +95,7 @@ def merged_weights(model: torch.nn.Module) -> tuple[dict[str, Callable[[], torch
                 f"{name} is a LoRA layer over a 4-bit weight; dequantize the model to 16 bits before "
                 "exporting (lorafit.models.quant.dequantize_model does). Nothing was written."
             )
-        module = cast(torch.nn.Module, layer)
-        adapter_keys |= {f"{name}.{key}" for key in module.state_dict() if key.startswith("lora_")}
+        adapter_keys |= {f"{name}.{parameter_name(key)}" for key in layer.adapter_params()}
 
         @torch.no_grad()
         def value(layer: Any = layer) -> torch.Tensor:
