@@ -235,6 +235,7 @@ class _Rendered:
     text: str
     turns: list[tuple[int, int, int, tuple[int, int] | None, bool]]  # index, start, bound, trace span, trace
     content_ends: dict[int, int]  # where each turn's text (content) ends, to stop without a stop token
+    mask_traces: bool = False  # reasoning="mask": leave the trace spans unlabelled
 
 
 def _render_conversation(
@@ -288,7 +289,7 @@ def _render_conversation(
                 content_ends[i] = found + len(text)
                 break
         turns.append((i, start, bound, span, traces[i] is not None))
-    return _Rendered(full, turns, content_ends)
+    return _Rendered(full, turns, content_ends, reasoning == "mask")
 
 
 def _label_turns(
@@ -345,7 +346,7 @@ def _label_turns(
             raise LorafitError(f"{where}: assistant turn {index} produced no tokens; expected text.")
         for m in range(first, end):
             labels[m] = ids[m]
-        if trace_span is not None:
+        if trace_span is not None and rendered.mask_traces:
             a, b = trace_span
             for m in range(first, end):
                 if offsets[m][0] < b and offsets[m][1] > a and ids[m] not in special_ids:
