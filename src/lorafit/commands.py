@@ -51,6 +51,22 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lorafit.config import load_config
+    from lorafit.data.report import analyse, print_report
+    from lorafit.models import load_tokenizer
+
+    if args.model:
+        overrides = ["--model.name_or_path", args.model, *overrides]
+    if args.max_length is not None:
+        overrides = [*overrides, "--data.max_length", str(args.max_length)]
+    cfg = load_config(args.config, [*overrides, "--data.train", args.file])
+    tokenizer = load_tokenizer(cfg)
+    report = analyse(tokenizer, args.file, **cfg.data.row_settings())
+    print_report(report, tokenizer, show=args.show, colour=sys.stdout.isatty())
+    return 1 if report.errors else 0
+
+
 def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:
     from transformers import TextStreamer
 

@@ -8,7 +8,6 @@ checked by decoding the labelled tokens.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from tokenizers import AddedToken
@@ -19,37 +18,7 @@ from lorafit.data.read import Record
 from lorafit.data.template import PromptMismatch, TemplateCannotRender, _encode_conversations
 from lorafit.errors import LorafitError
 
-from chat_data import labelled_runs, write_jsonl
-
-TEMPLATES = Path(__file__).resolve().parents[1] / "fixtures" / "templates"
-
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather in a city now.",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string", "description": "The city."}},
-                "required": ["city"],
-            },
-        },
-    }
-]
-TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
-TOOL_CHAT = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "What is the weather in Paris?"},
-    {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
-    {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "18 C and sunny"},
-    {"role": "assistant", "content": "It is 18 C and sunny in Paris."},
-]
-
-
-def with_template(tokenizer, name: str):
-    tokenizer.chat_template = (TEMPLATES / name).read_text(encoding="utf-8")
-    return tokenizer
+from chat_data import TOOL_CALL, TOOL_CHAT, TOOLS, labelled_runs, with_template, write_jsonl
 
 
 def decoded_runs(tokenizer, example) -> list[str]:
