@@ -321,11 +321,11 @@ def _stats(report: DataReport) -> dict[str, Any]:
 
 
 def histogram(lengths: Sequence[int], max_length: int, width: int = 40, bins: int = 10) -> list[str]:
-    """A terminal bar chart of ``lengths`` in ``bins`` equal bins up to ``max_length``, plus one bin
-    for the lengths over it (cut or dropped)."""
+    """A terminal bar chart of ``lengths`` in ``bins`` equal bins up to ``max_length`` (or up to the
+    longest, when shorter), plus one bin for the lengths over ``max_length`` (cut or dropped)."""
     if not lengths:
         return []
-    edges = np.linspace(0, max_length, bins + 1)
+    edges = np.linspace(0, min(max_length, max(lengths)), bins + 1)
     over = sum(1 for n in lengths if n > max_length)
     counts = list(np.histogram([n for n in lengths if n <= max_length], bins=edges)[0])
     rows = [
@@ -364,6 +364,13 @@ def render_example(tokenizer: Any, example: Example, max_length: int, colour: bo
         run.append(token)
     flush()
     return "".join(pieces)
+
+
+def _first_clause(message: str, longest: int = 160) -> str:
+    if len(message) <= longest:
+        return message
+    cut = min((i for i in (message.find("; "), message.find(". ")) if i > 0), default=longest)
+    return message[: min(cut, longest)] + " ..."
 
 
 def print_report(
@@ -408,8 +415,10 @@ def print_report(
             by_kind.setdefault(finding.kind, []).append(finding)
         for kind, group in by_kind.items():
             echo(f"\n{level}: {kind} ({len(group)} record{'s' if len(group) != 1 else ''})")
-            for finding in group[:max_findings]:
-                echo(f"  {finding.where}: {finding.message}")
+            for i, finding in enumerate(group[:max_findings]):
+                # the first in full, the others to their first clause: the advice is the same
+                text = finding.message if i == 0 else _first_clause(finding.message)
+                echo(f"  {finding.where}: {text}")
             if len(group) > max_findings:
                 echo(f"  ... and {len(group) - max_findings} more")
     verdict = (
