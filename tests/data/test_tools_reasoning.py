@@ -330,3 +330,17 @@ def test_build_uses_file_tools_and_keys_its_cache_on_the_turn_settings(
     assert again["cache_hit"] and again["label_tokens"] == masked["label_tokens"]
     dataset, _, without = build_datasets(tokenizer, **{**common, "tools": None})
     assert without["tokens"] < trained["tokens"]  # the file's tools are rendered into the system turn
+
+
+def test_packing_and_fingerprint_follow_the_turns_trained(tmp_path, chatml_tokenizer, lorafit_cache):
+    from lorafit.data import dataset_fingerprint
+
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": CHAT_ALL_TRAINED}] * 3)
+    every, _, every_stats = build_datasets(chatml_tokenizer, train=path, max_length=128, progress=False)
+    last, _, last_stats = build_datasets(
+        chatml_tokenizer, train=path, max_length=128, progress=False, train_on="last"
+    )
+    # the same tokens in the same packed rows, fewer labels: another dataset for --resume's check
+    assert every.rows == last.rows and every_stats["tokens"] == last_stats["tokens"]
+    assert last_stats["label_tokens"] < every_stats["label_tokens"]
+    assert dataset_fingerprint(every) != dataset_fingerprint(last)

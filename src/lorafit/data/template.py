@@ -230,6 +230,18 @@ def _check_tools_rendered(messages: list[dict], tools: list[dict] | None, full: 
         )
 
 
+def render_text(
+    tokenizer: Any, conversation: Any, reasoning: str = "train", where: str = "conversation"
+) -> str:
+    """The text ``tokenize_conversation`` encodes: the template's rendering of the conversation
+    (a ``Conversation`` or a list of messages) with its tools and its reasoning as ``reasoning``
+    presents it."""
+    _check_template(tokenizer, where)
+    raw, tools = _as_messages(conversation)
+    messages, _ = _present(raw, _template_text(tokenizer), reasoning)
+    return _render(tokenizer, messages, False, where, tools)
+
+
 @dataclass
 class _Rendered:
     text: str
@@ -438,10 +450,8 @@ def _encode_conversations(
     if not assistant_only_loss:
         texts = []
         for conversation, where in zip(conversations, wheres, strict=True):
-            _check_template(tokenizer, where)
+            texts.append(render_text(tokenizer, conversation, reasoning, where))
             raw, tools = _as_messages(conversation)
-            messages, _ = _present(raw, _template_text(tokenizer), reasoning)
-            texts.append(_render(tokenizer, messages, False, where, tools))
             if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in raw):
                 _check_tools_rendered(raw, tools, texts[-1], where)
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
