@@ -220,7 +220,7 @@ def test_deepseek_r1_distill_serves_a_think_prompt_it_never_trains_after(make_to
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "<think>Greet.</think>Hello."},
     ]
-    with pytest.raises(PromptMismatch, match="before assistant turn 1"):
+    with pytest.raises(PromptMismatch, match=r"before assistant turn 1 .*served .*<think>.*, trained "):
         tokenize_conversation(tokenizer, messages, max_length=512)
     example = tokenize_conversation(tokenizer, messages, max_length=512, assistant_only_loss=False)
     assert "Greet" not in tokenizer.decode(example["input_ids"])  # the template drops the trace
@@ -344,3 +344,15 @@ def test_packing_and_fingerprint_follow_the_turns_trained(tmp_path, chatml_token
     assert every.rows == last.rows and every_stats["tokens"] == last_stats["tokens"]
     assert last_stats["label_tokens"] < every_stats["label_tokens"]
     assert dataset_fingerprint(every) != dataset_fingerprint(last)
+
+
+def test_a_template_that_renders_tool_definitions_but_not_calls_is_refused(chatml_tokenizer):
+    # the call's name is in the tool definitions, so only a rendering without the call can tell
+    chatml_tokenizer.chat_template = (
+        "{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    conversation = to_conversation(tool_record(), "messages")
+    with pytest.raises(TemplateCannotRender, match=r"does not render the tool calls \(turn 2\)"):
+        tokenize_conversation(chatml_tokenizer, conversation, max_length=4096)

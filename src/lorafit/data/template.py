@@ -22,6 +22,7 @@ reasoning of earlier turns (Qwen3's) renders none for them: nothing of it is tra
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -202,18 +203,28 @@ def _trained_turns(messages: list[dict], train_on: str) -> list[int]:
     ]
 
 
-def _check_tools_rendered(messages: list[dict], tools: list[dict] | None, full: str, where: str) -> None:
+def _check_tools_rendered(
+    tokenizer: Any,
+    messages: list[dict],
+    presented: list[dict],
+    tools: list[dict] | None,
+    full: str,
+    where: str,
+) -> None:
     """Refuse a template that leaves out tool definitions, calls or results (Phi-3's, SmolLM2's:
-    they render a tool-calling turn as an empty answer)."""
+    they render a tool-calling turn as an empty answer). A call counts as rendered when the
+    rendering changes without it (its name alone may be in the tool definitions)."""
     missing = []
     for tool in tools or []:
         name = tool.get("function", tool)["name"]
         if name not in full:
             missing.append(f"the tool definition '{name}'")
+    if any(m.get("tool_calls") for m in presented):
+        without = [{k: v for k, v in m.items() if k != "tool_calls"} for m in presented]
+        if _render(tokenizer, without, False, where, tools) == full:
+            turns = [i for i, m in enumerate(messages) if m.get("tool_calls")]
+            missing.append(f"the tool calls (turn {', '.join(map(str, turns))})")
     for i, message in enumerate(messages):
-        for call in message.get("tool_calls") or []:
-            if call["function"]["name"] not in full:
-                missing.append(f"the tool call '{call['function']['name']}' of turn {i}")
         content = message.get("content") or ""
         if message["role"] == "tool" and content.strip():
             if content not in full and json.dumps(content)[1:-1] not in full:
@@ -266,26 +277,29 @@ def _render_conversation(
     messages, traces = _present(raw, _template_text(tokenizer), reasoning)
     full = _render(tokenizer, messages, False, where, tools)
     if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in raw):
-        _check_tools_rendered(raw, tools, full, where)
+        _check_tools_rendered(tokenizer, raw, messages, tools, full, where)
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    prefixes: dict[int, int | None] = {}
+    prefixes: dict[int, str] = {}
 
     def prompt_end(i: int) -> int | None:
         if i not in prefixes:
-            prefix = _render(tokenizer, messages[:i], True, where, tools)
-            prefixes[i] = len(prefix) if full.startswith(prefix) else None
-        return prefixes[i]
+            prefixes[i] = _render(tokenizer, messages[:i], True, where, tools)
+        return len(prefixes[i]) if full.startswith(prefixes[i]) else None
 
     turns, content_ends = [], {}
     for i in _trained_turns(raw, train_on):
         start = prompt_end(i)
         if start is None:
+            served = prefixes[i]
+            common = len(os.path.commonprefix([served, full]))  # where the two part
             raise PromptMismatch(
                 f"{where}: the chat template renders the conversation before assistant turn {i} with the "
                 "generation prompt (the prompt chat, the UI and an exported model give the model) "
-                "differently from the same turns inside the whole conversation (what training sees), so "
-                f"turn {i} would be learned after a prompt it never gets when served. Use a template that "
-                "renders earlier turns unchanged (tokenizer.chat_template), or set "
+                "differently from the same turns inside the whole conversation (what training sees): "
+                f"served {served[max(0, common - 20) : common + 20]!r}, trained "
+                f"{full[max(0, common - 20) : common + 20]!r}. Turn {i} would be learned after a prompt "
+                "it never gets when served. Use a template (tokenizer.chat_template) whose generation "
+                "prompt and earlier turns render as they do inside a whole conversation, or set "
                 "assistant_only_loss: false."
             )
         later = [k for k in assistants if k > i]
@@ -453,7 +467,8 @@ def _encode_conversations(
             texts.append(render_text(tokenizer, conversation, reasoning, where))
             raw, tools = _as_messages(conversation)
             if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in raw):
-                _check_tools_rendered(raw, tools, texts[-1], where)
+                presented, _ = _present(raw, _template_text(tokenizer), reasoning)
+                _check_tools_rendered(tokenizer, raw, presented, tools, texts[-1], where)
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [(list(ids), list(ids), []) if details else (list(ids), list(ids)) for ids in encoded]
     _check_fast(tokenizer)
