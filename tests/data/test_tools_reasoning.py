@@ -356,3 +356,57 @@ def test_a_template_that_renders_tool_definitions_but_not_calls_is_refused(chatm
     conversation = to_conversation(tool_record(), "messages")
     with pytest.raises(TemplateCannotRender, match=r"does not render the tool calls \(turn 2\)"):
         tokenize_conversation(chatml_tokenizer, conversation, max_length=4096)
+
+
+def test_a_model_trained_on_these_labels_stops_after_its_call_and_after_its_answer(make_tokenizer):
+    # A tiny Qwen2 learns one tool conversation from its labels alone; greedy generation from the
+    # served prompts (the template's own, with tools=) must end each turn with <|im_end|>, where
+    # lorafit's chat and export stop, long before max_new_tokens.
+    import torch
+    import transformers
+
+    from lorafit.models import stop_token_ids
+
+    tokenizer = with_template(make_tokenizer("chatml"), "Qwen-Qwen2.5-7B-Instruct.jinja")
+    conversation = to_conversation(tool_record(), "messages")
+    example = tokenize_conversation(tokenizer, conversation, max_length=4096)
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    model = transformers.Qwen2ForCausalLM(config)
+    ids, labels = torch.tensor([example["input_ids"]]), torch.tensor([example["labels"]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    stops = stop_token_ids(tokenizer)
+    for turns, expected in (
+        (2, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'),
+        (4, "It is 18 C and sunny in Paris.<|im_end|>"),
+    ):
+        prompt = tokenizer.apply_chat_template(
+            conversation.messages[:turns],
+            tools=TOOLS,
+            add_generation_prompt=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
+        out = model.generate(
+            **prompt,
+            max_new_tokens=200,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answer = out[0, prompt["input_ids"].shape[1] :].tolist()
+        assert answer[-1] in stops and len(answer) < 200
+        assert tokenizer.decode(answer) == expected
