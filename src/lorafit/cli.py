@@ -153,6 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--prompt", help="one prompt: print the answer and exit")
     c.add_argument("--system", help="a system prompt for the conversation")
     c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    c.add_argument(
+        "--tools", help="a JSON file of function schemas to offer the model (default: the run's data.tools)"
+    )
 
     e = _command(sub, "eval", "loss and perplexity on a dataset (and scored answers)", EVAL_HELP)
     e.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")

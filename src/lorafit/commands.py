@@ -70,16 +70,21 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:
     from transformers import TextStreamer
 
+    from lorafit.data.build import load_tools
     from lorafit.inference import generate
     from lorafit.models import load_trained
 
-    _, tokenizer, model = load_trained(args.adapter)
+    cfg, tokenizer, model = load_trained(args.adapter)
+    # the tools the run was trained with (data.tools), so the prompt is the one training saw
+    tools = load_tools(args.tools or cfg.data.tools)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(text: str) -> str:
         history.append({"role": "user", "content": text})
-        answer = generate(model, tokenizer, history, max_new_tokens=args.max_new_tokens, streamer=streamer)
+        answer = generate(
+            model, tokenizer, history, max_new_tokens=args.max_new_tokens, streamer=streamer, tools=tools
+        )
         history.append({"role": "assistant", "content": answer})
         return answer
 

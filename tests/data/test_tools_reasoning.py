@@ -365,6 +365,7 @@ def test_a_model_trained_on_these_labels_stops_after_its_call_and_after_its_answ
     import torch
     import transformers
 
+    from lorafit.inference import generate
     from lorafit.models import stop_token_ids
 
     tokenizer = with_template(make_tokenizer("chatml"), "Qwen-Qwen2.5-7B-Instruct.jinja")
@@ -410,3 +411,6 @@ def test_a_model_trained_on_these_labels_stops_after_its_call_and_after_its_answ
         answer = out[0, prompt["input_ids"].shape[1] :].tolist()
         assert answer[-1] in stops and len(answer) < 200
         assert tokenizer.decode(answer) == expected
+    # lorafit chat's generate offers the same tools (lorafit chat --tools, or the run's data.tools)
+    reply = generate(model, tokenizer, conversation.messages[:2], max_new_tokens=200, tools=TOOLS)
+    assert reply == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
