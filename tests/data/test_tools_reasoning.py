@@ -414,3 +414,37 @@ def test_a_model_trained_on_these_labels_stops_after_its_call_and_after_its_answ
     # lorafit chat's generate offers the same tools (lorafit chat --tools, or the run's data.tools)
     reply = generate(model, tokenizer, conversation.messages[:2], max_new_tokens=200, tools=TOOLS)
     assert reply == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+MISTRAL_CALL = {
+    "id": "a1b2c3d4e",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+}
+MISTRAL_CHAT = [
+    {"role": "user", "content": "Hello"},
+    {"role": "assistant", "content": "Hi! Ask me about the weather."},
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [MISTRAL_CALL]},
+    {"role": "tool", "tool_call_id": "a1b2c3d4e", "name": "get_weather", "content": "18 C and sunny"},
+    {"role": "assistant", "content": "It is 18 C and sunny in Paris."},
+]
+
+
+def test_mistral_puts_tools_in_the_last_user_turn_so_only_the_last_exchange_trains(make_tokenizer):
+    tokenizer = with_template(make_tokenizer("llama2"), "mistralai-Mistral-Nemo-Instruct-2407.jinja")
+    conversation = to_conversation(Record({"messages": MISTRAL_CHAT, "tools": TOOLS}, "m"), "messages")
+    # served before the first answer, the tools sit in the first user turn; inside the whole
+    # conversation, in the last one
+    with pytest.raises(PromptMismatch, match=r"before assistant turn 1 .*served '.*\[AVAILABLE_TOOLS\]"):
+        tokenize_conversation(tokenizer, conversation, max_length=4096)
+    last = tokenize_conversation(tokenizer, conversation, max_length=4096, train_on="last")
+    assert decoded_runs(tokenizer, last) == [
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "a1b2c3d4e"}]</s>',
+        "It is 18 C and sunny in Paris.</s>",
+    ]
+    # and a system prompt is rendered only into a prompt that ends with a user turn: never in training
+    system = [{"role": "system", "content": "Be brief."}, *MISTRAL_CHAT]
+    conversation = to_conversation(Record({"messages": system, "tools": TOOLS}, "m"), "messages")
+    with pytest.raises(PromptMismatch, match=r"before assistant turn 4 .*served '.*Be brief"):
+        tokenize_conversation(tokenizer, conversation, max_length=4096, train_on="last")
