@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from lorafit.cli import main
 from lorafit.data.report import analyse, histogram, render_example
 
-from chat_data import TOOL_CHAT, TOOLS, with_template, write_jsonl
+from chat_data import TOOL_CHAT, TOOLS, labelled_runs, with_template, write_jsonl
+from real_models import requires_smollm2
 
 GOOD = [
     {"role": "user", "content": "What is two plus two?"},
@@ -114,3 +117,24 @@ def test_cli_data_prints_the_report_and_exits_non_zero_on_errors(tmp_path, capsy
         assert "warning: duplicate (1 record)" in out
     else:
         assert "error: tools not rendered (1 record)" in out and "Ways out" in out
+
+
+@requires_smollm2
+def test_smollm2s_own_template_drops_tools_and_a_chatml_tool_template_trains_them(smollm2_session, tmp_path):
+    # the real SmolLM2-135M-Instruct tokenizer: its template renders a calling turn as an empty
+    # answer; Qwen2.5's, written in the same ChatML tokens, renders tools, calls and results
+    tokenizer = copy.deepcopy(smollm2_session.tokenizer)
+    path = write_jsonl(tmp_path / "t.jsonl", [{"messages": TOOL_CHAT, "tools": TOOLS}, {"messages": GOOD}])
+    report = analyse(tokenizer, path)
+    assert kinds(report) == [("error", "tools not rendered", "1")]
+    with_template(tokenizer, "Qwen-Qwen2.5-7B-Instruct.jinja")
+    report = analyse(tokenizer, path)
+    assert report.findings == [] and report.stop_tokens == ["<|im_end|>"]
+    tools_example = report.examples[0]
+    assert [
+        tokenizer.decode(run)
+        for run in labelled_runs(dict(input_ids=tools_example.ids, labels=tools_example.labels))
+    ] == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "It is 18 C and sunny in Paris.<|im_end|>",
+    ]
