@@ -448,3 +448,11 @@ def test_mistral_puts_tools_in_the_last_user_turn_so_only_the_last_exchange_trai
     conversation = to_conversation(Record({"messages": system, "tools": TOOLS}, "m"), "messages")
     with pytest.raises(PromptMismatch, match=r"before assistant turn 4 .*served '.*Be brief"):
         tokenize_conversation(tokenizer, conversation, max_length=4096, train_on="last")
+
+
+def test_empty_tool_calls_as_exports_write_them_are_no_calls():
+    turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "tool_calls": []}]
+    assert to_messages({"messages": turns}, "messages") == [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "y"},
+    ]

@@ -305,7 +305,7 @@ def _normalise_turns(
                 f"{record.where}: {name} is a {type(turn).__name__}; expected an object with "
                 f"'{role_key}' and '{content_key}'."
             )
-        calls = turn.get("tool_calls")
+        calls = turn.get("tool_calls") or None  # [] and null (as some exports write): no calls
         for key in (role_key, content_key):
             if key not in turn and not (key == content_key and calls):
                 raise LorafitError(
