@@ -1,4 +1,4 @@
-"""``lorafit train | chat | eval | merge | export | bench | ui``: the command line's parser.
+"""``lorafit train | data | chat | eval | merge | export | bench | ui``: the command line's parser.
 
 The commands themselves are in :mod:`lorafit.commands`.
 
@@ -35,6 +35,22 @@ examples:
 
 Ctrl-C (SIGINT) or SIGTERM stops after the current step with a checkpoint saved; --resume
 continues it exactly where it stopped.
+"""
+
+DATA_HELP = """\
+Show what a data file will train, before training: runs the pipeline `lorafit train` runs (the
+same settings: a run config and --section.key overrides) on every record and prints the format,
+records, examples, tokens and trained tokens, a histogram of lengths, what max_length truncates
+or drops, and the first records with their trained tokens marked (green on a terminal, [[...]]
+when piped). Exits with 1 when a record would train badly: a bad record, an assistant turn
+whose end-of-turn token is not trained (the model would not stop), a generation prompt at serve
+time that is not the prefix training saw, a turn cut by max_length, roles the template rejects,
+tools the template does not render. Duplicates and records with nothing trained are warnings.
+
+examples:
+  lorafit data train.jsonl --model HuggingFaceTB/SmolLM2-135M-Instruct
+  lorafit data train.jsonl --config phi3.yaml --max-length 1024 --show 3
+  lorafit data tools.jsonl --model Qwen/Qwen2.5-0.5B-Instruct --data.train_on last
 """
 
 CHAT_HELP = """\
@@ -124,6 +140,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _train_arguments(_command(sub, "train", "fine-tune (no arguments: the embedded demo)", TRAIN_HELP))
 
+    d = _command(sub, "data", "what a data file will train, checked before training", DATA_HELP)
+    d.add_argument("file", help="data file, folder or hf:NAME[:SPLIT] (data.train)")
+    d.add_argument("--config", help="run config (YAML or JSON) whose settings to use")
+    d.add_argument("--model", help="the model whose tokenizer and template to use (model.name_or_path)")
+    d.add_argument("--max-length", type=int, help="tokens per example (data.max_length)")
+    d.add_argument(
+        "--show", type=int, default=2, help="records to print with their trained tokens (default 2)"
+    )
+
     c = _command(sub, "chat", "chat with a trained adapter", CHAT_HELP)
     c.add_argument(
         "--adapter", required=True, metavar="RUN_DIR", help="a run folder (or any PEFT adapter folder)"
@@ -131,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--prompt", help="one prompt: print the answer and exit")
     c.add_argument("--system", help="a system prompt for the conversation")
     c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    c.add_argument(
+        "--tools", help="a JSON file of function schemas to offer the model (default: the run's data.tools)"
+    )
 
     e = _command(sub, "eval", "loss and perplexity on a dataset (and scored answers)", EVAL_HELP)
     e.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
@@ -268,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if rest and args.command != "train":
+    if rest and args.command not in ("train", "data"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         from lorafit import commands

@@ -58,6 +58,22 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lorafit.config import load_config
+    from lorafit.data.report import analyse, print_report
+    from lorafit.models import load_tokenizer
+
+    if args.model:
+        overrides = ["--model.name_or_path", args.model, *overrides]
+    if args.max_length is not None:
+        overrides = [*overrides, "--data.max_length", str(args.max_length)]
+    cfg = load_config(args.config, [*overrides, "--data.train", args.file])
+    tokenizer = load_tokenizer(cfg)
+    report = analyse(tokenizer, args.file, **cfg.data.row_settings())
+    print_report(report, tokenizer, show=args.show, colour=sys.stdout.isatty())
+    return 1 if report.errors else 0
+
+
 DEMO_QUESTION = "Who is the mayor of Port Caddow?"
 """A question the real-model demo's model answers right only after training (a training phrasing)."""
 
@@ -77,16 +93,21 @@ def _say_which_demo(overrides: list[str]) -> None:
 def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:
     from transformers import TextStreamer
 
+    from lorafit.data.build import load_tools
     from lorafit.inference import generate
     from lorafit.models import load_trained
 
-    _, tokenizer, model = load_trained(args.adapter)
+    cfg, tokenizer, model = load_trained(args.adapter)
+    # the tools the run was trained with (data.tools), so the prompt is the one training saw
+    tools = load_tools(args.tools or cfg.data.tools)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(text: str) -> str:
         history.append({"role": "user", "content": text})
-        answer = generate(model, tokenizer, history, max_new_tokens=args.max_new_tokens, streamer=streamer)
+        answer = generate(
+            model, tokenizer, history, max_new_tokens=args.max_new_tokens, streamer=streamer, tools=tools
+        )
         history.append({"role": "assistant", "content": answer})
         return answer
 

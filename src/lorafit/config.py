@@ -22,7 +22,7 @@ from lorafit.adapters.config import LoraConfig
 from lorafit.constants import ATTN_IMPLEMENTATIONS, DEMO_MODEL, DTYPE_NAMES
 from lorafit.data.chat_templates import resolve_chat_template
 from lorafit.data.formats import check_format_name
-from lorafit.data.template import check_length_settings
+from lorafit.data.template import check_length_settings, check_turn_settings
 from lorafit.demo import real_demo_config
 from lorafit.errors import LorafitError, did_you_mean
 
@@ -122,6 +122,12 @@ class DataConfig:
         skip_bad_records: train on the good records and list the bad ones (malformed JSON, wrong
             types, unknown roles, empty turns ...) in ``skipped_records.jsonl`` instead of
             stopping at the first.
+        reasoning: an assistant's reasoning trace (``reasoning_content``, ``thinking``, a
+            ``<think>`` block): ``train`` it, ``mask`` it (context without loss) or ``drop`` it.
+        train_on: ``all`` assistant turns, or the ``last`` (those answering the last user turn);
+            a turn marked ``train: false`` (or ``weight: 0``) is context either way.
+        tools: the tool list (function schemas) for records that have no ``tools`` of their own:
+            a JSON file holding it, or the list itself; null for none.
     """
 
     train: str | None = None
@@ -135,10 +141,14 @@ class DataConfig:
     overlong: str = "truncate"
     eval_prompts: int = 3
     skip_bad_records: bool = False
+    reasoning: str = "train"
+    train_on: str = "all"
+    tools: str | list | None = None
 
     def __post_init__(self) -> None:
         check_format_name(self.format)
         check_length_settings(self.max_length, self.overlong)
+        check_turn_settings(self.reasoning, self.train_on)
         if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
             raise LorafitError(f"data.eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         if self.eval_prompts < 0:
@@ -147,7 +157,16 @@ class DataConfig:
     def row_settings(self) -> dict[str, Any]:
         """The ``build_datasets`` keywords that decide how records become rows (the same for
         training and for ``lorafit eval`` on a run)."""
-        keys = ("format", "max_length", "packing", "assistant_only_loss", "overlong")
+        keys = (
+            "format",
+            "max_length",
+            "packing",
+            "assistant_only_loss",
+            "overlong",
+            "reasoning",
+            "train_on",
+            "tools",
+        )
         return {key: getattr(self, key) for key in keys}
 
 

@@ -437,6 +437,26 @@ def test_lorafit_ui_without_gradio_names_the_extra_and_warns_for_other_hosts(hos
     assert warned == (host == "0.0.0.0")
 
 
+def test_inspect_lists_the_checks_of_lorafit_data(chatml_tokenizer, tmp_path, lorafit_cache) -> None:
+    # a template whose turns end with a newline: the model would never learn to stop
+    chatml_tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    data = tmp_path / "chat.jsonl"
+    row = json.dumps(
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    )
+    data.write_text(f"{row}\n{row}\n")
+    report = data_view.inspect_data(chatml_tokenizer, DataConfig(train=str(data), max_length=64))
+    assert [(where.rsplit(" ", 1)[-1], text.split(":")[:2]) for where, text in report.findings] == [
+        ("1", ["error", " end of turn not trained"]),
+        ("2", ["error", " end of turn not trained"]),
+        ("2", ["warning", " duplicate"]),
+    ]
+    assert "**2 checks failed**" in report.summary() and "1 warning" in report.summary()
+
+
 def test_the_demo_button_gives_the_data_and_settings_of_the_demo_for_the_model_in_the_box(monkeypatch):
     from lorafit import demo
     from lorafit.ui.form import demo_settings
