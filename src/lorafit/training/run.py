@@ -172,7 +172,7 @@ def train(
     if not has_accelerator():
         keep_freed_memory()
     seed = int(cfg.training_config.get("seed", 42))
-    notes: list[str] = []  # settings this machine changes, said once with the others
+    notes = list(cfg.notes)  # settings the config or this machine changes, said once with the others
     cfg = absolute_paths(cfg)
     with lf_dist.main_process_first():  # a GGUF base is converted once per machine
         prepare_base(cfg, echo, training=True)
