@@ -347,8 +347,8 @@ def test_the_recipes_save_strategy_gives_way_with_a_note(tmp_path) -> None:
     assert load_config(None, ["--model.name_or_path", "m/x"]).training_config["save_strategy"] == "epoch"
     cfg = _load("recipe", tmp_path, {"save_steps": 10})
     assert cfg.notes == ("save_strategy: epoch -> steps (the recipe's; save_steps: 10 given)",)
-    assert "training_config.save_strategy" in cfg.recipe_keys  # the value the recipe had
-    assert "training_config.save_steps" not in cfg.recipe_keys
+    assert "training_config.save_steps" in cfg.user_keys
+    assert "training_config.save_strategy" not in cfg.user_keys  # the recipe's, changed
 
 
 @pytest.mark.parametrize("source", SOURCES)

@@ -40,6 +40,8 @@ LORAFIT_TRAINING_KEYS = {
     # recompute this many decoder layers (an int) or this share of them (a float < 1) in backward,
     # evenly spread; the others keep their activations (gradient_checkpointing: all of them)
     "checkpoint_layers": int | float,
+    # smaller steps for small data, until the run takes this many (lorafit.training.plan)
+    "min_optimizer_steps": int,
 }
 
 
@@ -154,9 +156,10 @@ class DataConfig:
 class RunConfig:
     """A whole run. ``peft_config`` and ``training_config`` keep the user's dicts (validated).
 
-    ``recipe_keys`` and ``notes`` are not part of the file: the ``section.key`` names whose value
-    is the recipe's rather than the user's (a file or an override), which lorafit may size to the
-    data; and what :func:`load_config` changed or found contradictory, said at the start of a run.
+    ``user_keys`` and ``notes`` are not part of the file: the ``section.key`` names the user gave
+    (in a config file or an override; the others are the recipe's or the defaults, which lorafit
+    may fit to the data), and what :func:`load_config` changed or found contradictory, said at the
+    start of a run.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -164,7 +167,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     peft_config: dict[str, Any] = field(default_factory=dict)
     training_config: dict[str, Any] = field(default_factory=dict)
-    recipe_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    user_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     notes: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @property
@@ -391,9 +394,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """The run config from ``path`` (or, when ``None``, the recipe for the model the overrides
     name: see :func:`recipe_file`) with CLI overrides applied.
 
-    The user's keys are the file's and the overrides'; with no file, the recipe's keys are not
-    the user's (``RunConfig.recipe_keys``), and where one of them would make a user's key do
-    nothing, the user's key wins (:func:`honour_step_keys`)."""
+    The user's keys (``RunConfig.user_keys``) are the file's and the overrides', not the
+    recipe's; where a recipe's key would make a user's key do nothing, the user's key wins
+    (:func:`honour_step_keys`)."""
     parsed = parse_overrides(overrides) if overrides else {}
     if path is None:
         path = recipe_file(str(parsed.get("model", {}).get("name_or_path", DEMO_MODEL)))
@@ -403,7 +406,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = build_config(merge_dicts(recipe, user), source=str(path))
     user_keys = _key_names(user)
     notes = honour_step_keys(cfg.training_config, user_keys)
-    return dataclasses.replace(cfg, recipe_keys=frozenset(_key_names(recipe) - user_keys), notes=tuple(notes))
+    return dataclasses.replace(cfg, user_keys=frozenset(user_keys), notes=tuple(notes))
 
 
 def _key_names(raw: dict[str, Any]) -> set[str]:

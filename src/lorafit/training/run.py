@@ -30,6 +30,7 @@ from lorafit.models.load import absolute_paths, load_model, load_tokenizer, on_c
 from lorafit.training import checkpoints, rundir
 from lorafit.training import distributed as lf_dist
 from lorafit.training.arguments import resolve_training_config, training_arguments
+from lorafit.training.plan import describe_plan, plan_steps
 from lorafit.training.trainer import build_trainer, run_trainer
 
 
@@ -178,6 +179,9 @@ def train(
         prepare_base(cfg, echo, training=True)
     tokenizer = load_tokenizer(cfg, echo=echo, training=True)
     train_set, eval_set, stats, fingerprint = load_data(cfg, tokenizer, seed, echo)
+    cfg, plan = plan_steps(cfg, stats, lf_dist.world_size())
+    if not cfg.data.packing and stats.get("packed_rows"):  # the plan takes whole examples a step
+        train_set, eval_set, stats, fingerprint = load_data(cfg, tokenizer, seed, _say_nothing)
     # LoRA's random A matrices from the run's seed: the same on every rank and in every launch,
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
@@ -190,6 +194,7 @@ def train(
     echo(trainable_summary(model))
     cfg = settle_training_config(cfg, model, has_eval=eval_set is not None, notes=notes)
     echo(describe_settings(cfg, notes))
+    echo(describe_plan(plan, lf_dist.world_size()))
     checkpoint_some_layers(model, cfg.training_config.get("checkpoint_layers"))
     if checkpoint is not None:
         checkpoints.check_same_data(Path(checkpoint), fingerprint, echo)
