@@ -209,6 +209,38 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
+PAUSE_ENV = "LORAFIT_PAUSE_AT_STEP"
+
+
+class PauseAtStep(TrainerCallback):
+    """With ``LORAFIT_PAUSE_AT_STEP=N`` in the environment, the run stops itself (SIGSTOP, as
+    Ctrl-Z stops a job) once, when step N is done (logged, saved, evaluated) and step N + 1 is
+    about to start, and goes on at SIGCONT.
+
+    For tests that signal a run mid-way: the run is then certainly still running, however fast
+    or slow the machine (waiting for a file to appear instead races the run to its end). A run
+    resumed after step N never pauses.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.paused = False
+
+    @classmethod
+    def from_environment(cls) -> PauseAtStep | None:
+        value = os.environ.get(PAUSE_ENV, "").strip()
+        if not value:
+            return None
+        if not value.isdigit():
+            raise LorafitError(f"{PAUSE_ENV}={value!r}: expected a step number (0 or more)")
+        return cls(int(value))
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        if state.global_step == self.step and not self.paused:
+            self.paused = True
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+
 class NonFiniteGuard(TrainerCallback):
     """Before each optimizer step: are the loss and the gradients finite?
 

@@ -36,7 +36,7 @@ from lorafit.errors import LorafitError, RunStopped
 from lorafit.models.attention import PACKED_ATTENTION
 from lorafit.training import checkpoints
 from lorafit.training import distributed as lf_dist
-from lorafit.training.callbacks import NonFiniteGuard, RunFilesCallback, StopOnSignal
+from lorafit.training.callbacks import NonFiniteGuard, PauseAtStep, RunFilesCallback, StopOnSignal
 from lorafit.training.loss import causal_lm_loss, supports_fast_loss
 
 
@@ -251,6 +251,9 @@ def build_trainer(
     skip = bool(cfg.training_config.get("skip_nonfinite"))
     trainer.add_callback(NonFiniteGuard(trainer, run_dir, skip=skip, echo=files.write))
     trainer.add_callback(StopOnSignal(echo=files.write))
+    pause = PauseAtStep.from_environment()
+    if pause is not None:
+        trainer.add_callback(pause)
     return trainer
 
 
