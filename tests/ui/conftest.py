@@ -85,6 +85,7 @@ class Server:
     log: Path
     proc: subprocess.Popen
     offline: bool
+    pause_at_step: int = 0  # the step after which every run it starts pauses (LORAFIT_PAUSE_AT_STEP)
 
 
 def _free_port() -> int:
@@ -128,6 +129,9 @@ def missing() -> list[str]:
     return [name for name, present in needs if not present]
 
 
+PAUSE_AT_STEP = 2
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
     """``python -m lorafit ui`` on a free port, with its runs, cache and temp files under tmp."""
@@ -144,6 +148,9 @@ def server(tmp_path_factory) -> Iterator[Server]:
             "LORAFIT_CACHE": str(work / "cache"),
             "GRADIO_TEMP_DIR": str(work / "gradio"),
             "OMP_NUM_THREADS": "1",  # tiny models: threads only contend with the browser
+            # every run the page starts stops itself after this step until the test sends SIGCONT,
+            # so that Stop reaches it mid-way however fast the machine (a resumed run goes on)
+            "LORAFIT_PAUSE_AT_STEP": str(PAUSE_AT_STEP),
         }
         with open(log, "wb") as out:
             proc = subprocess.Popen(
@@ -156,7 +163,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
         url = f"http://127.0.0.1:{port}/"
         try:
             _wait_until_serving(url, proc, log)
-            yield Server(url, work / "runs", work, log, proc, offline)
+            yield Server(url, work / "runs", work, log, proc, offline, PAUSE_AT_STEP)
         finally:
             proc.terminate()
             try:
