@@ -23,8 +23,9 @@ import yaml
 
 # A short run: 16 steps of one 256-token row, float32 (bfloat16 is slow on CPUs without
 # AVX-512 BF16), an eval halfway and at the end, one before/after sample, no checkpoint but
-# Stop's. The run pauses itself after step 2 (conftest's PAUSE_AT_STEP) until the test lets it go
-# on, so Stop certainly reaches it mid-way, however fast or slow the machine.
+# Stop's. The run pauses itself after step 2, and the resumed run after step 8 (conftest's
+# PAUSE_AT_STEPS), until the test lets it go on: Stop certainly reaches the run mid-way, and the
+# reopened page certainly finds the resumed run running, however fast or slow the machine.
 STEPS = 16
 RUN_SETTINGS = (
     f"--training_config.max_steps {STEPS} --training_config.logging_steps 1 "
@@ -299,7 +300,7 @@ def test_train_watch_close_stop_resume_chat_merge(server, browser, tmp_path) -> 
     wait_for("the run to start", lambda: f"started {run}" in text_of(browser, "run-note"), 30, browser)
     train_points = lambda: [p for p in chart_points(browser) if p[2] == "train"]  # noqa: E731
     pid = json.loads((server.runs / ".lorafit-ui" / run / "process.json").read_text())["pid"]
-    pause_at = server.pause_at_step
+    pause_at, resumed_pause_at = server.pause_at_steps
     wait_for(f"the run to pause after step {pause_at}", lambda: paused(pid), 240, browser)
     wait_for(f"{pause_at} loss points", lambda: len(train_points()) == pause_at, 60, browser)
 
@@ -334,6 +335,9 @@ def test_train_watch_close_stop_resume_chat_merge(server, browser, tmp_path) -> 
         browser,
     )
     assert f"{run}: starting" in status or f"{run}: running" in status, status
+    pid = json.loads((server.runs / ".lorafit-ui" / run / "process.json").read_text())["pid"]
+    wait_for(f"the resumed run to pause after step {resumed_pause_at}", lambda: paused(pid), 240, browser)
+    os.kill(pid, signal.SIGCONT)
     wait_for("the chart to go on", lambda: len(train_points()) > stopped_at, 240, browser)
     wait_for("the resumed run to finish", lambda: "finished" in text_of(browser, "run-status"), 300, browser)
     points = wait_for(
