@@ -9,7 +9,11 @@ Errors a user can fix (``LorafitError``) print as one paragraph without a traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from lorafit.errors import LorafitError, RunStopped
@@ -287,12 +291,53 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Callable[[str | None], None]]:
+    """Ctrl-C (and, for ``train``, SIGTERM) stop the command from its first line on.
+
+    A process started in the background by a non-interactive shell (``cmd &``), or by a process
+    that was (a page server and its runs), inherits SIGINT ignored, and Python leaves it so:
+    Ctrl-C or the page's Stop would be lost while a run loads its model and data, until training
+    installs its own handlers. Here both raise ``KeyboardInterrupt`` carrying the signal's number,
+    so ``finally`` blocks run and :func:`main` exits with 128 + the number; training swaps in its
+    stop-after-the-step handlers (``StopOnSignal``) and puts these back afterwards. Yields a
+    function to call once the command is known; the previous handlers come back on exit (for
+    callers of ``main`` in a process of their own, such as tests).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda command: None  # only the main thread may set handlers
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def for_command(command: str | None) -> None:
+        if command == "train":  # other commands keep SIGTERM's default: end at once
+            signal.signal(signal.SIGTERM, _interrupt)
+        elif signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        yield for_command
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    with stop_on_signals() as for_command:  # before anything slow: Ctrl-C works from here on
+        return _main(list(sys.argv[1:] if argv is None else argv), for_command)
+
+
+def _main(argv: list[str], for_command: Callable[[str | None], None]) -> int:
     parser = _parser()
     argv, overrides = _split_overrides(argv)
     args, rest = parser.parse_known_args(argv)
     rest = [*rest, *overrides]
+    for_command(args.command)
     if args.command is None:
         parser.print_help()
         return 0
@@ -310,9 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         print(f"lorafit {args.command}: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"\nlorafit {args.command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
 
 
 # --------------------------------------------------------------------------------------------

