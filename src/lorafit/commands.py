@@ -155,7 +155,9 @@ def _eval_generate(args: argparse.Namespace, model: Any, tokenizer: Any, fmt: st
     if not conversations:
         raise LorafitError(f"--generate: {args.data} holds no conversation to answer (format {fmt})")
     out = Path(args.out or Path(args.adapter) / f"generations-{Path(str(args.data)).stem}.jsonl")
-    summary, rows = generation_report(model, tokenizer, conversations, max_new_tokens=args.max_new_tokens)
+    summary, rows = generation_report(
+        model, tokenizer, conversations, max_new_tokens=args.max_new_tokens, echo=print
+    )
     write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     scores = "  ".join(f"{m} {summary[m]:.3f}" for m in METRICS)
     print(f"generated {len(rows)} answers: {scores} (each answer in {out})")

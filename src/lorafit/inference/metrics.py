@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +76,24 @@ def score_answers(answers: Iterable[str], references: Iterable[str]) -> tuple[di
 
 
 def generation_report(
-    model: Any, tokenizer: Any, conversations: list[list[dict]], *, max_new_tokens: int = 64
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict]],
+    *,
+    max_new_tokens: int = 64,
+    echo: Callable[[str], Any] | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Answer each conversation's last assistant turn and score it (see :func:`score_answers`);
-    each row also holds the prompt (the last user turn)."""
-    from lorafit.inference.generate import generate
+    each row also holds the prompt (the last user turn). The answers are generated in batches
+    (:func:`lorafit.inference.generate.generate_batch`); ``echo``, if given, is told how fast
+    (``20 answers, 1,037 tokens in 13.7 s (76 tokens/s)``)."""
+    from lorafit.inference.generate import generate_batch
 
-    answers = [generate(model, tokenizer, conv[:-1], max_new_tokens=max_new_tokens) for conv in conversations]
+    answers, stats = generate_batch(
+        model, tokenizer, [conv[:-1] for conv in conversations], max_new_tokens=max_new_tokens
+    )
+    if echo is not None:
+        echo(stats.describe())
     summary, rows = score_answers(answers, [conv[-1]["content"] for conv in conversations])
     for row, conv in zip(rows, conversations, strict=True):
         row["prompt"] = conv[-2]["content"] if len(conv) > 1 else ""

@@ -210,7 +210,9 @@ def train(
                 run_dir, cfg, tokenizer, stats, fresh=checkpoint is None, notes=notes, echo=echo
             )
         prompts = sample_prompts(cfg, stats, seed) if main and stats["format"] != "text" else []
-        before = generation_report(model, tokenizer, prompts) if prompts and checkpoint is None else None
+        before = None
+        if prompts and checkpoint is None:
+            before = generation_report(model, tokenizer, prompts, echo=lambda s: echo(f"samples before: {s}"))
         args = training_arguments(cfg.training_config, run_dir)
         trainer = build_trainer(cfg, model, tokenizer, args, train_set, eval_set, fingerprint)
         for callback in callbacks or []:
@@ -221,7 +223,7 @@ def train(
         if model.config._attn_implementation == PACKED_ATTENTION:
             model.set_attn_implementation("sdpa")  # the model goes back as loaded
         if main and prompts:
-            after = write_samples_after(trainer, model, tokenizer, prompts, before, run_dir)
+            after = write_samples_after(trainer, model, tokenizer, prompts, before, run_dir, echo)
             if after is not None:
                 echo_held_out(cfg, stats, prompts, before, after, echo)
     return run_dir
@@ -287,6 +289,7 @@ def write_samples_after(
     prompts: list[list[dict]],
     before: tuple[dict, list[dict]] | None,
     run_dir: Path,
+    echo: Any = print,
 ) -> tuple[dict, list[dict]] | None:
     """``samples.md``: the eval prompts answered before and after training, with their scores.
     Returns the answers after training (None where this process could not run the model)."""
@@ -295,7 +298,7 @@ def write_samples_after(
         after = None
         note = f"not run: the model is sharded; try lorafit chat --adapter {run_dir}"
     else:
-        after = generation_report(model, tokenizer, prompts)
+        after = generation_report(model, tokenizer, prompts, echo=lambda s: echo(f"samples after: {s}"))
         note = ""
     rundir.write_samples(run_dir / rundir.SAMPLES_NAME, prompts, before, after, note=note)
     return after
