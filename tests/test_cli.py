@@ -247,6 +247,7 @@ def test_eval_generate_scores_each_answer(trained, tmp_path, capsys) -> None:
     assert len(rows) == 3 and all({"prompt", "answer", "reference", "rouge_l"} <= set(r) for r in rows)
     mean = sum(r["rouge_l"] for r in rows) / 3
     assert "generated 3 answers: exact_match " in printed and f"rouge_l {mean:.3f}" in printed
+    assert re.search(r"^3 answers, \d+ tokens in \d+\.\d s \([\d,]+ tokens/s\)$", printed, re.M)  # the speed
 
 
 def test_samples_md_scores_the_answers_before_and_after(trained) -> None:
