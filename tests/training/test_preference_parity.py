@@ -93,11 +93,11 @@ def trl_models(tokenizer, reference: str):
     return base_model(tokenizer), {"peft_config": peft.LoraConfig(init_lora_weights=False, **LORA)}, ours
 
 
-def lorafit_reference(theirs, ours, reference: str) -> Reference:
+def lorafit_reference(theirs, ours, reference: str, seed: int = 1) -> Reference:
     """lorafit's reference matching TRL's, after TRL built its model; both adapters then equal."""
     if reference == "start":
         ours_reference = Reference.snapshot(ours)
-        nudge(theirs, ours)
+        nudge(theirs, ours, seed)
         return ours_reference
     copy_lora(theirs, ours)
     return Reference(ours)
@@ -320,7 +320,7 @@ def test_kto_equals_trl(chatml_tokenizer, tmp_path, reference) -> None:
         **kwargs,
     )
     theirs = trl.model
-    ours_reference = lorafit_reference(theirs, ours, reference)
+    ours_reference = lorafit_reference(theirs, ours, reference, seed=2)  # seed 2: a KL estimate above 0
     batch = trl.data_collator([trl.train_dataset[i] for i in range(len(records))])
     trl.model.train()
     trl.model.zero_grad()
@@ -342,3 +342,5 @@ def test_kto_equals_trl(chatml_tokenizer, tmp_path, reference) -> None:
         ours, tokenizer, tmp_path, "kto", settings, examples, False, ours_reference
     )
     compare(loss, metrics, ours_grads, trl_loss, trl_metrics, grads(theirs))
+    if reference == "start":
+        assert metrics["kl"] > 0  # the KL estimate took part, not clamped away
