@@ -38,7 +38,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         overrides = [*overrides, "--data.skip_bad_records", "true"]
     if args.skip_nonfinite:
         overrides = [*overrides, "--training_config.skip_nonfinite", "true"]
-    cfg = load_config(config_path, overrides)
+    if args.adapter:
+        overrides = [*overrides, "--model.adapter", args.adapter]
+    cfg = load_config(config_path, overrides, method=args.method)
     ok = False
     try:
         run_dir = train(cfg, resume=args.resume)

@@ -18,6 +18,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from lorafit.errors import LorafitError
+from lorafit.methods import ALL_METHOD_KEYS
 from lorafit.models.device import cpu_half_is_fast
 
 # Keys lorafit reads itself and never hands to TrainingArguments.
@@ -107,7 +108,8 @@ def _cpu_substitutions(tc: dict[str, Any], widened: bool = False) -> list[str]:
 
 def training_arguments(resolved: dict[str, Any], run_dir: Path) -> TrainingArguments:
     """``TrainingArguments`` for the settings of :func:`resolve_training_config`, run in ``run_dir``."""
-    tc = {k: v for k, v in resolved.items() if k not in LORAFIT_ONLY}
+    # the preference methods' TRL keys (beta, loss_type, ...) are read by lorafit.training.preference
+    tc = {k: v for k, v in resolved.items() if k not in LORAFIT_ONLY and k not in ALL_METHOD_KEYS}
     # TensorBoard events go to run_dir/tensorboard unless logging_dir says otherwise.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(resolved.get("logging_dir") or run_dir / "tensorboard")
     tc["output_dir"] = str(run_dir)

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorafit.constants import IGNORE_INDEX
+from lorafit.errors import LorafitError, did_you_mean
 from lorafit.lora.ops import widen_products
 from lorafit.training import loss as lf_loss
 from lorafit.training.trainer import LorafitTrainer
@@ -468,6 +469,11 @@ class PreferenceTrainer(LorafitTrainer):
             undesirable_weight=s["undesirable_weight"],
         )
 
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+        if self.method == "kto":  # as TRL's default: the KL rows pair each example with its neighbour
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+        return super()._get_train_sampler(*args, **kwargs)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: ANN001, ANN201
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -507,3 +513,149 @@ def precompute_reference(trainer: PreferenceTrainer, dataset: Any, collator: Any
             else:
                 example["ref_logps"], example["ref_kl_logps"] = float(ref[i]), float(ref_kl[i])
     model.train(was_training)
+
+
+# -- the run: data, settings and trainer for lorafit.training.run ------------------------------
+
+
+def method_settings(cfg: Any) -> dict[str, Any]:
+    """The method's keys for this run: TRL's defaults, the user's ``training_config`` values, and
+    ``max_length`` from ``data.max_length`` when ``training_config`` does not set it."""
+    from lorafit.methods import DPO_LOSS_TYPES, method_defaults
+
+    settings = method_defaults(cfg.method)
+    settings.update({k: v for k, v in cfg.training_config.items() if k in settings})
+    if settings.get("max_length") is None:
+        settings["max_length"] = cfg.data.max_length
+    loss_type = settings.get("loss_type")
+    allowed = {"dpo": DPO_LOSS_TYPES, "simpo": ("simpo",), "kto": ("kto",)}.get(cfg.method, ())
+    if cfg.method == "dpo" and isinstance(loss_type, list):
+        if len(loss_type) != 1:
+            raise LorafitError(
+                f"training_config.loss_type: {loss_type!r}; lorafit takes one DPO loss type (TRL's "
+                "combinations with loss_weights are not implemented)"
+            )
+        loss_type = settings["loss_type"] = loss_type[0]
+    if allowed and loss_type not in allowed:
+        raise LorafitError(
+            f"training_config.loss_type: {loss_type!r}{did_you_mean(str(loss_type), allowed)}; method "
+            f"{cfg.method} takes {', '.join(allowed)}"
+        )
+    if settings["beta"] <= 0:
+        raise LorafitError(f"training_config.beta: {settings['beta']}; expected a number above 0")
+    if not 0 <= settings.get("label_smoothing", 0.0) < 0.5:
+        raise LorafitError(
+            f"training_config.label_smoothing: {settings['label_smoothing']}; expected 0 <= value < 0.5"
+        )
+    return settings
+
+
+def load_preference_data(cfg: Any, tokenizer: Any, seed: int, echo: Any) -> tuple[Any, Any, dict, str]:
+    """Train and eval :class:`PreferenceDataset` s, their stats and the training rows' fingerprint
+    (the same return as :func:`lorafit.training.run.load_data`)."""
+    import hashlib
+    import json
+
+    from lorafit.data.build import _split_fraction
+    from lorafit.data.preference import PreferenceDataset, build_preference_split
+    from lorafit.data.read import read_records
+    from lorafit.training.run import data_sources
+
+    settings = method_settings(cfg)
+    d = cfg.data
+    train_src, eval_src = data_sources(cfg)
+    common = dict(
+        method=cfg.method,
+        max_length=settings["max_length"],
+        truncation_mode=settings.get("truncation_mode", "keep_start"),
+        overlong=d.overlong,
+        skip_bad_records=d.skip_bad_records,
+    )
+    train_records, eval_records = None, None
+    if d.eval_fraction and not eval_src:
+        bad: list = []
+        records = read_records(train_src, bad=bad if d.skip_bad_records else None)
+        train_records, eval_records = _split_fraction(records, d.eval_fraction, seed)
+    train, stats = build_preference_split(tokenizer, train_src, records=train_records, **common)
+    eval_set = None
+    if eval_src or eval_records:
+        examples, eval_stats = build_preference_split(
+            tokenizer, eval_src or train_src, records=eval_records, **common
+        )
+        eval_set = PreferenceDataset(examples)
+        stats["eval"] = _stats_for_run(eval_stats)
+    stats = _stats_for_run(stats) | ({"eval": stats["eval"]} if "eval" in stats else {})
+    fingerprint = hashlib.sha256(json.dumps(train, sort_keys=True).encode()).hexdigest()
+    echo(
+        f"data: {stats['records']} records ({stats['format']}, method {cfg.method}) -> {stats['examples']} "
+        f"examples, {stats['tokens']:,} tokens; truncated {stats['truncated']}, dropped "
+        f"{stats['dropped_too_long']} too long"
+        + (f", skipped {stats['bad_records']} bad records" if stats["bad_records"] else "")
+        + (f"; eval: {stats['eval']['examples']} examples" if "eval" in stats else "")
+    )
+    return PreferenceDataset(train), eval_set, stats, fingerprint
+
+
+def _stats_for_run(stats: dict) -> dict:
+    out = {k: v for k, v in stats.items() if k != "bad"}
+    out["skipped"] = [{"where": b.where, "reason": b.reason} for b in stats["bad"]]
+    return out
+
+
+def build_preference_trainer(
+    cfg: Any, model: nn.Module, tokenizer: Any, args: Any, train_set: Any, eval_set: Any, fingerprint: str
+) -> PreferenceTrainer:
+    """The :class:`PreferenceTrainer` with lorafit's callbacks (as ``build_trainer``), its reference
+    (the base model, or the starting adapter when ``model.adapter`` is set) and, with
+    ``precompute_ref_log_probs``, the reference log-probs of every example taken now."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from lorafit.data.preference import PreferenceCollator
+    from lorafit.models.attention import PACKED_ATTENTION
+    from lorafit.training.callbacks import NonFiniteGuard, RunFilesCallback, StopOnSignal
+    from lorafit.training.trainer import _quiet_transformers
+
+    settings = method_settings(cfg)
+    if settings.get("disable_dropout", True):  # TRL's default: the policy and reference see the same net
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    reference = None
+    if cfg.method in ("dpo", "kto"):
+        reference = Reference.snapshot(model) if cfg.model.adapter else Reference(model)
+    collator = PreferenceCollator(
+        tokenizer.pad_token_id,
+        example_boundaries=model.config._attn_implementation == PACKED_ATTENTION,
+        max_length=settings["max_length"],
+    )
+    with _quiet_transformers():
+        trainer = PreferenceTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            data_collator=collator,
+            pad_token_id=tokenizer.pad_token_id,
+            data_fingerprint=fingerprint,
+            method=cfg.method,
+            settings=settings,
+            reference=reference,
+        )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    from pathlib import Path
+
+    run_dir = Path(args.output_dir)
+    files = RunFilesCallback(run_dir, trainer)
+    trainer.add_callback(files)
+    skip = bool(cfg.training_config.get("skip_nonfinite"))
+    trainer.add_callback(NonFiniteGuard(trainer, run_dir, skip=skip, echo=files.write))
+    trainer.add_callback(StopOnSignal(echo=files.write))
+    if reference is not None and settings.get("precompute_ref_log_probs"):
+        size = settings.get("precompute_ref_batch_size") or args.per_device_train_batch_size
+        if cfg.method == "kto":  # the KL rows pair neighbours within a training batch: the same batches
+            size = args.per_device_train_batch_size
+        for dataset in (train_set, eval_set):
+            if dataset is not None:
+                precompute_reference(trainer, dataset, collator, size)
+    return trainer
