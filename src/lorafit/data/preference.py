@@ -32,7 +32,7 @@ import torch
 
 from lorafit.constants import IGNORE_INDEX
 from lorafit.data.formats import _check_order, _check_unicode, _normalise_turns
-from lorafit.data.read import BadRecord, Record, read_records
+from lorafit.data.read import BadRecord, Record, _read_items
 from lorafit.data.template import _encode_conversations
 from lorafit.errors import LorafitError, did_you_mean
 from lorafit.methods import TRUNCATION_MODES
@@ -93,8 +93,8 @@ def to_preference(record: Record, method: str) -> PreferenceRecord:
     for key in ("chosen", "rejected"):
         if key not in data:
             raise LorafitError(
-                f"{record.where}: missing field '{key}'; a preference pair needs both 'chosen' and "
-                f"'rejected' (the record has {', '.join(data)})."
+                f"{record.where}: missing field '{key}'{did_you_mean(key, list(data))}; a preference pair "
+                f"needs both 'chosen' and 'rejected' (the record has {', '.join(data)})."
             )
     if fmt == "implicit_preference":
         prompt, chosen, rejected = _split_implicit(record)
@@ -295,18 +295,19 @@ def build_preference_split(
 ) -> tuple[list[dict], dict[str, Any]]:
     """Read ``source`` (or take ``records``) and tokenise every record: ``(examples, stats)``.
 
-    Without ``skip_bad_records`` the first bad record raises (file, line, field); with it the bad
-    ones are listed in ``stats["bad"]`` (``BadRecord``) and counted.
+    Without ``skip_bad_records`` the first bad record in file order raises (file, line, field);
+    with it the bad ones are listed in ``stats["bad"]`` (``BadRecord``, in file order) and counted.
     """
     check_truncation_mode(truncation_mode)
     bad: list[BadRecord] = []
-    if records is None:
-        records = read_records(source, bad=bad if skip_bad_records else None)
+    items = _read_items(source) if records is None else list(records)
     examples: list[dict] = []
     counts = {"truncated": 0, "dropped_too_long": 0}
     fmt = None
-    for record in records:
+    for record in items:
         try:
+            if isinstance(record, BadRecord):  # a line that could not be read
+                raise LorafitError(str(record))
             converted = to_preference(record, method)
             fmt = fmt or preference_format(record.data)
             example, status = tokenize_preference(
@@ -320,7 +321,7 @@ def build_preference_split(
         except LorafitError as e:
             if not skip_bad_records:
                 raise
-            bad.append(BadRecord.from_error(record.where, e))
+            bad.append(record if isinstance(record, BadRecord) else BadRecord.from_error(record.where, e))
             continue
         if example is None:
             counts["dropped_too_long"] += 1
@@ -338,7 +339,7 @@ def build_preference_split(
     )
     stats = {
         "format": fmt,
-        "records": len(records) + len(bad) if records is not None else 0,
+        "records": len(items),
         "examples": len(examples),
         "tokens": tokens,
         "bad_records": len(bad),

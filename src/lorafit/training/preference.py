@@ -571,12 +571,13 @@ def load_preference_data(cfg: Any, tokenizer: Any, seed: int, echo: Any) -> tupl
         overlong=d.overlong,
         skip_bad_records=d.skip_bad_records,
     )
-    train_records, eval_records = None, None
-    if d.eval_fraction and not eval_src:
-        bad: list = []
-        records = read_records(train_src, bad=bad if d.skip_bad_records else None)
+    train_records, eval_records, unreadable = None, None, []
+    if d.eval_fraction and not eval_src:  # held-out records, as SFT's data.eval_fraction
+        records = read_records(train_src, bad=unreadable if d.skip_bad_records else None)
         train_records, eval_records = _split_fraction(records, d.eval_fraction, seed)
     train, stats = build_preference_split(tokenizer, train_src, records=train_records, **common)
+    stats["bad"] = unreadable + stats["bad"]
+    stats["bad_records"] = len(stats["bad"])
     eval_set = None
     if eval_src or eval_records:
         examples, eval_stats = build_preference_split(
