@@ -563,6 +563,11 @@ def load_preference_data(cfg: Any, tokenizer: Any, seed: int, echo: Any) -> tupl
 
     settings = method_settings(cfg)
     d = cfg.data
+    if d.format != "auto":
+        raise LorafitError(
+            f"data.format: {d.format!r} is a chat format for sft; method {cfg.method} reads TRL's preference "
+            "formats, told apart by their fields: set data.format: auto"
+        )
     train_src, eval_src = data_sources(cfg)
     common = dict(
         method=cfg.method,
