@@ -166,3 +166,23 @@ def test_preference_keys_are_checked(work, capsys) -> None:
     assert main(args) == 2
     assert "does not implement" in capsys.readouterr().err
     os.remove("pairs.jsonl")
+
+
+def test_dpo_from_an_sft_adapter_resumes_exactly(work) -> None:
+    """Killed after checkpoint-2 and resumed: the same adapter, bit for bit, as the run never
+    stopped (the reference is the SFT adapter as loaded, not the checkpoint's)."""
+    import shutil
+
+    assert main(["train", *COMMON, *SFT, "--training_config.output_dir", "sft"]) == 0
+    pairs = str(work / "pairs.jsonl")
+    args = ["train", "--method", "dpo", "--data.train", pairs, "--adapter", "sft", *COMMON, *PREFERENCE]
+    assert main([*args, "--training_config.max_steps", "4", "--training_config.output_dir", "whole"]) == 0
+    shutil.copytree(work / "whole", work / "cut")
+    shutil.rmtree(work / "cut" / "checkpoint-4")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (work / "cut" / name).unlink()
+    os.chdir(work / "cut")  # the run's config names the SFT adapter by its absolute path: found from here
+    assert main(["train", "--resume", str(work / "cut")]) == 0
+    whole, cut = adapter_tensors(work / "whole"), adapter_tensors(work / "cut")
+    assert whole.keys() == cut.keys()
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)

@@ -184,7 +184,12 @@ def train(
         prepare_base(cfg, echo, training=True)
     tokenizer = load_tokenizer(cfg, echo=echo, training=True)
     if cfg.model.adapter:  # the run continues that adapter: its LoRA settings are the run's
-        cfg = dataclasses.replace(cfg, peft_config=read_adapter_config(cfg.model.adapter).to_dict())
+        adapter = str(Path(cfg.model.adapter).resolve())  # lorafit_run.yaml then resumes from anywhere
+        cfg = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, adapter=adapter),
+            peft_config=read_adapter_config(adapter).to_dict(),
+        )
     preference = cfg.method != "sft"
     train_set, eval_set, stats, fingerprint = (load_preference_data if preference else load_data)(
         cfg, tokenizer, seed, echo
