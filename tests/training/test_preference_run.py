@@ -116,7 +116,19 @@ def test_dpo_on_top_of_sft_saves_one_adapter_holding_both(work) -> None:
 @pytest.mark.parametrize(
     "method,extra",
     [
-        ("dpo", ["--training_config.loss_type", "ipo", "--training_config.precompute_ref_log_probs", "true"]),
+        (
+            "dpo",
+            [
+                "--training_config.loss_type",
+                "ipo",
+                "--training_config.precompute_ref_log_probs",
+                "true",
+                "--data.eval_fraction",
+                "0.5",
+                "--training_config.eval_steps",
+                "1",
+            ],
+        ),  # fmt: skip
         ("orpo", []),
         ("simpo", ["--training_config.simpo_gamma", "0.3"]),
         ("kto", []),
@@ -132,6 +144,8 @@ def test_each_method_trains_and_logs(work, method, extra) -> None:
     assert (work / method / "adapter_model.safetensors").is_file()
     if method == "dpo":  # the adapter starts at zero, so policy = reference: IPO's loss is (1 / (2 beta))^2
         assert rows[0]["loss"] == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-5)
+        evals = [row for row in metrics(work / method) if "eval_loss" in row]
+        assert evals and all("eval_rewards/accuracies" in row for row in evals)
 
 
 def test_preference_keys_are_checked(work, capsys) -> None:
