@@ -200,3 +200,24 @@ def test_dpo_from_an_sft_adapter_resumes_exactly(work) -> None:
     whole, cut = adapter_tensors(work / "whole"), adapter_tensors(work / "cut")
     assert whole.keys() == cut.keys()
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_precomputed_reference_log_probs_train_the_same(work, method) -> None:
+    """One reference pass before training, or a reference pass per step: the same losses (KTO's
+    mismatched pairs included: the pass sees the training batches)."""
+    data = "kto.jsonl" if method == "kto" else "pairs.jsonl"
+    losses = {}
+    for precompute in ("false", "true"):
+        out = f"{method}-{precompute}"
+        args = ["train", "--method", method, "--data.train", data, *COMMON, *PREFERENCE]
+        args += [
+            "--training_config.precompute_ref_log_probs",
+            precompute,
+            "--training_config.output_dir",
+            out,
+        ]
+        assert main(args) == 0
+        losses[precompute] = [row["loss"] for row in metrics(work / out) if "loss" in row]
+    assert len(losses["true"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-6)

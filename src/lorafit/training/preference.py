@@ -658,10 +658,14 @@ def build_preference_trainer(
     trainer.add_callback(NonFiniteGuard(trainer, run_dir, skip=skip, echo=files.write))
     trainer.add_callback(StopOnSignal(echo=files.write))
     if reference is not None and settings.get("precompute_ref_log_probs"):
-        size = settings.get("precompute_ref_batch_size") or args.per_device_train_batch_size
-        if cfg.method == "kto":  # the KL rows pair neighbours within a training batch: the same batches
-            size = args.per_device_train_batch_size
-        for dataset in (train_set, eval_set):
-            if dataset is not None:
-                precompute_reference(trainer, dataset, collator, size)
+        chosen_size = settings.get("precompute_ref_batch_size")
+        for dataset, batch_size in (
+            (train_set, args.per_device_train_batch_size),
+            (eval_set, args.per_device_eval_batch_size),
+        ):
+            if dataset is None:
+                continue
+            # KTO's KL rows pair neighbours within a batch: the reference pass must see the same batches
+            size = batch_size if cfg.method == "kto" else chosen_size or batch_size
+            precompute_reference(trainer, dataset, collator, size)
     return trainer
