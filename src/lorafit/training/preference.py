@@ -438,7 +438,8 @@ class PreferenceTrainer(LorafitTrainer):
         batch = {k[len(prefix) :]: v for k, v in inputs.items() if k.startswith(prefix)}
         answer = batch["labels"] != IGNORE_INDEX
         count = int(batch["sequence_ids"].max()) + 1
-        assert self.reference is not None
+        if self.reference is None:
+            raise LorafitError(f"method {self.method} has no reference model; its loss takes none")
         with torch.no_grad(), self.reference.active():
             values = token_logps(model, batch, answer, unwrapped=unwrapped)
         return sequence_logps(values, batch["sequence_ids"][answer], count)[0]
