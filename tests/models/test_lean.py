@@ -13,7 +13,7 @@ from tiny import tiny_llama, tiny_phi3
 TOKENS = (2, 24)
 
 
-def _model(make, lean: bool, dtype: torch.dtype = torch.bfloat16, dropout: float = 0.1) -> torch.nn.Module:  # noqa: ANN001
+def _model(make, lean: bool, dtype: torch.dtype = torch.bfloat16, dropout: float = 0.1) -> torch.nn.Module:
     model = make(dtype=dtype).train()
     torch.manual_seed(1)
     config = LoraConfig(
@@ -47,7 +47,7 @@ def _step(model: torch.nn.Module, autocast: bool) -> tuple[torch.Tensor, dict, i
 
 
 @pytest.mark.parametrize("make", [tiny_phi3, tiny_llama])
-def test_same_loss_and_gradients_as_transformers_under_autocast(make) -> None:  # noqa: ANN001
+def test_same_loss_and_gradients_as_transformers_under_autocast(make) -> None:
     plain_loss, plain_grads, plain_bytes = _step(_model(make, lean=False), autocast=True)
     lean_loss, lean_grads, lean_bytes = _step(_model(make, lean=True), autocast=True)
     assert torch.equal(lean_loss, plain_loss)  # the forward runs the same ops: bit for bit
@@ -57,7 +57,7 @@ def test_same_loss_and_gradients_as_transformers_under_autocast(make) -> None:  
 
 
 @pytest.mark.parametrize("make", [tiny_phi3, tiny_llama])
-def test_same_loss_and_gradients_in_fp32_without_autocast(make) -> None:  # noqa: ANN001
+def test_same_loss_and_gradients_in_fp32_without_autocast(make) -> None:
     plain_loss, plain_grads, _ = _step(_model(make, lean=False, dtype=torch.float32, dropout=0.0), False)
     lean_loss, lean_grads, _ = _step(_model(make, lean=True, dtype=torch.float32, dropout=0.0), False)
     assert torch.equal(lean_loss, plain_loss)
@@ -108,18 +108,18 @@ def test_other_activations_keep_their_forward() -> None:
 
 
 def test_wide_linears_only_where_the_cpu_has_no_bf16_products(monkeypatch) -> None:
-    from lorafit.lora import ops
+    from lorafit import kernels
 
     model = _model(tiny_phi3, lean=False)  # LoRA on every linear layer but the head
     monkeypatch.setenv("LORAFIT_WIDE_PRODUCTS", "0")
-    ops.widen_products.cache_clear()
+    kernels.widen_products.cache_clear()
     assert use_wide_linears(model) == 0
     monkeypatch.setenv("LORAFIT_WIDE_PRODUCTS", "1")
-    ops.widen_products.cache_clear()
+    kernels.widen_products.cache_clear()
     plain_loss, plain_grads, _ = _step(_model(tiny_phi3, lean=False), autocast=True)
     assert use_wide_linears(model) == 1 and "forward" in vars(model.lm_head)
     loss, grads, _ = _step(model, autocast=True)
-    ops.widen_products.cache_clear()
+    kernels.widen_products.cache_clear()
     assert abs(float(loss - plain_loss)) < 1e-2
     for name, g in plain_grads.items():
         assert float((grads[name] - g).norm() / g.norm()) < 2e-2, name

@@ -219,3 +219,18 @@ def test_cli_qlora_trains_the_demo_and_merges(tmp_path, monkeypatch, capsys) -> 
     assert (tmp_path / "gguf" / "model.gguf").stat().st_size > 0 and (
         tmp_path / "gguf" / "Modelfile"
     ).is_file()
+
+
+def test_transformers_still_accepts_a_quantized_model_by_the_flag_lorafit_sets() -> None:
+    """lorafit marks its QLoRA model ``_hf_peft_config_loaded`` (models/quant.py: no public route
+    exists) because transformers' Trainer refuses a quantized model without it. If a release
+    stops reading the flag, this fails and says where to look."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    quantizer = SimpleNamespace(is_trainable=True, quantization_config=SimpleNamespace(quant_method="bnb"))
+    base = SimpleNamespace(is_quantized=True, hf_quantizer=quantizer, _hf_peft_config_loaded=False)
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(base)
+    validate_quantization_for_training(SimpleNamespace(**{**vars(base), "_hf_peft_config_loaded": True}))

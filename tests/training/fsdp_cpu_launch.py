@@ -21,7 +21,7 @@ from lorafit.cli import main
 _init = acc_state.AcceleratorState.__init__
 
 
-def _init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+def _init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs) -> None:
     _init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
     if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
         self.fsdp_plugin = fsdp_plugin

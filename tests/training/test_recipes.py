@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lorafit.cli import main
 
 from chat_data import chat_rows, write_jsonl
+from tiny import SIZES
 
 
 @pytest.fixture
@@ -27,13 +28,8 @@ def model_folder(tmp_path, make_tokenizer):
     assert tokenizer.unk_token is None and tokenizer.pad_token is None
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        # a model folder as a user has it: no pad token anywhere
+        **{**SIZES, "vocab_size": len(tokenizer), "max_position_embeddings": 512, "pad_token_id": None},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )

@@ -283,7 +283,7 @@ class RunsCode:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
 
 

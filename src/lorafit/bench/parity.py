@@ -127,7 +127,7 @@ def flops_per_token(sizes: dict[str, int], lora_r: int, mean_context: float) -> 
 def matmul_rate(sizes: dict[str, int], tokens: int, repeats: int = 5, wide: bool = False) -> float:
     """FLOP/s of the model's forward and input-gradient products of bf16 matrices at ``tokens``
     rows: native bf16 products, or (``wide``) fp32 products of the same values with the cast and
-    the rounding back included, as :func:`lorafit.lora.ops.matmul16` computes them on CPUs without
+    the rounding back included, as :func:`lorafit.kernels.matmul16` computes them on CPUs without
     bf16 matrix instructions."""
     h, i = sizes["hidden_size"], sizes["intermediate_size"]
     shapes = [(h, 3 * h), (h, h), (h, 2 * i), (i, h), (h, min(sizes["vocab_size"], 8192))]

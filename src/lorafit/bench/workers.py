@@ -44,7 +44,7 @@ def _meter() -> Any:
             usage = resource.getrusage(resource.RUSAGE_SELF)
             return time.perf_counter(), usage.ru_utime + usage.ru_stime, usage.ru_minflt
 
-        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):  # noqa: ANN001, ANN201
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
             # accelerate's DataLoaderShard iterates the DataLoader it wraps
             loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
             collate = loader.collate_fn
@@ -56,14 +56,14 @@ def _meter() -> Any:
 
             loader.collate_fn = counting
 
-        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        def on_step_begin(self, args, state, control, **kwargs):
             if self.start is None:
                 self.start = self.now()
 
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        def on_step_end(self, args, state, control, **kwargs):
             self.step_ends.append(self.now())
 
-        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
+        def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
 

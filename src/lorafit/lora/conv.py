@@ -81,19 +81,19 @@ class ConvLoRA(nn.Module, LoRALayer):
 class Conv1d(ConvLoRA):
     """LoRA over ``nn.Conv1d`` (see :class:`ConvLoRA`)."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(nn.Conv1d, *args, **kwargs)
 
 
 class Conv2d(ConvLoRA):
     """LoRA over ``nn.Conv2d`` (see :class:`ConvLoRA`)."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(nn.Conv2d, *args, **kwargs)
 
 
 class Conv3d(ConvLoRA):
     """LoRA over ``nn.Conv3d`` (see :class:`ConvLoRA`)."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(nn.Conv3d, *args, **kwargs)

@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorafit.constants import BIAS_MODES
+from lorafit.lora.variants import LORA, parameter_name
 
 
 class LoRALayer:
@@ -79,6 +80,14 @@ class LoRALayer:
     @property
     def has_lora(self) -> bool:
         return self.r > 0 and hasattr(self, "lora_A")
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """This layer's tensors in an adapter file: PEFT's key after the module's path -> parameter,
+        as its LoRA variant declares them (plain LoRA for the loralib layers that have none)."""
+        variant = getattr(self, "variant", LORA)
+        r, in_features = self.lora_A.shape[0], self.lora_A.shape[-1]
+        keys = variant.tensors(in_features, self.lora_B.shape[0], r)
+        return {key: getattr(self, parameter_name(key)) for key in keys}
 
     def _base_weight(self) -> torch.Tensor:
         return self.weight  # type: ignore[attr-defined]
@@ -155,12 +164,12 @@ def _save_unmerged(module: LoRALayer, state_dict: dict, prefix: str, local_metad
             state_dict[key] = module._unmerged_weight(w.detach().float()).to(w.dtype)
 
 
-def _unmerge_before_load(module: LoRALayer, state_dict, prefix, *args) -> None:  # noqa: ANN001
+def _unmerge_before_load(module: LoRALayer, state_dict, prefix, *args) -> None:
     module._remerge_on_load = module.merged
     module.unmerge()
 
 
-def _remerge_after_load(module: LoRALayer, incompatible_keys) -> None:  # noqa: ANN001
+def _remerge_after_load(module: LoRALayer, incompatible_keys) -> None:
     if getattr(module, "_remerge_on_load", False):
         module.merge()
     module._remerge_on_load = False

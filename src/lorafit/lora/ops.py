@@ -1,27 +1,23 @@
-"""LoRA's linear layer under autocast as one autograd op, 16-bit products, and dropout masks.
+"""LoRA's linear layer under autocast as one autograd op, and its dropout masks.
 
 :func:`lora_linear` computes what autocast makes of a LoRA layer over a frozen base,
 ``y = x W0^T + b + s * drop(x) A^T B^T``, as one op that keeps for backward only the 16-bit
 input (shared by the base and the LoRA path), the rank-r ``drop(x) A^T`` and the seed of the
 dropout mask; when the input is itself a cheap function of tensors that are kept anyway (a norm
-of the residual stream, SiLU(gate) * up: :func:`mark_rebuildable`), not even the input.
-:func:`lora_update` is the older op that adds the update to a base output computed outside.
-
-:func:`matmul16` multiplies 16-bit matrices as the machine does it fastest for the same math:
-natively, or, on CPUs without 16-bit matrix instructions (AVX2), as fp32 products of the same
-values (exact: a product of two bf16 or fp16 numbers fits fp32), accumulated in fp32 and
-rounded once, as a native bf16 product is.
+of the residual stream, SiLU(gate) * up: :func:`lorafit.kernels.mark_rebuildable`), not even the
+input. :func:`lora_update` is the older op that adds the update to a base output computed outside.
+Its products are :func:`lorafit.kernels.matmul16`'s.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
+
+from lorafit.kernels import matmul16, rebuild_recipe, widen_products
 
 
 def lora_update(
@@ -114,103 +110,6 @@ def dropout_scale(p: float, dtype: torch.dtype, device: torch.device) -> float:
     return scale
 
 
-# -- 16-bit products -----------------------------------------------------------------------------
-
-_NATIVE_16BIT = {
-    torch.bfloat16: lambda: bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-    torch.float16: lambda: bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()),
-}
-
-
-@functools.cache
-def widen_products(dtype: torch.dtype, device_type: str) -> bool:
-    """Whether :func:`matmul16` multiplies ``dtype`` matrices on ``device_type`` as fp32 products.
-
-    True on CPUs without 16-bit matrix instructions (oneDNN's bf16/fp16 kernels need AVX-512 or
-    AMX), where PyTorch falls back to a plain loop that runs at a fraction of the fp32 rate (on a
-    2-core AVX2 EPYC: 2-4 GFLOP/s in bf16 against 15-60 in fp32, measured). Accelerators and
-    CPUs with those instructions multiply natively. ``LORAFIT_WIDE_PRODUCTS=0`` or ``1``
-    overrides the choice (to compare the two).
-    """
-    forced = os.environ.get("LORAFIT_WIDE_PRODUCTS")
-    if forced in ("0", "1"):
-        return forced == "1" and device_type == "cpu" and dtype in _NATIVE_16BIT
-    if device_type != "cpu" or dtype not in _NATIVE_16BIT:
-        return False
-    return not _NATIVE_16BIT[dtype]()
-
-
-def matmul16(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``a @ b`` for 16-bit ``a`` and ``b`` (any of them may be fp32 already): fp32 accumulation,
-    one rounding to ``out_dtype`` (default ``a``'s dtype), computed natively or, where
-    :func:`widen_products` says so, as an fp32 product of the same values."""
-    dtype = a.dtype if out_dtype is None else out_dtype
-    low = a.dtype if a.dtype != torch.float32 else b.dtype
-    if widen_products(low, a.device.type):
-        return torch.matmul(a.float(), b.float()).to(dtype)
-    return torch.matmul(a, b).to(dtype)
-
-
-def linear16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for 16-bit tensors with one rounding, as :func:`matmul16`."""
-    if not widen_products(x.dtype, x.device.type):
-        return F.linear(x, weight, bias)
-    wide = x.reshape(-1, x.shape[-1]).float()
-    out = wide @ weight.float().t() if bias is None else torch.addmm(bias.float(), wide, weight.float().t())
-    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
-
-
-def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` under autocast for a frozen weight and bias, its products by
-    :func:`matmul16` (so widened where the CPU has no 16-bit matrix instructions). Backward keeps
-    only the weight: ``grad_x = g W``."""
-    return _FrozenLinear.apply(x, weight, bias)
-
-
-class _FrozenLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):  # noqa: ANN001, ANN205
-        dtype = torch.get_autocast_dtype(x.device.type)
-        with torch.autocast(x.device.type, enabled=False):
-            out = linear16(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(weight)
-        ctx.dtype, ctx.x_dtype = dtype, x.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        (weight,) = ctx.saved_tensors
-        with torch.autocast(grad.device.type, enabled=False):
-            grad_x = matmul16(grad.to(ctx.dtype), weight.to(ctx.dtype)).to(ctx.x_dtype)
-        return grad_x, None, None
-
-
-# -- inputs that are rebuilt instead of kept ---------------------------------------------------
-
-_RECIPE = "_lorafit_rebuild"
-
-
-def mark_rebuildable(
-    out: torch.Tensor, rebuild: Callable[..., torch.Tensor], *sources: torch.Tensor
-) -> torch.Tensor:
-    """Note on ``out`` that ``rebuild(*sources)`` recomputes it bit for bit, and cheaply.
-
-    The producer (a norm, an activation) keeps ``sources`` for its own backward anyway;
-    :func:`lora_linear` then keeps ``sources`` instead of ``out`` and rebuilds ``out`` in
-    backward, so the two ops share one saved copy. The note holds for this tensor object as long
-    as it is not modified in place (its version is recorded); views and copies carry no note.
-    """
-    setattr(out, _RECIPE, (rebuild, sources, out._version))
-    return out
-
-
-def _recipe(x: torch.Tensor) -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]] | None:
-    note = getattr(x, _RECIPE, None)
-    if note is None or note[2] != x._version:
-        return None
-    return note[0], note[1]
-
-
 # -- the LoRA linear layer as one op -------------------------------------------------------------
 
 
@@ -234,7 +133,7 @@ def lora_linear(
     equal PEFT's under autocast to bf16 rounding. Dropout is ``nn.Dropout``'s (the same keep
     probability and scale).
 
-    Kept for backward: the 16-bit input (or, for a :func:`mark_rebuildable` input, the tensors
+    Kept for backward: the 16-bit input (or, for a :func:`lorafit.kernels.mark_rebuildable` input, the tensors
     it is rebuilt from), ``u`` (N, r), the mask's seed and the parameters themselves (no 16-bit
     copies); backward draws the mask again::
 
@@ -249,10 +148,10 @@ def lora_linear(
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout):
         device = x.device
         dtype = torch.get_autocast_dtype(device.type)
-        recipe = _recipe(x)
+        recipe = rebuild_recipe(x)
         with torch.autocast(device.type, enabled=False):
             w = (weight() if callable(weight) else weight).to(dtype)  # (out, in)
             b = None if bias is None else bias.to(dtype)
@@ -285,7 +184,7 @@ class _LoRALinear(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         saved = ctx.saved_tensors
         sources, (u, lora_A, lora_B, weight) = saved[: ctx.n_sources], saved[ctx.n_sources :]
         dtype, s, device = ctx.dtype, ctx.scaling, grad.device
@@ -327,7 +226,7 @@ def _dropped(
 
 class _LoRAUpdate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, result, x, lora_A, lora_B, scaling, dropout):  # noqa: ANN001, ANN205
+    def forward(ctx, result, x, lora_A, lora_B, scaling, dropout):
         dtype = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
@@ -349,7 +248,7 @@ class _LoRAUpdate(torch.autograd.Function):
         return flat.view(result.shape[:-1] + (flat.shape[-1],))
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         x, keep, after_A, A, B = ctx.saved_tensors
         s = ctx.scaling
         result_dtype, A_dtype, B_dtype = ctx.dtypes

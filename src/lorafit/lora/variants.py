@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from lorafit.lora.ops import lora_update
 
-__all__ = ["DORA", "LORA", "Variant", "variant_for"]
+__all__ = ["DORA", "LORA", "Variant", "parameter_name", "variant_for"]
 
 
 def _dropout_p(layer: nn.Module) -> float:
@@ -47,6 +47,12 @@ class Variant:
     """Plain LoRA; subclasses change what the update does (see the module docstring)."""
 
     name = "lora"
+
+    def tensors(self, in_features: int, out_features: int, r: int) -> dict[str, tuple[int, ...]]:
+        """What a layer of this variant keeps in an adapter file: PEFT's key after the module's
+        path -> shape. The layer's parameter is the key less a final ``.weight``
+        (:func:`parameter_name`); saving, loading and the fit check all derive from this."""
+        return {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
 
     def init(self, layer: nn.Module) -> None:
         """Plain LoRA has nothing beyond ``lora_A`` and ``lora_B``."""
@@ -79,6 +85,10 @@ class DoRA(Variant):
     """Weight-decomposed LoRA: a magnitude per output row times the direction of ``W0 + s B A``."""
 
     name = "dora"
+
+    def tensors(self, in_features: int, out_features: int, r: int) -> dict[str, tuple[int, ...]]:
+        # PEFT's key for the magnitudes has no ".weight" after it
+        return {**super().tensors(in_features, out_features, r), "lora_magnitude_vector": (out_features,)}
 
     def init(self, layer: nn.Module) -> None:
         with torch.no_grad():
@@ -126,6 +136,13 @@ class DoRA(Variant):
 
 LORA = Variant()
 DORA = DoRA()
+
+
+def parameter_name(key: str) -> str:
+    """The layer attribute an adapter key of :meth:`Variant.tensors` names (``lora_A.weight`` ->
+    ``lora_A``); ``key`` may start with the module's path."""
+    lora_ab = key in ("lora_A.weight", "lora_B.weight") or key.endswith((".lora_A.weight", ".lora_B.weight"))
+    return key[: -len(".weight")] if lora_ab else key
 
 
 def variant_for(use_dora: bool) -> Variant:

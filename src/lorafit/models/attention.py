@@ -20,7 +20,7 @@ heads without repeating it.
 S, the softmax, dP and dS are computed in fp32 (from 16-bit Q, K, V and dO): a rounded score
 would become a relative error in its weight, and dP - D cancels. P and dS are rounded to the
 model's dtype for the products O = P V, dQ = dS K and dK = dS^T Q where the machine multiplies
-16-bit matrices natively (:func:`lorafit.lora.ops.widen_products`; elsewhere they stay fp32), as
+16-bit matrices natively (:func:`lorafit.kernels.widen_products`; elsewhere they stay fp32), as
 transformers' eager attention does for P; dV = P^T dO is an fp32 product, and partial sums of dK
 and dV over query blocks accumulate in fp32.
 Against an fp64 computation the output's and the gradients' errors are within sdpa's bf16 errors
@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from lorafit.lora.ops import widen_products
+from lorafit.kernels import widen_products
 
 __all__ = ["PACKED_ATTENTION", "packed_attention", "use_packed_attention"]
 
@@ -111,17 +111,17 @@ class _ExampleAttention(torch.autograd.Function):
     """q (B, H, T, D), k and v (B, H_kv, T, D) in; (B, T, H, D) out (what attention functions return)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, examples, scale):  # noqa: ANN001, ANN205
+    def forward(ctx, q, k, v, examples, scale):
         with torch.autocast(q.device.type, enabled=False):  # the dtypes below, whatever autocast says
             return _ExampleAttention._forward(ctx, q, k, v, examples, scale)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         with torch.autocast(grad.device.type, enabled=False):
             return _ExampleAttention._backward(ctx, grad)
 
     @staticmethod
-    def _forward(ctx, q, k, v, examples, scale):  # noqa: ANN001, ANN205
+    def _forward(ctx, q, k, v, examples, scale):
         batch, heads, length, dim = q.shape
         kv_heads, dtype = k.shape[1], v.dtype
         group = heads // kv_heads
@@ -155,7 +155,7 @@ class _ExampleAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def _backward(ctx, grad):  # noqa: ANN001, ANN205
+    def _backward(ctx, grad):
         q, k, v, lse = ctx.saved_tensors
         heads, dim, kv_heads, dtype = q.shape[1], q.shape[3], k.shape[1], v.dtype
         group = heads // kv_heads

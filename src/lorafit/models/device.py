@@ -5,7 +5,7 @@ only with AVX-512 BF16 or AMX (recent Xeons and EPYCs), where bf16 matrix produc
 3x faster than fp32. A CPU without them (AVX2 only) emulates bf16 and fp16 products at a few
 percent of its fp32 rate: measured on a 2-core AVX2 EPYC, 0.6 GFLOP/s in bf16 against 31 in
 fp32 for 512 x 512 products. There lorafit computes in fp32 instead, and says so once; except
-in LoRA training, whose ops (:func:`lorafit.lora.ops.matmul16`) multiply the 16-bit values as
+in LoRA training, whose ops (:func:`lorafit.kernels.matmul16`) multiply the 16-bit values as
 fp32 products: the fp32 rate with half the weight memory (Phi-3-mini: 7.6 GB, not 15.3) and the
 16-bit math of the same run on other machines.
 """

@@ -12,7 +12,7 @@ tensors that backward needs anyway (``x`` and ``a`` with one fp32 number per tok
 ``up``). :func:`use_lean_layers` gives a model's norms and MLPs forwards that compute exactly
 what transformers' do (the same ops in the same order: outputs are bit for bit the same) with
 autograd functions that keep only those tensors and mark their outputs rebuildable
-(:func:`lorafit.lora.ops.mark_rebuildable`): the LoRA linear layer that reads ``n1``, ``n2`` or
+(:func:`lorafit.kernels.mark_rebuildable`): the LoRA linear layer that reads ``n1``, ``n2`` or
 the gate then keeps nothing of its own input and rebuilds it in backward. Per token and layer
 that is ``x``, ``a``, ``gate``, ``up`` and the attention's q, k, v and output, all 16-bit
 (68 KB for Phi-3-mini in bf16, against about 180 KB op by op).
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorafit.lora.ops import frozen_linear, mark_rebuildable, widen_products
+from lorafit.kernels import frozen_linear, mark_rebuildable, widen_products
 
 __all__ = ["LEAN_MLPS", "LEAN_NORMS", "rms_norm", "silu_mul", "use_lean_layers", "use_wide_linears"]
 
@@ -60,7 +60,7 @@ def _norm_output(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> t
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, eps):
         h = x.to(torch.float32)
         rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
         y = weight * (h * rstd).to(x.dtype)
@@ -69,7 +69,7 @@ class _RMSNorm(torch.autograd.Function):
         return y, rstd
 
     @staticmethod
-    def backward(ctx, dy, _drstd):  # noqa: ANN001, ANN205
+    def backward(ctx, dy, _drstd):
         # y = w * round(n), n = x * r, r = (mean(x^2) + eps)^-1/2:
         #   dn = dy * w (in y's dtype, as autograd's mul),  dx = r * (dn - n * mean(dn * n))
         x, rstd, weight = ctx.saved_tensors
@@ -94,12 +94,12 @@ def _gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 class _SiluMul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up):  # noqa: ANN001, ANN205
+    def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
         return _gated(gate, up)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         # the ops autograd runs for silu(gate) * up, in the same dtypes
         gate, up = ctx.saved_tensors
         grad_gate = grad_up = None
@@ -133,7 +133,7 @@ def _wide_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def use_wide_linears(model: nn.Module) -> int:
     """On a CPU without 16-bit matrix instructions, give the model's plain ``nn.Linear`` layers (those
     LoRA does not wrap: the output head, layers outside ``target_modules``) a forward whose products
-    under autocast are fp32 products of the same 16-bit values (:func:`lorafit.lora.ops.frozen_linear`),
+    under autocast are fp32 products of the same 16-bit values (:func:`lorafit.kernels.frozen_linear`),
     as lorafit's LoRA layers, attention and loss compute theirs; elsewhere it changes nothing.
     Returns how many layers changed."""
     if not any(widen_products(dtype, "cpu") for dtype in (torch.bfloat16, torch.float16)):

@@ -167,7 +167,7 @@ def load_model(
     through ``echo``) and attention implementation, 4-bit when ``model.quantization`` says so.
 
     ``training`` (LoRA training, not DoRA) keeps a 16-bit dtype on such CPUs too: lorafit's
-    training ops (:func:`lorafit.lora.ops.matmul16`) multiply its values as fp32 products, at the
+    training ops (:func:`lorafit.kernels.matmul16`) multiply its values as fp32 products, at the
     fp32 rate with half its weight memory and the 16-bit math of the same run elsewhere."""
     m = cfg.model
     widened = _widened(cfg, training)

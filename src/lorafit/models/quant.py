@@ -153,7 +153,10 @@ def prepare_kbit_model(model: nn.Module, settings: dict[str, Any]) -> nn.Module:
     head = get_head() if callable(get_head) else None
     if head is not None and getattr(head, "weight", None) is not None and head.weight.dtype != torch.float32:
         head.register_forward_pre_hook(_input_to_weight_dtype)
-    # transformers' Trainer refuses "purely quantized" models; LoRA makes this one trainable.
+    # transformers' Trainer refuses "purely quantized" models; LoRA makes this one trainable. No
+    # public route says so: Trainer (trainer_utils.validate_quantization_for_training) accepts a
+    # quantized model only when it is a PeftModel or carries this flag, which transformers' own
+    # load_adapter sets. tests/models/test_quant.py fails loudly if transformers stops reading it.
     model._hf_peft_config_loaded = True
     return model
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from transformers import TrainingArguments
 from lorafit.errors import LorafitError
 from lorafit.methods import ALL_METHOD_KEYS
 from lorafit.models.device import cpu_half_is_fast
+from lorafit.training.tracking import prepare_trackers
 
 # Keys lorafit reads itself and never hands to TrainingArguments.
 LORAFIT_ONLY = (
@@ -110,11 +110,10 @@ def training_arguments(resolved: dict[str, Any], run_dir: Path) -> TrainingArgum
     """``TrainingArguments`` for the settings of :func:`resolve_training_config`, run in ``run_dir``."""
     # the preference methods' TRL keys (beta, loss_type, ...) are read by lorafit.training.preference
     tc = {k: v for k, v in resolved.items() if k not in LORAFIT_ONLY and k not in ALL_METHOD_KEYS}
-    # TensorBoard events go to run_dir/tensorboard unless logging_dir says otherwise.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(resolved.get("logging_dir") or run_dir / "tensorboard")
     tc["output_dir"] = str(run_dir)
     if "report_to" not in tc:
         tc["report_to"] = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
+    prepare_trackers(tc["report_to"], run_dir, resolved.get("logging_dir"))  # in the run folder, offline
     from lorafit.models.device import has_accelerator
 
     if not has_accelerator():

@@ -28,7 +28,7 @@ from transformers import Trainer, TrainerCallback
 from lorafit.disk import write_text_atomic
 from lorafit.errors import LorafitError
 from lorafit.training.checkpoints import resume_hint
-from lorafit.training.rundir import METRICS_NAME
+from lorafit.training.rundir import LOSS_PLOT_NAME, METRICS_NAME
 
 
 class RunFilesCallback(TrainerCallback):
@@ -45,7 +45,7 @@ class RunFilesCallback(TrainerCallback):
         self.tokens0 = 0
         self.last: dict[str, str] = {}  # the progress bar's postfix
 
-    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_train_begin(self, args, state, control, **kwargs):
         self.t0 = time.perf_counter()
         self.tokens0 = self.trainer.tokens_seen()  # every rank runs this callback: a collective is safe
         if state.is_world_process_zero and state.global_step > 0:
@@ -72,24 +72,26 @@ class RunFilesCallback(TrainerCallback):
         """Throughput since training began, given the tokens seen by all processes so far."""
         return (tokens - self.tokens0) / max(time.perf_counter() - self.t0, 1e-9)
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             # loss, lr and tokens/s as of the last log: reading them every step would wait for
             # the device every step
             self.bar.update(state.global_step - self.bar.n)
             self.bar.set_postfix(self.last, refresh=False)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
+    def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
             return
-        # Trainer logs on every rank with the same keys, so every rank joins this sum.
-        tokens = self.trainer.tokens_seen() if "loss" in logs else 0
+        if "loss" in logs:
+            # Trainer logs on every rank with the same keys, so every rank joins this sum. Into the
+            # logs themselves: the trackers (report_to), called after this callback, report them too.
+            tokens = self.trainer.tokens_seen()
+            logs["tokens_per_s"] = round(self.tokens_per_s(tokens), 1)
+            logs["tokens_seen"] = tokens
         if not state.is_world_process_zero:
             return
         row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         if "loss" in logs:
-            row["tokens_per_s"] = round(self.tokens_per_s(tokens), 1)
-            row["tokens_seen"] = tokens
             self.last = {
                 "loss": f"{logs['loss']:.4f}",
                 "lr": f"{logs.get('learning_rate', 0):.2e}",
@@ -113,14 +115,14 @@ class RunFilesCallback(TrainerCallback):
         with open(self.run_dir / METRICS_NAME, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
-    def on_evaluate(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_evaluate(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            plot_loss(self.history, self.run_dir / "loss.png")
+            plot_loss(self.history, self.run_dir / LOSS_PLOT_NAME)
 
-    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_train_end(self, args, state, control, **kwargs):
         self.close()
         if state.is_world_process_zero:
-            plot_loss(self.history, self.run_dir / "loss.png")
+            plot_loss(self.history, self.run_dir / LOSS_PLOT_NAME)
 
 
 def metrics_up_to(path: Path, step: int) -> list[dict[str, Any]]:
@@ -210,7 +212,7 @@ class StopOnSignal(TrainerCallback):
             "(send it again to stop at once)"
         )
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_step_end(self, args, state, control, **kwargs):
         if self.received is not None:
             control.should_save = True
             control.should_training_stop = True
@@ -240,7 +242,7 @@ class NonFiniteGuard(TrainerCallback):
                 bad.append("gradients")
         return " and ".join(bad) or None
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001, ANN201
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         what = self._what_is_not_finite(model)
         if what is None:
             return

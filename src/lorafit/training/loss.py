@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lorafit.constants import IGNORE_INDEX
-from lorafit.lora.ops import widen_products
+from lorafit.kernels import widen_products
 
 __all__ = ["causal_lm_loss", "supports_fast_loss", "head_cross_entropy_sum"]
 
@@ -146,8 +146,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, tile by tile, d(loss)/d(hidden); backward scales it."""
 
     @staticmethod
-    def forward(  # noqa: ANN205
-        ctx,  # noqa: ANN001
+    def forward(
+        ctx,
         hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
@@ -195,6 +195,6 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_total: torch.Tensor):
         (grad,) = ctx.saved_tensors
         return (grad * grad_total).to(ctx.hidden_dtype), None, None, None, None, None, None

@@ -22,6 +22,7 @@ from lorafit.config import RunConfig
 from lorafit.constants import DEMO_MODEL
 from lorafit.data import build_datasets, dataset_fingerprint, held_out_records, to_messages
 from lorafit.errors import LorafitError
+from lorafit.inference.expect import expectations, held_out_report
 from lorafit.inference.metrics import eval_conversations, generation_report
 from lorafit.models.attention import PACKED_ATTENTION, use_packed_attention
 from lorafit.models.device import has_accelerator
@@ -32,6 +33,7 @@ from lorafit.training import checkpoints, rundir
 from lorafit.training import distributed as lf_dist
 from lorafit.training.arguments import resolve_training_config, training_arguments
 from lorafit.training.preference import build_preference_trainer, load_preference_data
+from lorafit.training.tracking import check_report_to
 from lorafit.training.trainer import build_trainer, run_trainer
 
 
@@ -171,6 +173,7 @@ def train(
     Launched by torchrun or accelerate launch, every process runs this: rank 0 picks the run
     folder and writes the files, the others train their share of each batch.
     """
+    check_report_to(cfg.training_config.get("report_to"))  # a tracker not installed: said before loading
     lf_dist.join_processes(cfg)
     main = lf_dist.is_main_process()
     echo = echo if main else _say_nothing
@@ -232,7 +235,9 @@ def train(
         if model.config._attn_implementation == PACKED_ATTENTION:
             model.set_attn_implementation("sdpa")  # the model goes back as loaded
         if main and prompts:
-            write_samples_after(trainer, model, tokenizer, prompts, before, run_dir)
+            after = write_samples_after(trainer, model, tokenizer, prompts, before, run_dir)
+            if after is not None:
+                echo_held_out(cfg, stats, prompts, before, after, echo)
     return run_dir
 
 
@@ -296,8 +301,9 @@ def write_samples_after(
     prompts: list[list[dict]],
     before: tuple[dict, list[dict]] | None,
     run_dir: Path,
-) -> None:
-    """``samples.md``: the eval prompts answered before and after training, with their scores."""
+) -> tuple[dict, list[dict]] | None:
+    """``samples.md``: the eval prompts answered before and after training, with their scores.
+    Returns the answers after training (None where this process could not run the model)."""
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         # The weights are spread over the processes; rank 0 alone cannot run the model.
         after = None
@@ -306,6 +312,27 @@ def write_samples_after(
         after = generation_report(model, tokenizer, prompts)
         note = ""
     rundir.write_samples(run_dir / rundir.SAMPLES_NAME, prompts, before, after, note=note)
+    return after
+
+
+def echo_held_out(
+    cfg: RunConfig,
+    stats: dict[str, Any],
+    prompts: list[list[dict]],
+    before: tuple[dict, list[dict]] | None,
+    after: tuple[dict, list[dict]],
+    echo: Any,
+) -> None:
+    """Print the held-out questions answered before and after, right or wrong, where the eval
+    records say what a right answer names (``expect``: the real-model demo's do)."""
+    _, eval_src = data_sources(cfg)
+    if not eval_src:
+        return
+    expects = expectations(eval_src, stats["eval"]["format"], len(prompts))
+    answers_before = [row["answer"] for row in before[1]] if before else None
+    report = held_out_report(prompts, answers_before, [row["answer"] for row in after[1]], expects)
+    if report:
+        echo(report)
 
 
 def _say_nothing(*args: Any, **kwargs: Any) -> None:

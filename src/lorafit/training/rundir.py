@@ -30,9 +30,11 @@ from lorafit.training import checkpoints
 
 METRICS_NAME = "metrics.jsonl"
 SAMPLES_NAME = "samples.md"
+LOSS_PLOT_NAME = "loss.png"
 SKIPPED_NAME = "skipped_records.jsonl"
 # What a run writes at the top of its folder: removed when overwrite_output_dir reuses one.
-RUN_FILES = (METRICS_NAME, "loss.png", SAMPLES_NAME, SKIPPED_NAME, CONFIG_NAME, WEIGHTS_NAME, "tensorboard")
+RUN_FILES = (METRICS_NAME, LOSS_PLOT_NAME, SAMPLES_NAME, SKIPPED_NAME, CONFIG_NAME, WEIGHTS_NAME)
+RUN_FILES += ("tensorboard", "mlruns", "wandb")  # the trackers' local stores (training.tracking)
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 

@@ -38,6 +38,7 @@ from lorafit.training import checkpoints
 from lorafit.training import distributed as lf_dist
 from lorafit.training.callbacks import NonFiniteGuard, RunFilesCallback, StopOnSignal
 from lorafit.training.loss import causal_lm_loss, supports_fast_loss
+from lorafit.training.tracking import ConfigToTrackers
 
 
 class LorafitTrainer(Trainer):
@@ -66,7 +67,7 @@ class LorafitTrainer(Trainer):
         self._loss_finite: torch.Tensor | None = None  # all micro-batch losses of this step finite
         self._staging: str | None = None
 
-    def training_step(self, model, inputs, num_items_in_batch=None):  # noqa: ANN001, ANN201
+    def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         finite = torch.isfinite(loss).all()  # stays on the device: no sync per micro-batch
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
@@ -77,7 +78,7 @@ class LorafitTrainer(Trainer):
         finite, self._loss_finite = self._loss_finite, None
         return finite is None or bool(finite)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             ids = inputs["input_ids"]
             mask = inputs.get("attention_mask")
@@ -97,7 +98,7 @@ class LorafitTrainer(Trainer):
             loss = loss * (self.accelerator.num_processes // self.get_tp_size() if n_gpu <= 1 else n_gpu)
         return loss
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: ANN001, ANN201
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation without metrics needs the loss only: take it without the logits. (One
         # batch's loss over its own label tokens, as Trainer's num_items_in_batch makes it.)
         if not (prediction_loss_only and self._fast_loss_applies(inputs)):
@@ -247,10 +248,12 @@ def build_trainer(
     trainer.remove_callback(ProgressCallback)
     run_dir = Path(args.output_dir)
     files = RunFilesCallback(run_dir, trainer)
-    trainer.add_callback(files)
+    # First: its on_log adds tokens/s to the logs, which the trackers (report_to) then receive.
+    trainer.callback_handler.callbacks.insert(0, files)
     skip = bool(cfg.training_config.get("skip_nonfinite"))
     trainer.add_callback(NonFiniteGuard(trainer, run_dir, skip=skip, echo=files.write))
     trainer.add_callback(StopOnSignal(echo=files.write))
+    trainer.add_callback(ConfigToTrackers(cfg.to_dict(), cfg.to_yaml(), trainer.callback_handler.callbacks))
     return trainer
 
 

@@ -29,15 +29,18 @@ def require_gradio() -> None:
         )
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860, runs: str | Path = "runs") -> None:
-    """Serve the page on ``host:port`` with run folders in ``runs``, until interrupted."""
+def launch(
+    host: str = "127.0.0.1", port: int = 7860, runs: str | Path = "runs", model: str | None = None
+) -> None:
+    """Serve the page on ``host:port`` with run folders in ``runs``, until interrupted; ``model``
+    starts in the Base model box (default: the real demo model where installed, else lorafit-demo)."""
     require_gradio()
     # Before gradio is imported: its version check and telemetry read these at import and launch.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
     from lorafit.ui.app import serve
 
-    serve(host=host, port=port, runs=Path(runs))
+    serve(host=host, port=port, runs=Path(runs), model=model)
 
 
 __all__ = ["LOCAL_HOSTS", "launch", "require_gradio"]

@@ -8,7 +8,8 @@ is shown in the tab's status line, as the CLI prints it.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import gradio as gr
 import pandas as pd
 
 from lorafit.config import DataConfig
-from lorafit.constants import DEMO_MODEL
+from lorafit.demo import default_model
 from lorafit.errors import LorafitError
 from lorafit.ui import data_view, form
 from lorafit.ui.chat import ChatModels
@@ -53,8 +54,9 @@ class Page:
     """The page's shared state: the runs folder, loaded tokenizers, the chat models, and a temporary
     folder for the YAML files the page offers for download."""
 
-    def __init__(self, runs: Runs) -> None:
+    def __init__(self, runs: Runs, model: str | None = None) -> None:
         self.runs = runs
+        self.model = model or default_model()  # what the Base model box starts with
         self.chat = ChatModels()
         self._tokenizers: dict[str, Any] = {}
         self.downloads = Path(tempfile.mkdtemp(prefix="lorafit-ui-"))
@@ -63,7 +65,7 @@ class Page:
         """The tokenizer ``lorafit train`` would load for ``model`` (kept for the next call)."""
         from lorafit.models import load_tokenizer
 
-        model = (model or "").strip() or DEMO_MODEL
+        model = (model or "").strip() or self.model
         if model not in self._tokenizers:
             self._tokenizers[model] = load_tokenizer(form.base_config(model))
         return self._tokenizers[model]
@@ -84,9 +86,9 @@ def build(page: Page) -> gr.Blocks:
             f"export. Runs are folders in `{page.runs.root}`; they keep going when this page closes."
         )
         model = gr.Textbox(
-            DEMO_MODEL,
+            page.model,
             label="Base model",
-            info="a Hugging Face id, a local model folder, or lorafit-demo (the embedded tiny demo model)",
+            info="a Hugging Face id, a local folder, a GGUF file, or lorafit-demo (a tiny random model)",
             elem_id="model",
         )
         fields: dict[str, gr.components.Component] = {}
@@ -94,14 +96,17 @@ def build(page: Page) -> gr.Blocks:
         eval_path = gr.Textbox(label="Eval data (optional)", elem_id="eval-path", scale=2, render=False)
         with gr.Tabs():
             with gr.Tab("Data", id="data"):
-                path = _data_tab(page, model, fields, eval_path)
+                data = _data_tab(page, model, fields)
             with gr.Tab("Train", id="train"):
-                run_select = train_tab(page.runs, page.downloads, model, path, eval_path, fields)
+                run_select = train_tab(
+                    page.runs, page.downloads, model, data.path, eval_path, fields, page.model
+                )
             with gr.Tab("Chat", id="chat") as chat_tab:
                 chat_run = _chat_tab(page)
             with gr.Tab("Export", id="export") as export_tab:
                 export_run = _export_tab(page)
-        _follow_the_recipe(model, fields)
+        _follow_the_recipe(model, fields, page.model)
+        _wire_demo_button(page, data, model, eval_path, fields)  # after the Train tab added its fields
         for tab, dropdown in ((chat_tab, chat_run), (export_tab, export_run)):
             tab.select(lambda: gr.update(choices=page.runs.finished()), outputs=dropdown)
         # A page opened (or reopened after a closed tab) while a run goes on shows that run.
@@ -111,15 +116,15 @@ def build(page: Page) -> gr.Blocks:
     return app
 
 
-def _follow_the_recipe(model: gr.Textbox, fields: dict[str, gr.components.Component]) -> None:
+def _follow_the_recipe(model: gr.Textbox, fields: dict[str, gr.components.Component], start: str) -> None:
     """A model that takes another recipe (the demo's, or the one for pretrained models) resets
     the settings to that recipe's, as ``lorafit train --model.name_or_path`` would start."""
     from lorafit.config import recipe_file
 
-    recipe = gr.State(str(recipe_file(DEMO_MODEL)))
+    recipe = gr.State(str(recipe_file(start)))
 
     def follow(name: str | None, current: str) -> list:
-        name = (name or "").strip() or DEMO_MODEL
+        name = (name or "").strip() or start
         path = str(recipe_file(name))
         if path == current:
             return [gr.skip()] * len(fields) + [current]
@@ -131,11 +136,21 @@ def _follow_the_recipe(model: gr.Textbox, fields: dict[str, gr.components.Compon
     )
 
 
-def _data_tab(page: Page, model: gr.Textbox, fields: dict, eval_path: gr.Textbox) -> gr.Textbox:
-    """Lay out the Data tab and wire it; returns the data path box (the Train tab reads it)."""
-    from lorafit.demo import eval_file, train_file
+@dataclass
+class _DataTab:
+    """What the Data tab hands on: its data path box (the Train tab reads it), its demo button, and
+    its Inspect handler with that handler's inputs and outputs (the demo button runs it too)."""
 
-    defaults = form.field_values(form.base_config(DEMO_MODEL))
+    path: gr.Textbox
+    demo: gr.Button
+    inspect: Callable[..., tuple]
+    inputs: list
+    outputs: list
+
+
+def _data_tab(page: Page, model: gr.Textbox, fields: dict) -> _DataTab:
+    """Lay out the Data tab and wire its own handlers."""
+    defaults = form.field_values(form.base_config(page.model))
 
     with gr.Row():
         path = gr.Textbox(
@@ -207,14 +222,28 @@ def _data_tab(page: Page, model: gr.Textbox, fields: dict, eval_path: gr.Textbox
 
     outputs = [summary, histogram, packing, index, mask, bad, report]
     inspect.click(run_inspect, inputs=data_inputs, outputs=outputs)
-    demo.click(lambda: (str(train_file()), str(eval_file())), outputs=[path, eval_path]).then(
-        run_inspect, inputs=data_inputs, outputs=outputs
-    )
     upload.upload(lambda f: f, inputs=upload, outputs=path).then(
         run_inspect, inputs=data_inputs, outputs=outputs
     )
     index.input(show_example, inputs=[model, report, index], outputs=mask, trigger_mode="always_last")
-    return path
+    return _DataTab(path=path, demo=demo, inspect=run_inspect, inputs=data_inputs, outputs=outputs)
+
+
+def _wire_demo_button(
+    page: Page, data: _DataTab, model: gr.Textbox, eval_path: gr.Textbox, fields: dict
+) -> None:
+    """The demo button: the demo's data for the model in the box and, for the real demo model, the
+    demo's settings in every field of both tabs; then the data is inspected."""
+    keys = list(fields)
+
+    def use_demo(model_name: str | None) -> list:
+        train, evaluate, values = form.demo_settings((model_name or "").strip() or page.model)
+        settings = [values[key] for key in keys] if values else [gr.skip()] * len(keys)
+        return [train, evaluate, *settings]
+
+    data.demo.click(use_demo, inputs=model, outputs=[data.path, eval_path, *fields.values()]).then(
+        data.inspect, inputs=data.inputs, outputs=data.outputs
+    )
 
 
 def _chat_tab(page: Page) -> gr.Dropdown:
@@ -304,9 +333,9 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def serve(host: str, port: int, runs: Path) -> None:
-    """Build the page and serve it until interrupted."""
-    page = Page(Runs(runs))
+def serve(host: str, port: int, runs: Path, model: str | None = None) -> None:
+    """Build the page and serve it until interrupted; ``model`` starts in the Base model box."""
+    page = Page(Runs(runs), model)
     app = build(page)
     try:
         app.queue().launch(

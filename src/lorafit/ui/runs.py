@@ -31,7 +31,7 @@ from lorafit.config import RunConfig
 from lorafit.constants import RUN_CONFIG_NAME
 from lorafit.errors import LorafitError
 from lorafit.training.checkpoints import last_checkpoint
-from lorafit.training.rundir import METRICS_NAME, SAMPLES_NAME, new_run_dir
+from lorafit.training.rundir import LOSS_PLOT_NAME, METRICS_NAME, SAMPLES_NAME, new_run_dir
 
 STATE_DIR = ".lorafit-ui"
 CONFIG_NAME = "config.yaml"
@@ -320,7 +320,7 @@ class Runs:
         state, message = self._state(name, run_dir, running, progress(current) is not None, tail)
         step, total = progress(tail) or (metrics[-1]["step"] if metrics else None, None)
         samples = run_dir / SAMPLES_NAME
-        loss_png = run_dir / "loss.png"
+        loss_png = run_dir / LOSS_PLOT_NAME
         return RunView(
             name=name,
             state=state,

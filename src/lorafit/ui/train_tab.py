@@ -8,6 +8,7 @@ the run has logged something new.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ import gradio as gr
 import pandas as pd
 
 from lorafit.config import RunConfig
-from lorafit.constants import DEMO_MODEL
 from lorafit.errors import LorafitError
+from lorafit.training.rundir import LOSS_PLOT_NAME
 from lorafit.ui import form
 from lorafit.ui.runs import Runs, RunView, chosen
 from lorafit.ui.widgets import error_text, field_input
@@ -37,14 +38,53 @@ def _chart(view: RunView) -> gr.LinePlot:
 
 
 def train_tab(
-    runs: Runs, downloads: Path, model: gr.Textbox, path: gr.Textbox, eval_path: gr.Textbox, fields: dict
+    runs: Runs,
+    downloads: Path,
+    model: gr.Textbox,
+    path: gr.Textbox,
+    eval_path: gr.Textbox,
+    fields: dict,
+    start_model: str,
 ) -> gr.Dropdown:
     """Lay out the Train tab (inside a ``gr.Tab``) and wire it; returns the Runs dropdown.
 
-    ``fields`` already holds the Data tab's inputs; the LoRA and training fields are added.
-    ``eval_path`` is created unrendered by the caller, so the Data tab's demo button can fill it.
+    ``fields`` already holds the Data tab's inputs; the LoRA and training fields are added, with
+    the values ``start_model`` starts from. ``eval_path`` is created unrendered by the caller, so
+    the Data tab's demo button can fill it.
     """
-    defaults = form.field_values(form.base_config(DEMO_MODEL))
+    tab = _lay_out(runs, model, path, eval_path, fields, start_model)
+    _wire(tab, runs, downloads, fields)
+    return tab.run_select
+
+
+@dataclass
+class _Tab:
+    """The Train tab's components that its handlers read or write."""
+
+    inputs: list  # what a run config is built from, in the order RunConfig's builder takes them
+    name: gr.Textbox
+    yaml_view: gr.Code
+    download: gr.DownloadButton
+    start: gr.Button
+    stop: gr.Button
+    resume: gr.Button
+    note: gr.Markdown
+    status: gr.Markdown
+    chart: gr.LinePlot
+    run_select: gr.Dropdown
+    refresh: gr.Button
+    samples: gr.Markdown
+    loss_png: gr.Image
+    log: gr.Textbox
+    timer: gr.Timer
+    seen: gr.State  # what the chart last showed, so an unchanged run is not redrawn
+
+
+def _lay_out(
+    runs: Runs, model: gr.Textbox, path: gr.Textbox, eval_path: gr.Textbox, fields: dict, start_model: str
+) -> _Tab:
+    """The settings, the run config's YAML, the run buttons, the chart and the run's output."""
+    defaults = form.field_values(form.base_config(start_model))
     with gr.Row():
         for f in form.TRAIN_FIELDS[:4]:
             fields[f.name] = field_input(f, defaults[f.name])
@@ -85,11 +125,31 @@ def train_tab(
                 refresh = gr.Button("Refresh the list", scale=1)
     with gr.Row():
         samples = gr.Markdown(elem_id="samples")
-        loss_png = gr.Image(label="loss.png", type="pil", interactive=False, elem_id="loss-png")
+        loss_png = gr.Image(label=LOSS_PLOT_NAME, type="pil", interactive=False, elem_id="loss-png")
     log = gr.Textbox(label="lorafit train output", lines=10, max_lines=10, autoscroll=True, elem_id="run-log")
-    timer = gr.Timer(1.0)
-    inputs = [model, path, eval_path, extra, name, qlora, *fields.values()]
-    seen = gr.State(None)  # what the chart last showed, so an unchanged run is not redrawn
+    return _Tab(
+        inputs=[model, path, eval_path, extra, name, qlora, *fields.values()],
+        name=name,
+        yaml_view=yaml_view,
+        download=download,
+        start=start,
+        stop=stop,
+        resume=resume,
+        note=note,
+        status=status,
+        chart=chart,
+        run_select=run_select,
+        refresh=refresh,
+        samples=samples,
+        loss_png=loss_png,
+        log=log,
+        timer=gr.Timer(1.0),
+        seen=gr.State(None),
+    )
+
+
+def _wire(tab: _Tab, runs: Runs, downloads: Path, fields: dict) -> None:
+    """The handlers: the YAML preview, Start / Stop / Resume, and the run's view, refreshed each second."""
 
     def config(
         model_name: str,
@@ -100,7 +160,7 @@ def train_tab(
         use_qlora: bool,
         *values,
     ) -> RunConfig:
-        """The run config of the page's fields (the order of ``inputs``)."""
+        """The run config of the page's fields (the order of ``tab.inputs``)."""
         return form.build_run_config(
             model_name,
             dict(zip(fields, values, strict=True)),
@@ -156,23 +216,23 @@ def train_tab(
     def do_stop(run: str | None) -> tuple:
         return runs.stop(chosen(run, "the running run")), gr.skip(), gr.skip()
 
-    live = [status, chart, samples, loss_png, log, seen]
+    live = [tab.status, tab.chart, tab.samples, tab.loss_png, tab.log, tab.seen]
+    acted = [tab.note, tab.run_select, tab.name]
     # triggers=None: on page load and whenever any of the inputs changes
     gr.on(
         None,
         preview,
-        inputs=inputs,
-        outputs=[yaml_view, download],
+        inputs=tab.inputs,
+        outputs=[tab.yaml_view, tab.download],
         show_progress="hidden",
         trigger_mode="always_last",
     )
-    start.click(act(do_start), inputs=inputs, outputs=[note, run_select, name])
-    resume.click(act(do_resume), inputs=run_select, outputs=[note, run_select, name])
-    stop.click(act(do_stop), inputs=run_select, outputs=[note, run_select, name])
-    refresh.click(lambda: gr.update(choices=runs.list_runs()), outputs=run_select)
-    run_select.change(lambda run: show(run, None), inputs=run_select, outputs=live)
-    timer.tick(show, inputs=[run_select, seen], outputs=live, show_progress="hidden")
-    return run_select
+    tab.start.click(act(do_start), inputs=tab.inputs, outputs=acted)
+    tab.resume.click(act(do_resume), inputs=tab.run_select, outputs=acted)
+    tab.stop.click(act(do_stop), inputs=tab.run_select, outputs=acted)
+    tab.refresh.click(lambda: gr.update(choices=runs.list_runs()), outputs=tab.run_select)
+    tab.run_select.change(lambda run: show(run, None), inputs=tab.run_select, outputs=live)
+    tab.timer.tick(show, inputs=[tab.run_select, tab.seen], outputs=live, show_progress="hidden")
 
 
 def _image(path: Path | None) -> Any:
