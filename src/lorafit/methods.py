@@ -26,7 +26,10 @@ _COMMON: dict[str, tuple[Any, Any]] = {
     "disable_dropout": (bool, True),
 }
 _WITH_REFERENCE = {
-    "precompute_ref_log_probs": (bool, False),
+    # True, unlike TRL: one reference pass before training costs what a pass per step costs in the
+    # first epoch and saves it in every later one (measured: docs/preference.md); the policy
+    # forward alone remains in each step.
+    "precompute_ref_log_probs": (bool, True),
     "precompute_ref_batch_size": (int | None, None),
 }
 
