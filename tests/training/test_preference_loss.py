@@ -47,3 +47,16 @@ def test_token_logps_never_project_every_position() -> None:
     sums, counts = sequence_logps(values, torch.tensor([0, 0, 0, 1, 1]), 2)
     torch.testing.assert_close(sums, torch.stack([expected[:3].sum(), expected[3:].sum()]))
     assert counts.tolist() == [3.0, 2.0]
+
+
+def test_a_model_the_fast_head_cannot_serve_gets_the_same_log_probs() -> None:
+    """A trainable output head (or logit soft-capping, ...) falls back to the model's logits."""
+    model = apply_lora(tiny_phi3(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)).train()
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "position_ids": torch.arange(12)[None]}
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    mask[0, 4:] = True
+    fast = token_logps(model, batch, mask)
+    model.lm_head.weight.requires_grad_(True)
+    plain = token_logps(model, batch, mask)
+    torch.testing.assert_close(plain, fast, atol=1e-5, rtol=1e-5)
