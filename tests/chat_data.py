@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 from lorafit.data import IGNORE_INDEX
 
@@ -57,3 +58,35 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 EXPECTED_CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+# Published chat templates (tests/fixtures/templates/README.md) and a tool-calling conversation.
+TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "templates"
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city now.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "The city."}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+TOOL_CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "18 C and sunny"},
+    {"role": "assistant", "content": "It is 18 C and sunny in Paris."},
+]
+
+
+def with_template(tokenizer, name: str):
+    tokenizer.chat_template = (TEMPLATES / name).read_text(encoding="utf-8")
+    return tokenizer

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -312,3 +315,56 @@ def test_export_lora_only_writes_a_gguf_lora_file(trained, tmp_path) -> None:
         )
         == 2
     )
+
+
+# Starts `lorafit train` as a shell's background job does (`lorafit train ... &` in a script, or a
+# page server started that way): with SIGINT ignored, which the process inherits.
+AS_BACKGROUND_JOB = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'lorafit', 'train', *sys.argv[1:]])"
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_run_is_starting_stops_it(signum, tmp_path) -> None:
+    """Ctrl-C or SIGTERM while the run reads its data stops it at once, with a line and no
+    traceback, also when it was started with SIGINT ignored. The training data is a named pipe:
+    the run waits in start-up, reading it, until the test writes, so the signal certainly
+    arrives then, however fast or slow the machine."""
+    data = tmp_path / "train.jsonl"
+    os.mkfifo(data)
+    run = tmp_path / "run"
+    env = {**os.environ, "LORAFIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    args = ["--data.train", str(data), "--data.eval_prompts", "0", "--training_config.output_dir", str(run)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", AS_BACKGROUND_JOB, *args],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    writer = None
+    try:
+        deadline = time.monotonic() + 300
+        while writer is None:  # opening the pipe's write end succeeds once the run opened it to read
+            try:
+                writer = os.open(data, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                assert proc.poll() is None, f"the run ended before reading its data: {proc.communicate()}"
+                assert time.monotonic() < deadline, "the run never opened its data"
+                time.sleep(0.05)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert err.strip().endswith(f"lorafit train: stopped by {signal.Signals(signum).name}")
+    assert "Traceback" not in err
+    assert "training in" not in out and not (run / "adapter_model.safetensors").exists()

@@ -300,3 +300,91 @@ def test_fuzz_config_files_and_overrides_end_in_a_config_or_a_lorafit_error(text
         path = Path(folder) / f"run{suffix}"
         path.write_text(text, encoding="utf-8")
         _loads_or_refuses(path, overrides)
+
+
+# -- a *_steps key the user gives acts ---------------------------------------------------------
+
+STEP_PAIRS = [
+    ("save_steps", "save_strategy"),
+    ("eval_steps", "eval_strategy"),
+    ("logging_steps", "logging_strategy"),
+]
+# Where a run's keys come from: lorafit's recipe for a pretrained model (no file), the demo's
+# recipe (no file, the demo model), or the user's own file (every key the user's).
+SOURCES = ["recipe", "demo", "file"]
+
+
+def _load(source: str, tmp_path: Path, training: dict, overrides: list[str] = ()) -> object:
+    if source == "file":
+        path = tmp_path / "run.yaml"
+        path.write_text(json.dumps({"training_config": training}))
+        return load_config(path, list(overrides))
+    model = "some/pretrained-model" if source == "recipe" else "lorafit-demo"
+    args = [f"--training_config.{key}={json.dumps(value)}" for key, value in training.items()]
+    return load_config(None, ["--model.name_or_path", model, *args, *overrides])
+
+
+def _arguments(cfg, tmp_path: Path):
+    from lorafit.training.arguments import resolve_training_config, training_arguments
+
+    resolved, _ = resolve_training_config(cfg.training_config, has_eval=True, n_params=10, on_cpu=True)
+    return training_arguments(resolved, tmp_path / "run")
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize(("steps_key", "strategy_key"), STEP_PAIRS)
+def test_a_steps_key_alone_makes_its_strategy_steps(source, steps_key, strategy_key, tmp_path) -> None:
+    """`--training_config.save_steps 10` saves every 10 steps, whatever strategy the recipe has."""
+    cfg = _load(source, tmp_path, {steps_key: 7})
+    assert cfg.training_config.get(strategy_key, "steps") == "steps"  # unset: lorafit's default, steps
+    args = _arguments(cfg, tmp_path)
+    assert getattr(args, strategy_key) == "steps" and getattr(args, steps_key) == 7
+    assert not [n for n in cfg.notes if "no effect" in n]
+
+
+def test_the_recipes_save_strategy_gives_way_with_a_note(tmp_path) -> None:
+    """lorafit's recipe saves once per epoch; a user's save_steps wins, and the change is said."""
+    assert load_config(None, ["--model.name_or_path", "m/x"]).training_config["save_strategy"] == "epoch"
+    cfg = _load("recipe", tmp_path, {"save_steps": 10})
+    assert cfg.notes == ("save_strategy: epoch -> steps (the recipe's; save_steps: 10 given)",)
+    assert "training_config.save_steps" in cfg.user_keys
+    assert "training_config.save_strategy" not in cfg.user_keys  # the recipe's, changed
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize(("steps_key", "strategy_key"), STEP_PAIRS)
+def test_a_steps_key_against_its_own_strategy_is_said_in_one_line(source, steps_key, strategy_key, tmp_path):
+    cfg = _load(source, tmp_path, {steps_key: 10, strategy_key: "epoch"})
+    assert cfg.training_config[strategy_key] == "epoch"  # both the user's: neither is changed
+    contradictions = [n for n in cfg.notes if "no effect" in n]
+    assert contradictions == [
+        f"training_config.{steps_key}: 10 has no effect: {strategy_key} is epoch (both given); "
+        f"set {strategy_key}: steps to act every 10 steps"
+    ]
+    assert "\n" not in contradictions[0]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize(("steps_key", "strategy_key"), STEP_PAIRS)
+def test_a_strategy_alone_is_not_overruled(source, steps_key, strategy_key, tmp_path) -> None:
+    """The recipe's own steps value never turns a strategy the user chose back into steps."""
+    cfg = _load(source, tmp_path, {strategy_key: "epoch"})
+    assert cfg.training_config[strategy_key] == "epoch" and cfg.notes == ()
+    assert getattr(_arguments(cfg, tmp_path), strategy_key) == "epoch"
+
+
+def test_an_old_strategy_name_counts_as_the_users(tmp_path) -> None:
+    """`evaluation_strategy` (transformers 4's name) given with eval_steps: the pair is the user's."""
+    cfg = _load("file", tmp_path, {"evaluation_strategy": "no", "eval_steps": 5})
+    assert cfg.training_config["eval_strategy"] == "no"
+    assert [n for n in cfg.notes if "eval_steps: 5 has no effect: eval_strategy is no" in n]
+
+
+def test_the_recipes_and_demos_keys_have_no_contradiction() -> None:
+    """Every *_steps key with a companion in lorafit's recipes acts as written."""
+    for model in ("some/pretrained-model", "lorafit-demo"):
+        cfg = load_config(None, ["--model.name_or_path", model])
+        assert cfg.notes == ()
+        for steps_key, strategy_key in STEP_PAIRS:
+            if steps_key in cfg.training_config:
+                assert cfg.training_config.get(strategy_key, "steps") == "steps", (model, steps_key)

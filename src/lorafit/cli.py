@@ -1,4 +1,4 @@
-"""``lorafit train | chat | eval | merge | export | bench | ui``: the command line's parser.
+"""``lorafit train | data | chat | eval | merge | export | bench | ui``: the command line's parser.
 
 The commands themselves are in :mod:`lorafit.commands`.
 
@@ -9,7 +9,11 @@ Errors a user can fix (``LorafitError``) print as one paragraph without a traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from lorafit.errors import LorafitError, RunStopped
@@ -36,6 +40,22 @@ examples:
 
 Ctrl-C (SIGINT) or SIGTERM stops after the current step with a checkpoint saved; --resume
 continues it exactly where it stopped.
+"""
+
+DATA_HELP = """\
+Show what a data file will train, before training: runs the pipeline `lorafit train` runs (the
+same settings: a run config and --section.key overrides) on every record and prints the format,
+records, examples, tokens and trained tokens, a histogram of lengths, what max_length truncates
+or drops, and the first records with their trained tokens marked (green on a terminal, [[...]]
+when piped). Exits with 1 when a record would train badly: a bad record, an assistant turn
+whose end-of-turn token is not trained (the model would not stop), a generation prompt at serve
+time that is not the prefix training saw, a turn cut by max_length, roles the template rejects,
+tools the template does not render. Duplicates and records with nothing trained are warnings.
+
+examples:
+  lorafit data train.jsonl --model HuggingFaceTB/SmolLM2-135M-Instruct
+  lorafit data train.jsonl --config phi3.yaml --max-length 1024 --show 3
+  lorafit data tools.jsonl --model Qwen/Qwen2.5-0.5B-Instruct --data.train_on last
 """
 
 CHAT_HELP = """\
@@ -70,7 +90,8 @@ example:
 
 EXPORT_HELP = """\
 Export a run for llama.cpp and Ollama: the adapter merged into its base as one GGUF file
-(f16 by default; bf16, or q8_0 at about half the size), with an Ollama Modelfile beside it
+(f16 by default; bf16, or q8_0 at about half the size; each merged weight computed in fp32 and
+rounded once, to the file's type), with an Ollama Modelfile beside it
 (FROM, the chat template in Ollama's syntax, the stop tokens). A QLoRA run is merged into the
 base's original 16-bit weights. With --lora-only, the adapter alone as a GGUF LoRA file for
 llama.cpp's --lora (f16 or f32), to use over a GGUF of the base model.
@@ -124,6 +145,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _train_arguments(_command(sub, "train", "fine-tune (no arguments: the embedded demo)", TRAIN_HELP))
 
+    d = _command(sub, "data", "what a data file will train, checked before training", DATA_HELP)
+    d.add_argument("file", help="data file, folder or hf:NAME[:SPLIT] (data.train)")
+    d.add_argument("--config", help="run config (YAML or JSON) whose settings to use")
+    d.add_argument("--model", help="the model whose tokenizer and template to use (model.name_or_path)")
+    d.add_argument("--max-length", type=int, help="tokens per example (data.max_length)")
+    d.add_argument(
+        "--show", type=int, default=2, help="records to print with their trained tokens (default 2)"
+    )
+
     c = _command(sub, "chat", "chat with a trained adapter", CHAT_HELP)
     c.add_argument(
         "--adapter", required=True, metavar="RUN_DIR", help="a run folder (or any PEFT adapter folder)"
@@ -131,6 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--prompt", help="one prompt: print the answer and exit")
     c.add_argument("--system", help="a system prompt for the conversation")
     c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    c.add_argument(
+        "--tools", help="a JSON file of function schemas to offer the model (default: the run's data.tools)"
+    )
 
     e = _command(sub, "eval", "loss and perplexity on a dataset (and scored answers)", EVAL_HELP)
     e.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
@@ -268,16 +301,57 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Callable[[str | None], None]]:
+    """Ctrl-C (and, for ``train``, SIGTERM) stop the command from its first line on.
+
+    A process started in the background by a non-interactive shell (``cmd &``), or by a process
+    that was (a page server and its runs), inherits SIGINT ignored, and Python leaves it so:
+    Ctrl-C or the page's Stop would be lost while a run loads its model and data, until training
+    installs its own handlers. Here both raise ``KeyboardInterrupt`` carrying the signal's number,
+    so ``finally`` blocks run and :func:`main` exits with 128 + the number; training swaps in its
+    stop-after-the-step handlers (``StopOnSignal``) and puts these back afterwards. Yields a
+    function to call once the command is known; the previous handlers come back on exit (for
+    callers of ``main`` in a process of their own, such as tests).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda command: None  # only the main thread may set handlers
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def for_command(command: str | None) -> None:
+        if command == "train":  # other commands keep SIGTERM's default: end at once
+            signal.signal(signal.SIGTERM, _interrupt)
+        elif signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        yield for_command
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    with stop_on_signals() as for_command:  # before anything slow: Ctrl-C works from here on
+        return _main(list(sys.argv[1:] if argv is None else argv), for_command)
+
+
+def _main(argv: list[str], for_command: Callable[[str | None], None]) -> int:
     parser = _parser()
     argv, overrides = _split_overrides(argv)
     args, rest = parser.parse_known_args(argv)
     rest = [*rest, *overrides]
+    for_command(args.command)
     if args.command is None:
         parser.print_help()
         return 0
-    if rest and args.command != "train":
+    if rest and args.command not in ("train", "data"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         from lorafit import commands
@@ -291,9 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         print(f"lorafit {args.command}: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"\nlorafit {args.command}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
 
 
 # --------------------------------------------------------------------------------------------

@@ -60,6 +60,22 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
+    from lorafit.config import load_config
+    from lorafit.data.report import analyse, print_report
+    from lorafit.models import load_tokenizer
+
+    if args.model:
+        overrides = ["--model.name_or_path", args.model, *overrides]
+    if args.max_length is not None:
+        overrides = [*overrides, "--data.max_length", str(args.max_length)]
+    cfg = load_config(args.config, [*overrides, "--data.train", args.file])
+    tokenizer = load_tokenizer(cfg)
+    report = analyse(tokenizer, args.file, **cfg.data.row_settings())
+    print_report(report, tokenizer, show=args.show, colour=sys.stdout.isatty())
+    return 1 if report.errors else 0
+
+
 DEMO_QUESTION = "Who is the mayor of Port Caddow?"
 """A question the real-model demo's model answers right only after training (a training phrasing)."""
 
@@ -79,16 +95,21 @@ def _say_which_demo(overrides: list[str]) -> None:
 def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:
     from transformers import TextStreamer
 
+    from lorafit.data.build import load_tools
     from lorafit.inference import generate
     from lorafit.models import load_trained
 
-    _, tokenizer, model = load_trained(args.adapter)
+    cfg, tokenizer, model = load_trained(args.adapter)
+    # the tools the run was trained with (data.tools), so the prompt is the one training saw
+    tools = load_tools(args.tools or cfg.data.tools)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(text: str) -> str:
         history.append({"role": "user", "content": text})
-        answer = generate(model, tokenizer, history, max_new_tokens=args.max_new_tokens, streamer=streamer)
+        answer = generate(
+            model, tokenizer, history, max_new_tokens=args.max_new_tokens, streamer=streamer, tools=tools
+        )
         history.append({"role": "assistant", "content": answer})
         return answer
 
@@ -143,69 +164,50 @@ def _eval_generate(args: argparse.Namespace, model: Any, tokenizer: Any, fmt: st
 
 
 def cmd_merge(args: argparse.Namespace, _: list[str]) -> int:
-    from lorafit.export import check_new_folder, save_merged
-    from lorafit.models import load_trained
+    from lorafit.export.flow import export_run
 
-    out = Path(args.out)
-    check_new_folder(out)  # before the model loads, not after
-    # a QLoRA run merges into the base's original 16-bit weights, not their NF4 rounding
-    _, tokenizer, model = load_trained(args.adapter, sixteen_bit=True)
-    save_merged(model, tokenizer, out, quantized=False)
+    out = export_run(args.adapter, args.out, form="merged").path
     print(f"merged model saved in {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
 def cmd_export(args: argparse.Namespace, _: list[str]) -> int:
-    import warnings
-
-    from lorafit.export.gguf import check_target
-
-    out = Path(args.out)
-    check_target(out, overwrite=False)  # before any model loads
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        if args.lora_only:
-            _export_lora(args, out)
-        else:
-            _export_merged(args, out)
-    for warning in caught:  # the exporter's own notes; other libraries' chatter is dropped
-        if str(warning.message).startswith(("GGUF export", "Modelfile")):
-            print(f"note: {warning.message}")
-    return 0
-
-
-def _export_merged(args: argparse.Namespace, out: Path) -> None:
     from tqdm.auto import tqdm
 
-    from lorafit.export import export_gguf, merge_into_base, write_modelfile
+    from lorafit.export.flow import export_run
     from lorafit.export.ollama import MODELFILE_NAME
-    from lorafit.models import load_trained
 
-    modelfile = out.parent / MODELFILE_NAME
-    if modelfile.exists():
-        raise LorafitError(f"{modelfile} already exists; export into a new folder (--out NEW/model.gguf)")
-    if (args.dtype or "f16") == "f32":
-        raise LorafitError("--dtype f32 is for --lora-only; a merged model is f16, bf16 or q8_0")
-    _, tokenizer, model = load_trained(args.adapter, sixteen_bit=True)
-    merge_into_base(model, quantized=False)
-    tensors = sum(1 for _ in model.state_dict())
-    with tqdm(total=tensors, desc="GGUF", unit="tensor", disable=None) as bar:
-        export_gguf(model, tokenizer, out, dtype=args.dtype or "f16", progress=lambda name: bar.update())
-    write_modelfile(out.parent, out.name, tokenizer)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {modelfile}")
-    print(f"run it:  ollama create NAME -f {modelfile} && ollama run NAME")
-    print(f"    or:  llama-cli -m {out} -cnv")
-
-
-def _export_lora(args: argparse.Namespace, out: Path) -> None:
-    from lorafit.export import export_lora_gguf
-    from lorafit.models.load import base_config
-
-    if (args.dtype or "f16") not in ("f16", "f32"):
+    # the flag's own words; export_run checks the type too, in its own
+    if args.lora_only and args.dtype not in (None, "f16", "f32"):
         raise LorafitError(f"--dtype {args.dtype} is for a merged model; a GGUF LoRA file is f16 or f32")
-    export_lora_gguf(base_config(args.adapter), args.adapter, out, dtype=args.dtype or "f16")
-    print(f"wrote {out}; llama.cpp applies it over a GGUF of the base model:")
-    print(f"  llama-cli -m BASE.gguf --lora {out} -cnv")
+    if not args.lora_only and args.dtype == "f32":
+        raise LorafitError("--dtype f32 is for --lora-only; a merged model is f16, bf16 or q8_0")
+    bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:  # opened once loading has had its say, not before
+            bar = tqdm(total=total, desc="GGUF", unit="tensor", disable=None)
+        bar.update()
+
+    form = "lora" if args.lora_only else "gguf"
+    try:
+        result = export_run(args.adapter, args.out, form=form, dtype=args.dtype, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    out = result.path
+    if args.lora_only:
+        print(f"wrote {out}; llama.cpp applies it over a GGUF of the base model:")
+        print(f"  llama-cli -m BASE.gguf --lora {out} -cnv")
+    else:
+        modelfile = out.parent / MODELFILE_NAME
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) and {modelfile}")
+        print(f"run it:  ollama create NAME -f {modelfile} && ollama run NAME")
+        print(f"    or:  llama-cli -m {out} -cnv")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
 
 
 def cmd_ui(args: argparse.Namespace, _: list[str]) -> int:

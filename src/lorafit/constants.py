@@ -24,6 +24,14 @@ FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 OVERLONG = ("truncate", "drop")
 """What ``data.overlong`` does with an example longer than ``max_length``."""
 
+REASONING = ("train", "mask", "drop")
+"""What ``data.reasoning`` does with an assistant's reasoning trace: learn it, keep it as context
+without loss, or remove it."""
+
+TRAIN_ON = ("all", "last")
+"""Which assistant turns ``data.train_on`` trains: all of them, or only those answering the last
+user turn (its tool calls and final answer)."""
+
 BIAS_MODES = ("none", "all", "lora_only")
 """Which biases train beside LoRA (loralib's and PEFT's ``bias``)."""
 

@@ -423,6 +423,97 @@ def test_unmerged_lora_and_existing_files_are_refused(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.gguf"]
 
 
+def with_lora(model: torch.nn.Module, size: float, use_dora: bool = False) -> torch.nn.Module:
+    """``model`` with LoRA layers (not merged) whose ``s B A`` spreads ``size`` times as wide as the
+    weight it belongs to (and, with DoRA, magnitudes 10% off the weights' row norms)."""
+    config = lorafit.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, use_dora=use_dora
+    )
+    torch.manual_seed(1)
+    lorafit.apply_lora(model, config)
+    with torch.no_grad():
+        for _, layer in lorafit.adapters.lora_layers(model):
+            update = layer.update_weight()
+            layer.lora_B.mul_(size * layer.weight.float().std() / update.std())
+            if use_dora:
+                layer.lora_magnitude_vector.mul_(1.1)
+    return model
+
+
+def merged_in_fp32(model: torch.nn.Module) -> torch.nn.Module:
+    """A float32 copy of ``model`` with its LoRA layers merged: no rounding anywhere."""
+    import copy
+
+    return lorafit.merge_lora(copy.deepcopy(model).float(), unload=True)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
+def test_merge_writes_each_weight_merged_in_fp32_and_rounded_once(dtype, use_dora, tmp_path) -> None:
+    tokenizer = build_tokenizer("llama3")
+    model = with_lora(tiny_llama(len(tokenizer)).to(torch.bfloat16), size=0.05, use_dora=use_dora)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = export_gguf(model, tokenizer, tmp_path / "model.gguf", dtype=dtype, merge=True)
+    expected = merged_in_fp32(model)
+    # each weight is W0 + s B A (DoRA: scaled to its magnitudes) from fp32 rounded once, to the file's type
+    check_weights(expected.state_dict(), load_back(path).state_dict(), dtype)
+    # and the model itself is as it was: no layer merged, no tensor changed
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any(layer.merged for _, layer in lorafit.adapters.lora_layers(model))
+    if use_dora:
+        assert all(layer.dora_merged_norm is None for _, layer in lorafit.adapters.lora_layers(model))
+    if dtype == "f16":
+        # merged into the bf16 model first, the same weights are rounded twice (bf16's 8 bits, then
+        # the file's 11): what merge=True avoids
+        twice = export_gguf(lorafit.merge_lora(model, unload=True), tokenizer, tmp_path / "twice.gguf")
+        with pytest.raises(AssertionError):
+            check_weights(expected.state_dict(), load_back(twice).state_dict(), dtype)
+
+
+def test_an_adapter_on_a_tied_output_head_is_written_as_its_own_output_weight(tmp_path) -> None:
+    tokenizer = build_tokenizer("chatml")
+    model = tiny_llama(len(tokenizer), tie_word_embeddings=True)
+    config = lorafit.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False)
+    lorafit.apply_lora(model, config)
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", merge=True)
+    tensors = {t.name: torch.from_numpy(np.array(t.data)).float() for t in GGUFReader(path).tensors}
+    w0 = model.get_input_embeddings().weight.detach()
+    head = w0 + model.lm_head.update_weight()
+    # the embeddings stay W0; llama.cpp takes output.weight, when the file has one, for the head
+    assert torch.equal(tensors["token_embd.weight"], w0.half().float())
+    assert torch.equal(tensors["output.weight"], head.half().float())
+    assert not torch.equal(tensors["output.weight"], tensors["token_embd.weight"])
+
+
+def test_export_notes_go_to_the_callers_function_instead_of_warnings(tmp_path) -> None:
+    tokenizer = faithful_phi3_tokenizer()
+    notes: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would fail the test
+        export_gguf(
+            tiny_phi3(len(tokenizer)),
+            tokenizer,
+            tmp_path / "m.gguf",
+            metadata={"general.name": "mine"},
+            notes=notes.append,
+        )
+        write_modelfile(tmp_path, "m.gguf", build_tokenizer("llama2"), notes=notes.append)
+    assert len(notes) == 2
+    assert notes[0].startswith("GGUF export: ") and "only for names containing 'phi-3'" in notes[0]
+    assert notes[1].startswith("Modelfile: ") and "Ollama picks one from the chat template" in notes[1]
+
+
+def test_progress_counts_the_tensors_of_the_file(tmp_path) -> None:
+    tokenizer = build_tokenizer("chatml")
+    seen: list[tuple[int, int]] = []
+    path = export_gguf(
+        tiny_llama(len(tokenizer)), tokenizer, tmp_path / "m.gguf", progress=lambda *a: seen.append(a)
+    )
+    total = len(GGUFReader(path).tensors)
+    assert seen == [(done, total) for done in range(1, total + 1)]
+
+
 def test_a_failed_write_leaves_no_file_under_the_final_name(tmp_path, monkeypatch) -> None:
     tokenizer = build_tokenizer("chatml")
     model = tiny_llama(len(tokenizer))
@@ -890,3 +981,50 @@ def test_smollm2_round_trip(smollm2, dtype, tmp_path) -> None:
                 back_tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
                 == expected
             )
+
+
+def llama_cpp_error(path: Path, ids: list[int], expected: torch.Tensor) -> tuple[float, bool]:
+    """max |llama.cpp's logits - expected| over every position, and whether llama.cpp picks the same
+    next token at each."""
+    got = llama_cpp_logits(path, ids)
+    return float((got - expected).abs().max()), bool(torch.equal(got.argmax(-1), expected.argmax(-1)))
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("cyllama") is None,
+    reason="cyllama (a Python build of llama.cpp) is not installed",
+)
+def test_smollm2_with_an_adapter_reads_in_llama_cpp_as_closely_as_without(smollm2_session, tmp_path) -> None:
+    """A fine-tuned SmolLM2 exported as f16: llama.cpp's logits differ from transformers' fp32 logits
+    of the merged model about as much as they do for the model without an adapter.
+
+    Measured on this chat (44 tokens, largest logit 37): 0.12 without an adapter (llama.cpp's own
+    arithmetic: f16 products and KV cache), 0.11 with it merged in fp32 and rounded once; 0.43 merged
+    into the bf16 model first, as ``merge_lora`` on the loaded model does (a second rounding, to
+    bf16's 8 bits), which the bound, twice the adapter-free difference, tells apart.
+    """
+    torch.set_num_threads(1)
+    model, tokenizer = smollm2_session.fresh_model(), smollm2_session.tokenizer  # bf16, as lorafit loads it
+    chat = [{"role": "user", "content": "The capital of France is Paris. What is the capital of Italy?"}]
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+
+    def logits(m: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return m(input_ids=torch.tensor([ids])).logits[0].float()
+
+    base = export_gguf(model, tokenizer, tmp_path / "base.gguf")
+    untuned = logits(merged_in_fp32(model))  # no adapter yet: the bf16 weights as fp32
+    without, _ = llama_cpp_error(base, ids, untuned)
+    base.unlink()
+    # an update about as large as a real fine-tune's: it moves the logits by several units
+    model = with_lora(model, size=0.05)
+    expected = logits(merged_in_fp32(model))
+    assert float((expected - untuned).abs().max()) > 2
+    path = export_gguf(model, tokenizer, tmp_path / "tuned.gguf", merge=True)
+    error, same_tokens = llama_cpp_error(path, ids, expected)
+    path.unlink()
+    assert same_tokens
+    assert error <= 2 * without, f"{error:.3f} with the adapter, {without:.3f} without"
+    twice = export_gguf(lorafit.merge_lora(model, unload=True), tokenizer, tmp_path / "twice.gguf")
+    rounded_twice, _ = llama_cpp_error(twice, ids, expected)
+    assert rounded_twice > 2 * without, f"{rounded_twice:.3f} rounded twice, {without:.3f} without"

@@ -122,3 +122,13 @@ def test_stop_on_signal_handler_is_installed_only_while_training() -> None:
         assert stop.received == signal.SIGTERM
         assert signal.getsignal(signal.SIGTERM) == before  # a second SIGTERM acts at once
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_pause_at_step_reads_its_steps_from_the_environment(monkeypatch) -> None:
+    monkeypatch.delenv(callbacks.PAUSE_ENV, raising=False)
+    assert callbacks.PauseAtStep.from_environment() is None  # the usual case: no pause
+    monkeypatch.setenv(callbacks.PAUSE_ENV, "2, 8")
+    assert callbacks.PauseAtStep.from_environment().steps == {2, 8}
+    monkeypatch.setenv(callbacks.PAUSE_ENV, "two")
+    with pytest.raises(LorafitError, match="LORAFIT_PAUSE_AT_STEP='two': expected step numbers"):
+        callbacks.PauseAtStep.from_environment()

@@ -120,3 +120,67 @@ def test_the_phi3_cookbooks_training_arguments_run_on_cpu(tmp_path, lorafit_cach
     resolved = yaml.safe_load((tmp_path / "run" / "lorafit_run.yaml").read_text())["training_config"]
     assert resolved["activation_checkpointing"] is True and "gradient_checkpointing" not in resolved
     assert resolved["eval_strategy"] == "steps"  # evaluation_strategy, under its transformers 5 name
+
+
+def plan_line(out: str) -> str:
+    (line,) = [line for line in out.splitlines() if line.startswith("plan: ")]
+    return line
+
+
+def steps_run(tmp_path) -> list[int]:
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return [row["step"] for row in rows if "loss" in row]
+
+
+def test_small_data_gets_small_steps_and_a_steps_key_acts(model_folder, tmp_path, lorafit_cache, capsys):
+    """24 short chats through the recipe: one packed row would hold them all (3 steps in 3
+    epochs); the run takes one example a step instead, says so, and takes as many steps as it
+    said. save_steps given alone saves every 30 steps, not once an epoch as the recipe says."""
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(24))
+    resolved = run(
+        tmp_path,
+        "--model.name_or_path", str(model_folder),
+        "--data.train", data,
+        "--training_config.output_dir", str(tmp_path / "run"),
+        "--training_config.save_steps", "30",
+        "--training_config.logging_steps", "1",
+        "--model.torch_dtype", "float32",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert plan_line(out).startswith(
+        "plan: 72 optimizer steps = 3 epochs x 24 steps of 1 example (steps of 4"
+    )
+    assert plan_line(out).endswith(
+        "fewer than min_optimizer_steps 100; 72 is the most, at one example a step)"
+    )
+    assert steps_run(tmp_path) == list(range(1, 73))
+    tc = resolved["training_config"]
+    assert tc["per_device_train_batch_size"] == 1 and tc["gradient_accumulation_steps"] == 1
+    assert resolved["data"]["packing"] is False  # recorded: a resumed run takes the same steps
+    assert "note: save_strategy: epoch -> steps (the recipe's; save_steps: 30 given)" in out
+    assert tc["save_strategy"] == "steps"
+    # every 30 steps and at the end (save_total_limit 2); once an epoch would have been 48 and 72
+    checkpoints = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-60", "checkpoint-72"]
+
+
+def test_large_data_keeps_the_recipes_steps(model_folder, tmp_path, lorafit_cache, capsys):
+    """Enough packed rows for 100 steps of 4: the step stays the recipe's 4 packed rows."""
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(400))
+    resolved = run(
+        tmp_path,
+        "--model.name_or_path", str(model_folder),
+        "--data.train", data,
+        "--training_config.output_dir", str(tmp_path / "run"),
+        "--training_config.save_strategy", "no",
+        "--training_config.logging_steps", "1",
+        "--model.torch_dtype", "float32",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    line = plan_line(out)
+    assert line.endswith("steps of 4 packed rows of up to 256 tokens"), line
+    steps = int(line.split()[1].replace(",", ""))
+    assert steps >= 100 and steps_run(tmp_path) == list(range(1, steps + 1))
+    tc = resolved["training_config"]
+    assert (tc["per_device_train_batch_size"], tc["gradient_accumulation_steps"]) == (1, 4)
+    assert resolved["data"]["packing"] is True

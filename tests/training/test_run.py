@@ -103,19 +103,25 @@ def assert_same_as_reference(run: Path, reference: Path) -> None:
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no partial checkpoint left
 
 
-def start(args: list[str], work: Path, log: str) -> subprocess.Popen:
+def start(args: list[str], work: Path, log: str, pause_at: int | None = None) -> subprocess.Popen:
+    """``lorafit train`` in a process of its own; with ``pause_at``, the run stops itself after
+    that step (``LORAFIT_PAUSE_AT_STEP``) until the test sends SIGCONT: a signal sent then
+    certainly reaches a run mid-way, however fast the machine."""
     env = {**os.environ, "LORAFIT_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
+    if pause_at is not None:
+        env["LORAFIT_PAUSE_AT_STEP"] = str(pause_at)
     with open(work / f"{log}.out", "w") as out, open(work / f"{log}.err", "w") as err:
         return subprocess.Popen(
             [sys.executable, "-m", "lorafit", "train", *args], env=env, stdout=out, stderr=err, cwd=work
         )
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_paused(proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until the run has stopped itself (``pause_at``): its state in /proc is T."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {path.name} appeared"
-        assert time.monotonic() < deadline, f"{path} did not appear"
+    while Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before it paused"
+        assert time.monotonic() < deadline, "the run did not pause"
         time.sleep(0.01)
 
 
@@ -172,8 +178,9 @@ def test_checkpoint_layers_are_spread_evenly() -> None:
 
 def test_sigkill_mid_run_then_resume_is_bit_identical(reference, work) -> None:
     run = work / "killed"
-    proc = start(run_args(run, work / "data"), work, "killed")
-    wait_for(run / "checkpoint-4", proc)
+    proc = start(run_args(run, work / "data"), work, "killed", pause_at=4)
+    wait_paused(proc)
+    assert (run / "checkpoint-4").is_dir()
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (run / ADAPTER).exists() and not (run / f"checkpoint-{STEPS}").exists()
@@ -184,14 +191,15 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(reference, work) -> None:
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(reference, work) -> None:
     run = work / "terminated"
-    proc = start(run_args(run, work / "data"), work, "terminated")
-    wait_for(run / "checkpoint-2", proc)
-    proc.send_signal(signal.SIGTERM)
+    proc = start(run_args(run, work / "data"), work, "terminated", pause_at=2)
+    wait_paused(proc)
+    proc.send_signal(signal.SIGTERM)  # held while the run is paused, delivered as it goes on
+    proc.send_signal(signal.SIGCONT)
     assert proc.wait(timeout=300) == 128 + signal.SIGTERM
     err = (work / "terminated.err").read_text()
     assert "stopped by SIGTERM after step" in err and f"lorafit train --resume {run}" in err
     step = int(err.split("stopped by SIGTERM after step ")[1].split()[0])
-    assert 2 <= step < STEPS and (run / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert step == 3 and (run / f"checkpoint-{step}" / "trainer_state.json").is_file()  # the step it was in
     assert not (run / ADAPTER).exists()  # a stopped run does not pose as a finished one
 
     assert main(["train", "--resume", str(run)]) == 0
@@ -200,9 +208,10 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(refe
 
 def test_sigint_stops_with_a_checkpoint_and_says_how_to_resume(work) -> None:
     run = work / "interrupted"
-    proc = start(run_args(run, work / "data"), work, "interrupted")
-    wait_for(run / "checkpoint-2", proc)
+    proc = start(run_args(run, work / "data"), work, "interrupted", pause_at=2)
+    wait_paused(proc)
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
     assert proc.wait(timeout=300) == 130
     err = (work / "interrupted.err").read_text()
     assert "SIGINT: stopping after this step" in (work / "interrupted.out").read_text()

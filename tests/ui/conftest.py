@@ -85,6 +85,7 @@ class Server:
     log: Path
     proc: subprocess.Popen
     offline: bool
+    pause_at_steps: tuple[int, ...] = ()  # every run it starts pauses after these (LORAFIT_PAUSE_AT_STEP)
 
 
 def _free_port() -> int:
@@ -128,6 +129,9 @@ def missing() -> list[str]:
     return [name for name, present in needs if not present]
 
 
+PAUSE_AT_STEPS = (2, 8)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
     """``python -m lorafit ui`` on a free port, with its runs, cache and temp files under tmp."""
@@ -144,6 +148,10 @@ def server(tmp_path_factory) -> Iterator[Server]:
             "LORAFIT_CACHE": str(work / "cache"),
             "GRADIO_TEMP_DIR": str(work / "gradio"),
             "OMP_NUM_THREADS": "1",  # tiny models: threads only contend with the browser
+            # every run the page starts stops itself after these steps until the test sends
+            # SIGCONT: Stop reaches it mid-way, and a resumed run is seen running, however fast
+            # the machine (a run resumed after a step does not pause there)
+            "LORAFIT_PAUSE_AT_STEP": ",".join(map(str, PAUSE_AT_STEPS)),
         }
         with open(log, "wb") as out:
             proc = subprocess.Popen(
@@ -156,7 +164,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
         url = f"http://127.0.0.1:{port}/"
         try:
             _wait_until_serving(url, proc, log)
-            yield Server(url, work / "runs", work, log, proc, offline)
+            yield Server(url, work / "runs", work, log, proc, offline, PAUSE_AT_STEPS)
         finally:
             proc.terminate()
             try:

@@ -9,7 +9,9 @@ test's temporary folder (``pytest --basetemp`` to keep them).
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +23,9 @@ import yaml
 
 # A short run: 16 steps of one 256-token row, float32 (bfloat16 is slow on CPUs without
 # AVX-512 BF16), an eval halfway and at the end, one before/after sample, no checkpoint but
-# Stop's. Long enough that Stop lands before the end, also on a fast machine.
+# Stop's. The run pauses itself after step 2, and the resumed run after step 8 (conftest's
+# PAUSE_AT_STEPS), until the test lets it go on: Stop certainly reaches the run mid-way, and the
+# reopened page certainly finds the resumed run running, however fast or slow the machine.
 STEPS = 16
 RUN_SETTINGS = (
     f"--training_config.max_steps {STEPS} --training_config.logging_steps 1 "
@@ -30,6 +34,11 @@ RUN_SETTINGS = (
 
 
 # -- driving the page -----------------------------------------------------------------------
+
+
+def paused(pid: int) -> bool:
+    """Whether the process has stopped itself (SIGSTOP: its state in /proc is T)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "T"
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, driver: Any = None) -> Any:
@@ -290,15 +299,20 @@ def test_train_watch_close_stop_resume_chat_merge(server, browser, tmp_path) -> 
     browser.find_element("id", "start").click()
     wait_for("the run to start", lambda: f"started {run}" in text_of(browser, "run-note"), 30, browser)
     train_points = lambda: [p for p in chart_points(browser) if p[2] == "train"]  # noqa: E731
-    wait_for("two loss points", lambda: len(train_points()) >= 2, 240, browser)
+    pid = json.loads((server.runs / ".lorafit-ui" / run / "process.json").read_text())["pid"]
+    pause_at, resumed_pause_at = server.pause_at_steps
+    wait_for(f"the run to pause after step {pause_at}", lambda: paused(pid), 240, browser)
+    wait_for(f"{pause_at} loss points", lambda: len(train_points()) >= pause_at, 60, browser)
 
     browser.find_element("id", "stop").click()
+    wait_for("Stop to be sent", lambda: f"asked {run} to stop" in text_of(browser, "run-note"), 30, browser)
+    os.kill(pid, signal.SIGCONT)  # the run goes on with Stop's SIGINT pending: it ends this step
     wait_for("the run to stop", lambda: "stopped" in text_of(browser, "run-status"), 120, browser)
     run_dir = server.runs / run
     checkpoints = sorted(run_dir.glob("checkpoint-*"))
     assert len(checkpoints) == 1, "Stop saved a checkpoint"
     stopped_at = int(checkpoints[0].name.split("-")[1])
-    assert 2 <= stopped_at < STEPS
+    assert stopped_at == pause_at + 1  # the step Stop arrived in
     state = json.loads((server.runs / ".lorafit-ui" / run / "process.json").read_text())
     assert state["returncode"] == 130, "lorafit train ended as Ctrl-C ends it"
     assert not (run_dir / "adapter_model.safetensors").exists()
@@ -321,6 +335,9 @@ def test_train_watch_close_stop_resume_chat_merge(server, browser, tmp_path) -> 
         browser,
     )
     assert f"{run}: starting" in status or f"{run}: running" in status, status
+    pid = json.loads((server.runs / ".lorafit-ui" / run / "process.json").read_text())["pid"]
+    wait_for(f"the resumed run to pause after step {resumed_pause_at}", lambda: paused(pid), 240, browser)
+    os.kill(pid, signal.SIGCONT)
     wait_for("the chart to go on", lambda: len(train_points()) > stopped_at, 240, browser)
     wait_for("the resumed run to finish", lambda: "finished" in text_of(browser, "run-status"), 300, browser)
     points = wait_for(

@@ -3,11 +3,13 @@ view, chat and merge, each against lorafit's own functions on real tokenizers an
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import signal
 import sys
+import time
 from html import unescape
 from pathlib import Path
 
@@ -150,15 +152,19 @@ def test_metrics_log_and_progress_are_read_as_lorafit_writes_them(tmp_path) -> N
 
 def test_a_run_outlives_its_page_and_a_new_page_can_stop_it(tmp_path, monkeypatch) -> None:
     """A page server that dies leaves the run going; the next one finds it, refuses a second run,
-    and stops it with the signal Ctrl-C sends."""
+    and stops it with the signal Ctrl-C sends, while the run is still starting. Its training data
+    is a named pipe that the test never writes: the run waits there, in start-up, so Stop
+    certainly arrives then, whatever the machine's speed."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "train.jsonl"
+    os.mkfifo(data)
     first = Runs(tmp_path / "runs")
     values = form.field_values(form.base_config("lorafit-demo"))
     cfg, _ = form.build_run_config(
         "lorafit-demo",
         values,
-        train=None,
+        train=str(data),
         eval=None,
         extra="--training_config.max_steps 100000",
         run_dir=first.run_dir("long"),
@@ -178,8 +184,12 @@ def test_a_run_outlives_its_page_and_a_new_page_can_stop_it(tmp_path, monkeypatc
     assert second.view("long").state in ("starting", "running")
     with pytest.raises(LorafitError, match="still running; stop it first"):
         second.start("other", cfg)
-    assert "finishes the current step" in second.stop("long")
-    assert proc.wait(timeout=120) in STOP_CODES
+    writer = reading_end_opened(data, proc)  # the run has started and is reading its data
+    try:
+        assert "finishes the current step" in second.stop("long")
+        assert proc.wait(timeout=120) in STOP_CODES
+    finally:
+        os.close(writer)
     assert second.active() is None
     assert first.view("long").state == "stopped"
     with pytest.raises(LorafitError, match="no complete checkpoint"):
@@ -189,6 +199,21 @@ def test_a_run_outlives_its_page_and_a_new_page_can_stop_it(tmp_path, monkeypatc
     record = json.loads((tmp_path / "runs" / STATE_DIR / "long" / "process.json").read_text())
     assert record["returncode"] in STOP_CODES
     assert signal.SIGINT in (record["returncode"] - 128, -record["returncode"])
+
+
+def reading_end_opened(fifo, proc, timeout: float = 300) -> int:
+    """Open the named pipe's write end once ``proc`` has opened it to read (before, it fails with
+    ENXIO); the process then waits for data in its read."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before reading its data"
+        assert time.monotonic() < deadline, "the run never opened its data"
+        time.sleep(0.05)
 
 
 def test_a_config_for_another_folder_is_not_started(tmp_path) -> None:
@@ -435,6 +460,26 @@ def test_lorafit_ui_without_gradio_names_the_extra_and_warns_for_other_hosts(hos
     assert "pip install 'lorafit[ui]'" in done.stderr
     warned = "warning: serving on 0.0.0.0, not only this machine" in done.stderr
     assert warned == (host == "0.0.0.0")
+
+
+def test_inspect_lists_the_checks_of_lorafit_data(chatml_tokenizer, tmp_path, lorafit_cache) -> None:
+    # a template whose turns end with a newline: the model would never learn to stop
+    chatml_tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    data = tmp_path / "chat.jsonl"
+    row = json.dumps(
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    )
+    data.write_text(f"{row}\n{row}\n")
+    report = data_view.inspect_data(chatml_tokenizer, DataConfig(train=str(data), max_length=64))
+    assert [(where.rsplit(" ", 1)[-1], text.split(":")[:2]) for where, text in report.findings] == [
+        ("1", ["error", " end of turn not trained"]),
+        ("2", ["error", " end of turn not trained"]),
+        ("2", ["warning", " duplicate"]),
+    ]
+    assert "**2 checks failed**" in report.summary() and "1 warning" in report.summary()
 
 
 def test_the_demo_button_gives_the_data_and_settings_of_the_demo_for_the_model_in_the_box(monkeypatch):

@@ -21,15 +21,22 @@ import numpy as np
 import torch
 
 from lorafit.constants import IGNORE_INDEX
-from lorafit.data.formats import _convert_items, check_format_name
+from lorafit.data.formats import _convert_items, check_format_name, check_tools
 from lorafit.data.pack import PackedDataset, TokenizedDataset, pack
 from lorafit.data.read import BadRecord, Record, _read_items, read_records
-from lorafit.data.template import _encode_conversations, _encode_texts, _fit, check_length_settings
+from lorafit.data.template import (
+    TemplateCannotRender,
+    _encode_conversations,
+    _encode_texts,
+    _fit,
+    check_length_settings,
+    check_turn_settings,
+)
 from lorafit.disk import atomic_write
 from lorafit.errors import LorafitError
 
 # Bump when tokenisation or the cache layout changes, so old cache files are never reused.
-_CACHE_VERSION = "lorafit-data-2"
+_CACHE_VERSION = "lorafit-data-3"  # 3: turns labelled through the stop token; tools, reasoning
 
 
 _PROGRESS_MIN_RECORDS = 1000
@@ -70,28 +77,39 @@ def _records_fingerprint(records: Sequence[Record]) -> str:
     return h.hexdigest()
 
 
-def _encode(tokenizer: Any, fmt: str, chunk: Sequence[tuple[Record, Any]], assistant_only_loss: bool) -> list:
+def _encode(tokenizer: Any, fmt: str, chunk: Sequence[tuple[Record, Any]], turns: dict) -> list:
+    """``turns``: ``assistant_only_loss``, ``reasoning`` and ``train_on``."""
     if fmt == "text":
         return _encode_texts(tokenizer, [text for _, text in chunk])
     return _encode_conversations(
-        tokenizer, [messages for _, messages in chunk], [r.where for r, _ in chunk], assistant_only_loss
+        tokenizer,
+        [conversation for _, conversation in chunk],
+        [r.where for r, _ in chunk],
+        turns["assistant_only_loss"],
+        reasoning=turns["reasoning"],
+        train_on=turns["train_on"],
     )
 
 
 def _encode_chunk(
-    tokenizer: Any, fmt: str, chunk: Sequence[tuple[Record, Any]], assistant_only_loss: bool, skip: bool
+    tokenizer: Any, fmt: str, chunk: Sequence[tuple[Record, Any]], turns: dict, skip: bool
 ) -> list:
     """``_encode`` of a chunk as one batch; with ``skip``, a chunk that fails is encoded again one
-    record at a time, so that only the records that fail become ``BadRecord``s."""
+    record at a time, so that only the records that fail become ``BadRecord``s. A template that
+    cannot render the data's tools stops the build even so: no record with tools would train."""
     try:
-        return _encode(tokenizer, fmt, chunk, assistant_only_loss)
+        return _encode(tokenizer, fmt, chunk, turns)
+    except TemplateCannotRender:
+        raise
     except LorafitError:
         if not skip:
             raise
     encoded: list = []
     for pair in chunk:
         try:
-            encoded += _encode(tokenizer, fmt, [pair], assistant_only_loss)
+            encoded += _encode(tokenizer, fmt, [pair], turns)
+        except TemplateCannotRender:
+            raise
         except LorafitError as e:
             encoded.append(BadRecord.from_error(pair[0].where, e))
     return encoded
@@ -108,6 +126,8 @@ def _tokenize_records(
     skip: bool,
     progress: bool,
     desc: str,
+    reasoning: str = "train",
+    train_on: str = "all",
 ) -> tuple[TokenizedDataset, dict]:
     """Tokenise ``(record, messages or text)`` pairs in chunks and apply the length policy.
 
@@ -132,7 +152,8 @@ def _tokenize_records(
     with bar:
         for begin in range(0, len(converted), _CHUNK):
             chunk = converted[begin : begin + _CHUNK]
-            encoded = _encode_chunk(tokenizer, fmt, chunk, assistant_only_loss, skip)
+            turns = {"assistant_only_loss": assistant_only_loss, "reasoning": reasoning, "train_on": train_on}
+            encoded = _encode_chunk(tokenizer, fmt, chunk, turns, skip)
             for (record, _), result in zip(chunk, encoded, strict=True):
                 if isinstance(result, BadRecord):
                     skipped.append([result.where, result.reason])
@@ -170,7 +191,12 @@ def _cached_tokenize(
         "records": _records_fingerprint([record for record, _ in converted]),
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "format": fmt,
-        **{k: settings[k] for k in ("max_length", "assistant_only_loss", "overlong", "skip")},
+        **{
+            k: settings[k]
+            for k in ("max_length", "assistant_only_loss", "overlong", "skip", "reasoning", "train_on")
+        },
+        # the file-wide tools change the rendering; a record's own tools are in its fingerprint
+        "tools": settings.pop("tools_fingerprint"),
     }
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     path = cache_root / "tokenized" / f"{key}.safetensors"
@@ -206,8 +232,11 @@ def _build_split(
     skip_bad_records: bool,
     cache_root: Path,
     progress: bool,
+    reasoning: str = "train",
+    train_on: str = "all",
+    tools: list[dict] | None = None,
 ) -> tuple[torch.utils.data.Dataset, dict]:
-    fmt, converted, bad = _convert_items(items, fmt, skip_bad_records)
+    fmt, converted, bad = _convert_items(items, fmt, skip_bad_records, tools)
     if not converted:
         raise LorafitError(
             f"data.{name}: all {len(items)} records are bad (the first: {bad[0]}); "
@@ -224,6 +253,9 @@ def _build_split(
         skip=skip_bad_records,
         progress=progress,
         desc=f"Tokenising {name}",
+        reasoning=reasoning,
+        train_on=train_on,
+        tools_fingerprint=hashlib.sha256(json.dumps(tools, sort_keys=True).encode()).hexdigest(),
     )
     failed = len(stats["skipped"]) - stats["dropped_too_long"] - stats["dropped_no_assistant"]
     skipped = [{"where": b.where, "reason": b.reason} for b in bad]
@@ -270,6 +302,9 @@ def build_datasets(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    reasoning: str = "train",
+    train_on: str = "all",
+    tools: str | Path | list[dict] | None = None,
 ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None, dict]:
     """Read, check, convert, tokenise (cached) and pack the train and optional eval data.
 
@@ -285,9 +320,15 @@ def build_datasets(
     packing_efficiency, format, cache_hit), ``skipped`` (``{"where", "reason"}`` for every record
     not trained on: bad ones and those the length policy dropped) and ``stats["eval"]`` the same
     for eval, or None.
+
+    ``reasoning`` (train, mask, drop) and ``train_on`` (all, last) decide which assistant tokens
+    are labelled (see :mod:`lorafit.data.template`); ``tools`` is the tool list for records that
+    have none of their own: a list of function schemas or a JSON file holding one.
     """
     check_length_settings(max_length, overlong)
     check_format_name(format)
+    check_turn_settings(reasoning, train_on)
+    tool_list = load_tools(tools)
     train_items, eval_items = _read_splits(
         train, eval, eval_split, eval_fraction, format=format, skip=skip_bad_records, seed=seed
     )
@@ -299,12 +340,29 @@ def build_datasets(
         "skip_bad_records": skip_bad_records,
         "cache_root": _cache_root(cache_dir),
         "progress": progress,
+        "reasoning": reasoning,
+        "train_on": train_on,
+        "tools": tool_list,
     }
     train_set, stats = _build_split(tokenizer, train_items, format, "train", **common)
     eval_set, stats["eval"] = None, None
     if eval_items is not None:
         eval_set, stats["eval"] = _build_split(tokenizer, eval_items, format, "eval", **common)
     return train_set, eval_set, stats
+
+
+def load_tools(tools: str | Path | list[dict] | None) -> list[dict] | None:
+    """``data.tools``: None, a list of function schemas, or a JSON file holding one."""
+    if tools is None or isinstance(tools, list):
+        return check_tools(tools, "data.tools") if tools else None
+    path = Path(tools)
+    if not path.is_file():
+        raise LorafitError(f"data.tools: {path} is not a file; expected a JSON file holding a list of tools.")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LorafitError(f"{path}: not a JSON file ({e}); expected a list of function schemas.") from None
+    return check_tools(value, f"data.tools ({path})")
 
 
 def _read_splits(

@@ -13,6 +13,7 @@ Labels never depend on the template's text: they come from token positions
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,55 @@ BUILTIN_TEMPLATES = {
 }
 """The built-in templates, by the name ``tokenizer.chat_template`` takes."""
 
-# The tokens each built-in is written in, which a tokenizer should know as single tokens.
-TEMPLATE_TOKENS = {
-    "chatml": ("<|im_start|>", "<|im_end|>"),
-    "phi3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
-    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+
+@dataclass(frozen=True)
+class ChatFamily:
+    """One conversation format, written once: a turn is ``head`` (``{role}`` standing for the role),
+    the content, then ``end`` (the end-of-turn token), and ``sep`` before the next turn.
+    ``tokens`` are the special tokens it is written in, end of turn first (a tokenizer should know
+    each as one token; a model writing any of them has ended its turn). The built-in Jinja template
+    (:data:`BUILTIN_TEMPLATES`), the recognition of a tokenizer's own template
+    (:func:`template_family`) and the Ollama template (:mod:`lorafit.export.ollama`) derive from it."""
+
+    head: str
+    end: str
+    sep: str
+    tokens: tuple[str, ...]
+
+    def turn(self, role: str, content: str) -> str:
+        return self.head.replace("{role}", role) + content + self.end
+
+
+FAMILIES = {
+    "chatml": ChatFamily("<|im_start|>{role}\n", "<|im_end|>", "\n", ("<|im_end|>", "<|im_start|>")),
+    "phi3": ChatFamily(
+        "<|{role}|>\n", "<|end|>", "\n", ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>")
+    ),
+    "llama3": ChatFamily(
+        "<|start_header_id|>{role}<|end_header_id|>\n\n",
+        "<|eot_id|>",
+        "",
+        ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
+    ),
 }
+"""The families lorafit writes and recognises, by built-in template name."""
+
+
+def template_family(tokenizer: Any) -> str | None:
+    """``"chatml"``, ``"phi3"`` or ``"llama3"``: the family whose turns the tokenizer's chat template
+    writes, judged by rendering a conversation (not by the template's text, which builds its
+    markers in many ways); None for any other template or none."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    probe = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # a template that fails on a plain conversation has no family
+        return None
+    for name, family in FAMILIES.items():
+        if all(family.turn(m["role"], m["content"]) in text for m in probe):
+            return name
+    return None
 
 
 def resolve_chat_template(value: str) -> tuple[str, str | None]:
@@ -74,4 +118,4 @@ def missing_template_tokens(tokenizer: Any, name: str) -> list[str]:
     """The tokens built-in template ``name`` is written in that ``tokenizer`` lacks as one token:
     they would be split into ordinary pieces (and learned as text)."""
     vocab = tokenizer.get_vocab()
-    return [token for token in TEMPLATE_TOKENS.get(name, ()) if token not in vocab]
+    return [token for token in FAMILIES[name].tokens if token not in vocab] if name in FAMILIES else []

@@ -25,11 +25,13 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, LlamaFileType, quants
 
+from lorafit.adapters import lora_layers
 from lorafit.disk import MiB, atomic_write, require_free_space
 from lorafit.errors import LorafitError
 from lorafit.export import gguf_arch
 from lorafit.export.gguf_arch import KV
 from lorafit.export.gguf_tokenizer import named_phi3, tokenizer_metadata, wants_phi3_rule
+from lorafit.lora.variants import parameter_name
 
 DTYPES = {
     "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
@@ -76,22 +78,65 @@ def _matrix_type(dtype: str, shape: tuple[int, ...]) -> GGMLQuantizationType:
     return qtype if shape[-1] % block == 0 else GGMLQuantizationType.F16
 
 
-def plan_tensors(model: torch.nn.Module, arch: str, dtype: str) -> list[PlannedTensor]:
-    """Every tensor of ``model`` under its GGUF name and type, checked: no LoRA layer left,
-    no 4-bit weight, nothing outside the layout, every value finite (and within f16's range for f16)."""
+def merged_weights(model: torch.nn.Module) -> tuple[dict[str, Callable[[], torch.Tensor]], set[str]]:
+    """The merged weight of every LoRA layer of ``model``, computed when asked for, and the
+    state-dict keys of the adapter's own tensors (each layer's ``adapter_params``: ``lora_A``,
+    ``lora_B``, DoRA's magnitude), which the merged weights replace.
+
+    Each function returns ``W0 + s B A`` (DoRA: ``c (W0 + s B A)``) in fp32, in the stored layout,
+    one layer at a time: a file's type then rounds each weight once, and a full fp32 copy of the
+    model never exists. A layer merged already holds its merged weight, which is returned as it is.
+    """
+    weights: dict[str, Callable[[], torch.Tensor]] = {}
+    adapter_keys: set[str] = set()
+    for name, layer in lora_layers(model):
+        if getattr(layer, "base_layer", None) is not None:
+            raise LorafitError(
+                f"{name} is a LoRA layer over a 4-bit weight; dequantize the model to 16 bits before "
+                "exporting (lorafit.models.quant.dequantize_model does). Nothing was written."
+            )
+        adapter_keys |= {f"{name}.{parameter_name(key)}" for key in layer.adapter_params()}
+
+        @torch.no_grad()
+        def value(layer: Any = layer) -> torch.Tensor:
+            w = layer._base_weight()
+            if layer.merged:
+                return w.float()
+            kept = getattr(layer, "dora_merged_norm", None)
+            merged = layer._merged_weight(w.float())
+            if hasattr(layer, "dora_merged_norm"):
+                layer.dora_merged_norm = kept  # DoRA keeps the norms of a merge for unmerge: none was done
+            return merged
+
+        weights[f"{name}.{layer._base_weight_key()}"] = value
+    return weights, adapter_keys
+
+
+def plan_tensors(
+    model: torch.nn.Module, arch: str, dtype: str, *, merge: bool = False
+) -> list[PlannedTensor]:
+    """Every tensor of ``model`` under its GGUF name and type, checked: no 4-bit weight, nothing
+    outside the layout, every value finite (and within f16's range for f16). LoRA layers are
+    refused unless ``merge``, which writes each as its merged weight (:func:`merged_weights`)."""
     config = model.config
     state = model.state_dict()
-    leftover = [k for k in state if ".lora_" in k]
+    merged, adapter_keys = merged_weights(model) if merge else ({}, set())
+    leftover = [k for k in state if ".lora_" in k and k not in adapter_keys]
     if leftover:
         raise LorafitError(
-            f"the model still holds LoRA layers ({leftover[0]}, ...); merge them first with "
+            f"the model still holds LoRA layers ({leftover[0]}, ...); pass merge=True to fold them in "
+            "while writing (fp32, rounded once to the file's type), or merge them first with "
             "lorafit.merge_lora(model, unload=True). Nothing was written."
         )
     tied = bool(getattr(config, "tie_word_embeddings", False))
     planned = []
     for key, tensor in state.items():
-        if tied and key == "lm_head.weight":
-            continue  # llama.cpp reads a missing output.weight as tied to token_embd
+        if key in adapter_keys:
+            continue
+        # llama.cpp reads a missing output.weight as tied to token_embd; a tied head with an update
+        # of its own is written, and llama.cpp takes it for the output while token_embd stays W0
+        if tied and key == "lm_head.weight" and key not in merged:
+            continue
         # bitsandbytes keeps its 4-bit weights as integers with their scales under "weight.absmax" ...
         if not tensor.is_floating_point() or ".weight." in key:
             raise LorafitError(
@@ -102,11 +147,13 @@ def plan_tensors(model: torch.nn.Module, arch: str, dtype: str) -> list[PlannedT
         if suffix not in ("weight", "bias"):
             raise LorafitError(f"{key} is neither a weight nor a bias; GGUF export has no place for it")
         name, heads = gguf_arch.gguf_name(arch, config, module)
-        _check_values(key, tensor, dtype)
+        source = merged.get(key, lambda t=tensor: t)
+        _check_values(key, source(), dtype)  # a merged weight is computed here and again when written
         shape = tuple(tensor.shape)
         qtype = _matrix_type(dtype, shape) if tensor.dim() == 2 else GGMLQuantizationType.F32
 
-        def values(t: torch.Tensor = tensor, h: int | None = heads) -> torch.Tensor:
+        def values(source: Callable[[], torch.Tensor] = source, h: int | None = heads) -> torch.Tensor:
+            t = source()
             return gguf_arch.regroup_rows(t, h) if h else t
 
         planned.append(PlannedTensor(f"{name}.{suffix}", qtype, shape, values))
@@ -213,7 +260,11 @@ def estimate_size(kv: Mapping[str, KV], tensors: list[PlannedTensor], alignment:
 
 
 def write_file(
-    tmp: str, arch: str, kv: Mapping[str, KV], tensors: list[PlannedTensor], on_tensor: Callable[[str], None]
+    tmp: str,
+    arch: str,
+    kv: Mapping[str, KV],
+    tensors: list[PlannedTensor],
+    on_tensor: Callable[[int, int], None],
 ) -> None:
     writer = GGUFWriter(tmp, arch)
     try:
@@ -226,9 +277,9 @@ def write_file(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in tensors:
+        for done, t in enumerate(tensors, 1):
             writer.write_tensor_data(t.encoded())
-            on_tensor(t.name)
+            on_tensor(done, len(tensors))
     finally:
         writer.close()
 
@@ -246,7 +297,7 @@ def write_atomically(
     arch: str,
     kv: Mapping[str, KV],
     tensors: list[PlannedTensor],
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Check the free space for the file, then write it under a temporary name and rename it."""
     require_free_space(
@@ -256,7 +307,7 @@ def write_atomically(
         "Free some space or write the file to another disk.",
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda tmp: write_file(tmp, arch, kv, tensors, progress or (lambda _: None)))
+    return atomic_write(path, lambda tmp: write_file(tmp, arch, kv, tensors, progress or (lambda *_: None)))
 
 
 def export_gguf(
@@ -265,25 +316,33 @@ def export_gguf(
     path: str | os.PathLike,
     *,
     dtype: str = "f16",
+    merge: bool = False,
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    notes: Callable[[str], Any] | None = None,
 ) -> Path:
-    """Write ``model`` (a plain transformers model, LoRA already merged) and ``tokenizer`` to one
-    GGUF file at ``path`` for llama.cpp / Ollama.
+    """Write ``model`` (a plain transformers model, or with ``merge`` one that holds LoRA layers) and
+    ``tokenizer`` to one GGUF file at ``path`` for llama.cpp / Ollama.
 
     Args:
         model: a ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Phi3ForCausalLM`` with 16- or
-            32-bit weights (``lorafit.merge_lora(model, unload=True)`` gives one).
+            32-bit weights.
         tokenizer: its fast tokenizer; vocabulary, merges or scores, special tokens and chat
             template go into the file.
         dtype: ``"f16"``, ``"bf16"`` or ``"q8_0"`` for the 2-D weights (a row whose length is not a
             multiple of 32 stays f16 under q8_0); 1-D tensors are f32.
+        merge: write each LoRA layer as its merged weight ``W0 + s B A``, computed in fp32 one
+            layer at a time and rounded once, to the file's type; ``model`` is left as it was. Without
+            it a model with LoRA layers is refused. (Merging into a bf16 model first and writing
+            that rounds twice: bf16's 8 bits of precision, then the file's.)
         metadata: GGUF keys to add or replace, e.g. ``{"general.name": "my-phi3"}`` or
             ``{"tokenizer.ggml.pre": "llama-bpe"}`` for a byte-level pre-tokenizer lorafit cannot
             name itself.
         overwrite: replace an existing file at ``path`` (otherwise an error).
-        progress: called with each tensor's name once it is written.
+        progress: called after each tensor is written with the count written and the file's total.
+        notes: called with each note on what llama.cpp will do differently from transformers
+            (without it, each is a ``UserWarning``).
 
     Returns ``path``. Raises LorafitError, before anything is written, for an unsupported
     architecture, dtype, tokenizer or value, an existing file, or too little free space.
@@ -296,12 +355,15 @@ def export_gguf(
         )
     arch = gguf_arch.architecture(model.config, type(model).__name__)
     check_target(path, overwrite)
-    kv, rope_tensors, notes = build_metadata(model, tokenizer, arch, dtype, metadata)
-    tensors = plan_tensors(model, arch, dtype)
+    kv, rope_tensors, found = build_metadata(model, tokenizer, arch, dtype, metadata)
+    tensors = plan_tensors(model, arch, dtype, merge=merge)
     tensors += [
         PlannedTensor(name, GGMLQuantizationType.F32, values.shape, lambda v=values: v)
         for name, values in rope_tensors.items()
     ]
-    for note in notes:
-        warnings.warn(f"GGUF export: {note}", UserWarning, stacklevel=2)
+    for note in found:
+        if notes is None:
+            warnings.warn(f"GGUF export: {note}", UserWarning, stacklevel=2)
+        else:
+            notes(f"GGUF export: {note}")
     return write_atomically(path, arch, kv, tensors, progress)

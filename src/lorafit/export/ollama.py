@@ -19,54 +19,25 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lorafit.data.chat_templates import FAMILIES, ChatFamily, template_family
 from lorafit.disk import write_text_atomic
 from lorafit.errors import LorafitError
 
 MODELFILE_NAME = "Modelfile"
 
-TEMPLATES = {
-    "chatml": (
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-        "<|im_start|>assistant\n"
-    ),
-    "phi3": "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
-    "llama3": (
-        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
-        "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
-    ),
-}
-# The role markers of each family: the model writing one means its turn is over.
-_ROLE_TOKENS = {
-    "chatml": ("<|im_end|>", "<|im_start|>"),
-    "phi3": ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>"),
-    "llama3": ("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
-}
+
+def _go_template(family: ChatFamily) -> str:
+    """The family's turns in Ollama's Go-template syntax, ending with the assistant's turn opened."""
+    head = family.head.replace("{role}", "{{ .Role }}")
+    turn = head + "{{ .Content }}" + family.end + family.sep
+    return "{{- range .Messages }}" + turn + "{{ end }}" + family.head.replace("{role}", "assistant")
 
 
-def template_family(tokenizer: Any) -> str | None:
-    """``"chatml"``, ``"phi3"`` or ``"llama3"``: the family whose turns the tokenizer's chat template
-    writes, judged by rendering a conversation (not by the template's text, which builds its
-    markers in many ways); None for any other template or none."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        return None
-    probe = [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
-    try:
-        text = tokenizer.apply_chat_template(probe, tokenize=False)
-    except Exception:  # a template that fails on a plain conversation has no family
-        return None
-    turns = {
-        "chatml": ("<|im_start|>user\nU<|im_end|>", "<|im_start|>assistant\nA<|im_end|>"),
-        "phi3": ("<|user|>\nU<|end|>", "<|assistant|>\nA<|end|>"),
-        "llama3": (
-            "<|start_header_id|>user<|end_header_id|>\n\nU<|eot_id|>",
-            "<|start_header_id|>assistant<|end_header_id|>\n\nA<|eot_id|>",
-        ),
-    }
-    return next((family for family, marks in turns.items() if all(m in text for m in marks)), None)
+TEMPLATES = {name: _go_template(family) for name, family in FAMILIES.items()}
 
 
 def _default_stops(tokenizer: Any, family: str | None) -> list[str]:
@@ -75,7 +46,7 @@ def _default_stops(tokenizer: Any, family: str | None) -> list[str]:
 
     stops = [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
     vocab = tokenizer.get_vocab()
-    stops += [t for t in _ROLE_TOKENS.get(family or "", ()) if t in vocab]
+    stops += [t for t in (FAMILIES[family].tokens if family in FAMILIES else ()) if t in vocab]
     return list(dict.fromkeys(stops))
 
 
@@ -92,6 +63,7 @@ def write_modelfile(
     *,
     stop_tokens: Sequence[str] | None = None,
     system: str | None = None,
+    notes: Callable[[str], Any] | None = None,
 ) -> Path:
     """Write ``folder/Modelfile`` for the GGUF file ``gguf_filename`` in the same folder.
 
@@ -103,8 +75,10 @@ def write_modelfile(
         stop_tokens: one ``PARAMETER stop`` line each; by default eos, the end-of-turn token
             (``<|end|>`` for Phi-3) and the template family's role markers.
         system: an optional system prompt (``SYSTEM``).
+        notes: called with the note that the chat template is not one lorafit can write (without
+            it, the note is a ``UserWarning``).
 
-    Returns the Modelfile's path. Warns when the chat template is not one lorafit can write.
+    Returns the Modelfile's path.
     """
     folder = Path(folder)
     if Path(gguf_filename).name != gguf_filename:
@@ -121,7 +95,10 @@ def write_modelfile(
             "chat template stored in the GGUF when it recognises it, and otherwise sends the bare prompt"
         )
         lines.append(f"# no TEMPLATE: {note}")
-        warnings.warn(f"Modelfile: {note}", UserWarning, stacklevel=2)
+        if notes is None:
+            warnings.warn(f"Modelfile: {note}", UserWarning, stacklevel=2)
+        else:
+            notes(f"Modelfile: {note}")
     if system is not None:
         lines.append(f"SYSTEM {_quoted(system)}")
     lines.append("")

@@ -16,10 +16,12 @@ def generate(
     messages: list[dict],
     max_new_tokens: int = 64,
     streamer: Any = None,
+    tools: list[dict] | None = None,
 ) -> str:
-    """Greedy answer to a conversation ending with a user turn, stopping at end-of-turn."""
+    """Greedy answer to a conversation ending with a user turn, stopping at end-of-turn. ``tools``
+    (function schemas) go to the chat template, as training rendered them."""
     ids = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        messages, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
     input_ids = ids["input_ids"].to(next(model.parameters()).device)
     was_training = model.training

@@ -28,6 +28,7 @@ LORAFIT_ONLY = (
     "skip_nonfinite",
     "logging_dir",
     "checkpoint_layers",
+    "min_optimizer_steps",
 )
 # Above this many parameters a model trains with activation checkpointing unless told otherwise:
 # its activations at 2048 tokens (32 layers of Phi-3-mini: tens of GB) outweigh its weights,

@@ -218,6 +218,40 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
+PAUSE_ENV = "LORAFIT_PAUSE_AT_STEP"
+
+
+class PauseAtStep(TrainerCallback):
+    """With ``LORAFIT_PAUSE_AT_STEP=N`` (or ``N,M,...``) in the environment, the run stops itself
+    (SIGSTOP, as Ctrl-Z stops a job) when step N is done (logged, saved, evaluated) and step N + 1
+    is about to start, and goes on at SIGCONT; once for each step listed that the run reaches.
+
+    For tests that signal a run mid-way, or watch it while it runs: the run is then certainly
+    still running, however fast or slow the machine (waiting for a file to appear instead races
+    the run to its end). A run resumed after step N does not pause there.
+    """
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = set(steps)
+
+    @classmethod
+    def from_environment(cls) -> PauseAtStep | None:
+        value = os.environ.get(PAUSE_ENV, "").strip()
+        if not value:
+            return None
+        parts = [part.strip() for part in value.split(",")]
+        if not all(part.isdigit() for part in parts):
+            raise LorafitError(
+                f"{PAUSE_ENV}={value!r}: expected step numbers (0 or more), separated by commas"
+            )
+        return cls({int(part) for part in parts})
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+        if state.global_step in self.steps:
+            self.steps.discard(state.global_step)
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+
 class NonFiniteGuard(TrainerCallback):
     """Before each optimizer step: are the loss and the gradients finite?
 

@@ -32,6 +32,7 @@ from lorafit.models.load import absolute_paths, load_model, load_tokenizer, on_c
 from lorafit.training import checkpoints, rundir
 from lorafit.training import distributed as lf_dist
 from lorafit.training.arguments import resolve_training_config, training_arguments
+from lorafit.training.plan import describe_plan, plan_steps
 from lorafit.training.preference import build_preference_trainer, load_preference_data
 from lorafit.training.tracking import check_report_to
 from lorafit.training.trainer import build_trainer, run_trainer
@@ -181,7 +182,7 @@ def train(
     if not has_accelerator():
         keep_freed_memory()
     seed = int(cfg.training_config.get("seed", 42))
-    notes: list[str] = []  # settings this machine changes, said once with the others
+    notes = list(cfg.notes)  # settings the config or this machine changes, said once with the others
     cfg = absolute_paths(cfg)
     with lf_dist.main_process_first():  # a GGUF base is converted once per machine
         prepare_base(cfg, echo, training=True)
@@ -197,6 +198,9 @@ def train(
     train_set, eval_set, stats, fingerprint = (load_preference_data if preference else load_data)(
         cfg, tokenizer, seed, echo
     )
+    cfg, plan = plan_steps(cfg, stats, lf_dist.world_size())
+    if not preference and not cfg.data.packing and stats.get("packed_rows"):  # whole examples a step
+        train_set, eval_set, stats, fingerprint = load_data(cfg, tokenizer, seed, _say_nothing)
     # LoRA's random A matrices from the run's seed: the same on every rank and in every launch,
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
@@ -209,6 +213,7 @@ def train(
     echo(trainable_summary(model))
     cfg = settle_training_config(cfg, model, has_eval=eval_set is not None, notes=notes)
     echo(describe_settings(cfg, notes))
+    echo(describe_plan(plan, lf_dist.world_size()))
     checkpoint_some_layers(model, cfg.training_config.get("checkpoint_layers"))
     if checkpoint is not None:
         checkpoints.check_same_data(Path(checkpoint), fingerprint, echo)

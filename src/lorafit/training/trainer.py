@@ -36,7 +36,7 @@ from lorafit.errors import LorafitError, RunStopped
 from lorafit.models.attention import PACKED_ATTENTION
 from lorafit.training import checkpoints
 from lorafit.training import distributed as lf_dist
-from lorafit.training.callbacks import NonFiniteGuard, RunFilesCallback, StopOnSignal
+from lorafit.training.callbacks import NonFiniteGuard, PauseAtStep, RunFilesCallback, StopOnSignal
 from lorafit.training.loss import causal_lm_loss, supports_fast_loss
 from lorafit.training.tracking import ConfigToTrackers
 
@@ -254,6 +254,9 @@ def build_trainer(
     trainer.add_callback(NonFiniteGuard(trainer, run_dir, skip=skip, echo=files.write))
     trainer.add_callback(StopOnSignal(echo=files.write))
     trainer.add_callback(ConfigToTrackers(cfg.to_dict(), cfg.to_yaml(), trainer.callback_handler.callbacks))
+    pause = PauseAtStep.from_environment()
+    if pause is not None:
+        trainer.add_callback(pause)
     return trainer
 
 

@@ -185,7 +185,11 @@ def _data_tab(page: Page, model: gr.Textbox, fields: dict) -> _DataTab:
         packing = gr.HTML(label="How packing fills rows", elem_id="packing")
     index = gr.Number(1, label="Example (record number)", minimum=1, precision=0, elem_id="example-index")
     mask = gr.HTML(elem_id="mask")
-    bad = gr.Dataframe(headers=["where", "reason"], label="Records not trained on", elem_id="bad-records")
+    bad = gr.Dataframe(
+        headers=["where", "reason"],
+        label="Records not trained on, then the checks' findings",
+        elem_id="bad-records",
+    )
     report = gr.State(None)
     data_inputs = [model, path, *(fields[f.name] for f in form.DATA_FIELDS)]
 
@@ -206,7 +210,7 @@ def _data_tab(page: Page, model: gr.Textbox, fields: dict) -> _DataTab:
             data_view.packing_html(result),
             gr.update(maximum=len(result.records), value=1),
             first,
-            [list(row) for row in result.skipped],
+            [list(row) for row in (*result.skipped, *result.findings)],
             result,
         )
 

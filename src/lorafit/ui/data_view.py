@@ -2,7 +2,9 @@
 
 ``inspect_data`` runs ``build_datasets`` (the function ``lorafit train`` runs, cache included)
 with ``skip_bad_records`` so that every record not trained on is listed with its file, line and
-reason, exactly as ``skipped_records.jsonl`` words it. ``example_tokens`` tokenises one record
+reason, exactly as ``skipped_records.jsonl`` words it, and the checks of ``lorafit data``
+(``lorafit.data.report``: untrained end-of-turn tokens, generation-prompt mismatches, turns cut
+by max_length, duplicates ...). ``example_tokens`` tokenises one record
 with ``tokenize_conversation`` / ``tokenize_text`` and pairs every token with its text, so the
 page can show the chat template with the trained tokens highlighted: the labels come from the
 same function that makes the training labels, never from a second implementation.
@@ -24,11 +26,14 @@ from lorafit.data import (
     Record,
     build_datasets,
     read_records,
-    to_messages,
     to_text,
     tokenize_conversation,
     tokenize_text,
 )
+from lorafit.data.build import load_tools
+from lorafit.data.formats import to_conversation
+from lorafit.data.report import analyse
+from lorafit.data.template import render_text
 from lorafit.errors import LorafitError
 
 # A length no example reaches: the example view tokenises untruncated and marks the cut itself.
@@ -56,6 +61,8 @@ class DataReport:
     rows: list[list[int]] | None
     skipped: list[tuple[str, str]]
     records: list[Record] = field(repr=False)
+    # ``lorafit data``'s checks: (where, "error: kind: what to do") for what would train badly
+    findings: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         """One Markdown paragraph: format, counts, tokens, packing, what is not trained on."""
@@ -80,6 +87,13 @@ class DataReport:
                 else "the run stops at the first of them unless skip bad records is on"
             )
             parts.append(f"**{len(self.skipped)} not trained on** ({stop})")
+        errors = sum(1 for _, text in self.findings if text.startswith("error"))
+        if errors:
+            parts.append(f"**{errors} check{'s' if errors != 1 else ''} failed** (`lorafit data` exits 1)")
+        if len(self.findings) > errors:
+            parts.append(
+                f"{len(self.findings) - errors} warning{'s' if len(self.findings) - errors != 1 else ''}"
+            )
         return " · ".join(parts)
 
 
@@ -104,6 +118,11 @@ def inspect_data(tokenizer: Any, settings: DataConfig) -> DataReport:
     )
     examples = dataset.examples if settings.packing else dataset
     records = read_records(settings.train, bad=[])  # the unreadable ones are in stats["skipped"]
+    # the checks lorafit data runs; its bad records are those in stats["skipped"] already
+    checks = analyse(tokenizer, settings.train, **settings.row_settings())
+    findings = [
+        (f.where, f"{f.level}: {f.kind}: {f.message}") for f in checks.findings if f.kind != "bad record"
+    ]
     return DataReport(
         source=str(settings.train),
         format=stats["format"],
@@ -113,6 +132,7 @@ def inspect_data(tokenizer: Any, settings: DataConfig) -> DataReport:
         rows=dataset.rows if settings.packing else None,
         skipped=[(row["where"], row["reason"]) for row in stats["skipped"]],
         records=records,
+        findings=findings,
     )
 
 
@@ -192,16 +212,18 @@ def example_tokens(tokenizer: Any, report: DataReport, index: int) -> ExampleTok
             example = tokenize_text(tokenizer, text, max_length=_UNLIMITED)
             rendered, add_special = text, True
         else:
-            messages = to_messages(record, report.format)
+            conversation = to_conversation(record, report.format, load_tools(settings.tools))
             example = tokenize_conversation(
                 tokenizer,
-                messages,
+                conversation,
                 max_length=_UNLIMITED,
                 assistant_only_loss=settings.assistant_only_loss,
                 where=record.where,
+                reasoning=settings.reasoning,
+                train_on=settings.train_on,
             )
             # the text lorafit's template module renders and encodes (token_texts checks the ids)
-            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+            rendered = render_text(tokenizer, conversation, settings.reasoning, record.where)
             add_special = False
     except LorafitError as e:
         return ExampleTokens(record.where, [], 0, True, error=str(e))

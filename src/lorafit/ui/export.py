@@ -1,19 +1,19 @@
 """The Export tab: a run's adapter merged into its base model, written inside the run folder.
 
-Two forms, each the steps of its command: a plain transformers model folder (``save_merged``,
-as ``lorafit merge``), or one GGUF file for llama.cpp, Ollama and LM Studio (``merge_into_base``
-then ``export_gguf``) with an Ollama ``Modelfile`` beside it (``write_modelfile``), as
-``lorafit export``. The page writes to ``RUN/NAME`` only, with NAME a plain folder
-name that must be new, so an export never lands outside the run folder or over an earlier one.
+Two forms, through the flow the commands use (:func:`lorafit.export.flow.export_run`): a plain
+transformers model folder, as ``lorafit merge``, or one GGUF file for llama.cpp, Ollama and LM
+Studio with an Ollama ``Modelfile`` beside it, as ``lorafit export``. The page writes to
+``RUN/NAME`` only, with NAME a plain folder name that must be new, so an export never lands outside
+the run folder or over an earlier one.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from lorafit.errors import LorafitError
+from lorafit.export.flow import GGUF_DTYPES, export_run
 from lorafit.ui.runs import check_name, require_adapter
-
-GGUF_DTYPES = ("f16", "bf16", "q8_0")
 
 
 def export_folder(run_dir: Path, name: str) -> Path:
@@ -35,13 +35,9 @@ def merge_run(run_dir: Path, name: str) -> tuple[Path, list[tuple[str, int]], st
 
     Returns the folder, its files with their sizes in bytes, and lorafit's notes on the weights.
     """
-    from lorafit.export import save_merged
-    from lorafit.models import load_trained
-
     out = export_folder(require_adapter(run_dir), name)  # checked before the model loads
     notes: list[str] = []
-    _, tokenizer, model = load_trained(run_dir, sixteen_bit=True, echo=notes.append)
-    save_merged(model, tokenizer, out, quantized=False)
+    export_run(run_dir, out, form="merged", echo=notes.append)
     return out, _listing(out), "; ".join(notes)
 
 
@@ -52,24 +48,9 @@ def gguf_run(run_dir: Path, name: str, dtype: str = "f16") -> tuple[Path, list[t
     Returns the folder, its files, and the notes of lorafit and of the exporter (which weights
     went in, what llama.cpp may read differently).
     """
-    import warnings
-
-    from lorafit.errors import LorafitError
-    from lorafit.export import export_gguf, merge_into_base, write_modelfile
-    from lorafit.models import load_trained
-
-    if dtype not in GGUF_DTYPES:
+    if dtype not in GGUF_DTYPES:  # before the folder name is judged, as the page always did
         raise LorafitError(f"GGUF type {dtype!r}: expected one of {', '.join(GGUF_DTYPES)}")
     out = export_folder(require_adapter(run_dir), name)
     notes: list[str] = []
-    _, tokenizer, model = load_trained(run_dir, sixteen_bit=True, echo=notes.append)
-    merge_into_base(model, quantized=False)
-    out.mkdir(parents=True, exist_ok=True)
-    filename = f"model-{dtype}.gguf"
-    with warnings.catch_warnings(record=True) as caught:  # shown on the page, not lost in a log
-        warnings.simplefilter("always", UserWarning)
-        export_gguf(model, tokenizer, out / filename, dtype=dtype)
-        write_modelfile(out, filename, tokenizer)
-    # the exporter's own notes, as lorafit export prints them; other libraries' chatter is dropped
-    notes += [str(w.message) for w in caught if str(w.message).startswith(("GGUF export", "Modelfile"))]
-    return out, _listing(out), "; ".join(notes)
+    result = export_run(run_dir, out / f"model-{dtype}.gguf", form="gguf", dtype=dtype, echo=notes.append)
+    return out, _listing(out), "; ".join(notes + result.notes)

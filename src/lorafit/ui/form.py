@@ -24,7 +24,7 @@ from typing import Any
 
 from lorafit.adapters.config import LoraConfig
 from lorafit.config import RunConfig, load_config, parse_overrides
-from lorafit.constants import DTYPE_NAMES, FORMATS, OVERLONG
+from lorafit.constants import DTYPE_NAMES, FORMATS, OVERLONG, REASONING, TRAIN_ON
 from lorafit.errors import LorafitError
 
 
@@ -51,6 +51,15 @@ DATA_FIELDS = (
     Field("data", "packing", "packing", bool, "whole examples packed into rows"),
     Field("data", "assistant_only_loss", "assistant_only_loss", bool, "loss on assistant turns only"),
     Field("data", "skip_bad_records", "skip bad records", bool, "train on the good ones, list the rest"),
+    Field(
+        "data",
+        "reasoning",
+        "reasoning",
+        str,
+        "traces: learn them, keep them as context, or drop them",
+        REASONING,
+    ),
+    Field("data", "train_on", "train on", str, "all assistant turns, or the last exchange", TRAIN_ON),
 )
 
 TRAIN_FIELDS = (
