@@ -34,6 +34,7 @@ examples:
   lorafit train phi3.yaml --qlora
   lorafit train --resume runs/20261128-101500
   lorafit train phi3.yaml --skip-bad-records
+  lorafit train prefs.yaml --method dpo --adapter runs/sft     # preference tuning from an SFT adapter
   torchrun --nproc_per_node 4 -m lorafit train phi3.yaml           # DDP over 4 GPUs (or CPU processes)
   torchrun --nproc_per_node 8 -m lorafit train phi3.yaml --fsdp    # shard the base model over 8 GPUs
 
@@ -249,6 +250,15 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
         default=None,
         metavar="RUN_OR_CHECKPOINT",
         help="continue from the last checkpoint of the run folder (or of training_config.output_dir)",
+    )
+    t.add_argument(
+        "--method",
+        help="sft (default), or a preference method: dpo, orpo, simpo, kto (the config's method: key)",
+    )
+    t.add_argument(
+        "--adapter",
+        metavar="RUN_DIR",
+        help="continue from this adapter (model.adapter); a preference method takes its model as reference",
     )
     t.add_argument(
         "--qlora", action="store_true", help="4-bit NF4 base weights (the Phi-3 QLoRA sample's settings)"

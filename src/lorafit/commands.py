@@ -39,9 +39,11 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         overrides = [*overrides, "--data.skip_bad_records", "true"]
     if args.skip_nonfinite:
         overrides = [*overrides, "--training_config.skip_nonfinite", "true"]
-    if config_path is None and not args.resume:
+    if args.adapter:
+        overrides = [*overrides, "--model.adapter", args.adapter]
+    if config_path is None and not args.resume and args.method in (None, "sft"):
         _say_which_demo(overrides)
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides, method=args.method)
     ok = False
     try:
         run_dir = train(cfg, resume=args.resume)

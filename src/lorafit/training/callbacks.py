@@ -97,7 +97,14 @@ class RunFilesCallback(TrainerCallback):
                 "lr": f"{logs.get('learning_rate', 0):.2e}",
                 "tok/s": f"{row['tokens_per_s']:.0f}",
             }
-        if "eval_loss" in logs:
+            if "rewards/accuracies" in logs:  # a preference method: how often chosen beats rejected
+                self.last["acc"] = f"{logs['rewards/accuracies']:.2f}"
+        if "eval_loss" in logs and "eval_rewards/accuracies" in logs:  # a preference loss: no perplexity
+            self.write(
+                f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}, reward accuracy "
+                f"{logs['eval_rewards/accuracies']:.2f}, margin {logs.get('eval_rewards/margins', 0.0):.4f}"
+            )
+        elif "eval_loss" in logs:
             row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
             msg = (
                 f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}, "

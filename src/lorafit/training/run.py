@@ -17,6 +17,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from lorafit.adapters import apply_lora, trainable_summary
+from lorafit.adapters.files import load_adapter, read_adapter_config
 from lorafit.config import RunConfig
 from lorafit.constants import DEMO_MODEL
 from lorafit.data import build_datasets, dataset_fingerprint, held_out_records, to_messages
@@ -32,14 +33,19 @@ from lorafit.training import checkpoints, rundir
 from lorafit.training import distributed as lf_dist
 from lorafit.training.arguments import resolve_training_config, training_arguments
 from lorafit.training.plan import describe_plan, plan_steps
+from lorafit.training.preference import build_preference_trainer, load_preference_data
 from lorafit.training.tracking import check_report_to
 from lorafit.training.trainer import build_trainer, run_trainer
 
 
 def add_lora(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
-    """LoRA as ``peft_config`` says; the adapter records the base as the user named it (a GGUF
-    file by its absolute path, not by the cache folder it was loaded from)."""
-    apply_lora(model, cfg.lora)
+    """LoRA as ``peft_config`` says, or the adapter ``model.adapter`` names (its config and weights:
+    training continues it); the adapter records the base as the user named it (a GGUF file by its
+    absolute path, not by the cache folder it was loaded from)."""
+    if cfg.model.adapter:
+        load_adapter(model, cfg.model.adapter)
+    else:
+        apply_lora(model, cfg.lora)
     name = cfg.model.name_or_path
     model.lora_config.base_model_name_or_path = gguf_base_name(name) if is_gguf(name) else name
     return model
@@ -181,15 +187,25 @@ def train(
     with lf_dist.main_process_first():  # a GGUF base is converted once per machine
         prepare_base(cfg, echo, training=True)
     tokenizer = load_tokenizer(cfg, echo=echo, training=True)
-    train_set, eval_set, stats, fingerprint = load_data(cfg, tokenizer, seed, echo)
+    if cfg.model.adapter:  # the run continues that adapter: its LoRA settings are the run's
+        adapter = str(Path(cfg.model.adapter).resolve())  # lorafit_run.yaml then resumes from anywhere
+        cfg = dataclasses.replace(
+            cfg,
+            model=dataclasses.replace(cfg.model, adapter=adapter),
+            peft_config=read_adapter_config(adapter).to_dict(),
+        )
+    preference = cfg.method != "sft"
+    train_set, eval_set, stats, fingerprint = (load_preference_data if preference else load_data)(
+        cfg, tokenizer, seed, echo
+    )
     cfg, plan = plan_steps(cfg, stats, lf_dist.world_size())
-    if not cfg.data.packing and stats.get("packed_rows"):  # the plan takes whole examples a step
+    if not preference and not cfg.data.packing and stats.get("packed_rows"):  # whole examples a step
         train_set, eval_set, stats, fingerprint = load_data(cfg, tokenizer, seed, _say_nothing)
     # LoRA's random A matrices from the run's seed: the same on every rank and in every launch,
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
     model = add_lora(load_model(cfg, tokenizer, echo=notes.append, training=True), cfg)
-    if cfg.data.packing and on_cpu(cfg):
+    if (cfg.data.packing or preference) and on_cpu(cfg):  # preference batches are always packed rows
         use_packed_attention(model)  # attention within each packed example, not over whole rows
     use_lean_layers(model)  # norms and SiLU gates rebuilt in backward, not kept
     if getattr(model, "_lorafit_wide_products", False):  # bf16 kept, products widened (models.load)
@@ -209,12 +225,15 @@ def train(
             rundir.write_run_files(
                 run_dir, cfg, tokenizer, stats, fresh=checkpoint is None, notes=notes, echo=echo
             )
-        prompts = sample_prompts(cfg, stats, seed) if main and stats["format"] != "text" else []
+        sft_chat = not preference and stats["format"] != "text"
+        prompts = sample_prompts(cfg, stats, seed) if main and sft_chat else []
         before = None
         if prompts and checkpoint is None:
             before = generation_report(model, tokenizer, prompts, echo=lambda s: echo(f"samples before: {s}"))
         args = training_arguments(cfg.training_config, run_dir)
-        trainer = build_trainer(cfg, model, tokenizer, args, train_set, eval_set, fingerprint)
+        trainer = (build_preference_trainer if preference else build_trainer)(
+            cfg, model, tokenizer, args, train_set, eval_set, fingerprint
+        )
         for callback in callbacks or []:
             trainer.add_callback(callback)
         echo(f"training in {run_dir}" + (f", resuming from {checkpoint}" if checkpoint else ""))
