@@ -16,20 +16,15 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from lorafit.config import LORAFIT_TRAINING_KEYS
 from lorafit.errors import LorafitError
 from lorafit.methods import ALL_METHOD_KEYS
 from lorafit.models.device import cpu_half_is_fast
 from lorafit.training.tracking import prepare_trackers
 
-# Keys lorafit reads itself and never hands to TrainingArguments.
-LORAFIT_ONLY = (
-    "overwrite_output_dir",
-    "save_safetensors",
-    "skip_nonfinite",
-    "logging_dir",
-    "checkpoint_layers",
-    "min_optimizer_steps",
-)
+# Keys lorafit reads itself and never hands to TrainingArguments: the ones config.py accepts
+# beside TrainingArguments' own (warmup_ratio is turned into warmup_steps before that).
+LORAFIT_ONLY = frozenset(LORAFIT_TRAINING_KEYS)
 # Above this many parameters a model trains with activation checkpointing unless told otherwise:
 # its activations at 2048 tokens (32 layers of Phi-3-mini: tens of GB) outweigh its weights,
 # while below it they fit and recomputing them would only cost a third more time.
