@@ -40,6 +40,9 @@ LORAFIT_TRAINING_KEYS = {
     # recompute this many decoder layers (an int) or this share of them (a float < 1) in backward,
     # evenly spread; the others keep their activations (gradient_checkpointing: all of them)
     "checkpoint_layers": int | float,
+    # the step's memory budget (12GB, 12GiB, 800MB): the fewest layers recomputed that fit it
+    # (lorafit.training.memory); default: the memory free at start less a margin
+    "max_memory": int | float | str,
 }
 
 

@@ -30,6 +30,7 @@ from lorafit.models.load import absolute_paths, load_model, load_tokenizer, on_c
 from lorafit.training import checkpoints, rundir
 from lorafit.training import distributed as lf_dist
 from lorafit.training.arguments import resolve_training_config, training_arguments
+from lorafit.training.memory import plan_memory, spread
 from lorafit.training.trainer import build_trainer, run_trainer
 
 
@@ -117,7 +118,7 @@ def checkpoint_some_layers(model: torch.nn.Module, amount: int | float | None) -
         raise LorafitError(
             f"training_config.checkpoint_layers: {amount} is more than the model's {len(layers)} layers"
         )
-    chosen = sorted({int((i + 0.5) * len(layers) / count) for i in range(count)}) if count else []
+    chosen = spread(count, len(layers))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index in chosen
@@ -178,6 +179,7 @@ def train(
         prepare_base(cfg, echo, training=True)
     tokenizer = load_tokenizer(cfg, echo=echo, training=True)
     train_set, eval_set, stats, fingerprint = load_data(cfg, tokenizer, seed, echo)
+    cfg = plan_memory(cfg, tokenizer, echo)  # layers to recompute, decided before the model loads
     # LoRA's random A matrices from the run's seed: the same on every rank and in every launch,
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
