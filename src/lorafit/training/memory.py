@@ -6,7 +6,7 @@ dtype plan, the row shape and LoRA's settings (``N`` tokens a step, ``h`` hidden
 intermediate, ``L`` layers, ``k`` of them recomputed)::
 
     peak = process + weights + LoRA state + kept + max(loss working set, layer backward working set)
-           + heap holes
+           + runtime
 
 - process: what the process holds before the model is loaded (Python, torch, the data), measured.
 - weights: every parameter in its load dtype; with QLoRA the decoder's linear weights at 4 bits
@@ -24,9 +24,8 @@ intermediate, ``L`` layers, ``k`` of them recomputed)::
 - layer backward working set: the gradient in flight, the MLP's backward (the SiLU-gate gradients,
   the widest linear's gradient, fp32 operand copies where products are widened, the weight as
   the product multiplies it: a dequantized 16-bit copy with QLoRA, an fp32 one when widened).
-- heap holes: glibc's heap never shrinks (:func:`lorafit.training.run.keep_freed_memory`), and the
-  (N, h)-sized temporaries of each layer that keeps its activations leave holes between the kept
-  tensors (``HOLES_PER_LAYER`` of them, measured).
+- runtime: what the process grows by in its first steps beyond those tensors (``RUNTIME``, measured:
+  torch's kernels and caches, the holes freed temporaries leave in glibc's heap).
 
 Everything here is a pure function of shapes and settings: :func:`plan_run` gathers them for a
 run config and measures the process and the machine's free memory.
@@ -50,13 +49,13 @@ MARGIN_MIN = 512 * 2**20
 # Logits per head tile and attention scores per query block (lorafit.training.loss.TILE_LOGITS,
 # lorafit.models.attention.TILE_SCORES), copied here so that planning imports no model code.
 _TILE = 1 << 22
-# glibc serves blocks under 32 MiB (lorafit.training.run.keep_freed_memory) from its heap, which
-# never shrinks: the (N, h)-sized temporaries a kept layer frees in forward and backward (norm
-# outputs, RoPE's temporaries, dropped inputs, projection outputs and their gradients) leave holes
-# between the tensors it keeps that later requests only partly reuse. Measured at the second
-# step's peak: 18.5 such tensors a layer at hidden 512 x 4,096 tokens, 19.4 at Phi-3-mini's
-# widths x 2,048 tokens (benchmarks/memory_plan.py, docs/memory.md).
-HOLES_PER_LAYER = 19
+# What a training process's RSS grows by in its first steps beyond the tensors counted here: torch's
+# lazily built kernels and caches, autograd's and the optimizer's bookkeeping, and the holes that
+# freed temporaries leave in glibc's heap, which lorafit never trims (keep_freed_memory). Measured
+# (benchmarks/memory_plan.py, docs/memory.md): 0.14 GB on the 4 M-parameter demo at 64 tokens,
+# 0.36-0.39 GB on the small bench model (8 x 512 tokens) and on Phi-3-mini's widths (1 x 2,048),
+# with and without layers recomputed. An allowance, not derived from shapes.
+RUNTIME = 350 * 10**6
 # Bytes per 4-bit weight: the NF4 value (half a byte) and, per block of 64, one absmax (one
 # byte with double quantization, an fp32 otherwise).
 _NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
@@ -278,7 +277,7 @@ def predict(
         "LoRA state": 16 * lora,
         "kept": kept,
         "working": max(loss_work, layer_work),
-        "heap holes": HOLES_PER_LAYER * p * h * n * (shapes.layers - recomputed),
+        "runtime": RUNTIME,
     }
     return Prediction(terms, recomputed, shapes.layers)
 
