@@ -6,7 +6,7 @@ dtype plan, the row shape and LoRA's settings (``N`` tokens a step, ``h`` hidden
 intermediate, ``L`` layers, ``k`` of them recomputed)::
 
     peak = process + weights + LoRA state + kept + max(loss working set, layer backward working set)
-           + runtime
+           + heap holes + runtime
 
 - process: what the process holds before the model is loaded (Python, torch, the data), measured.
 - weights: every parameter in its load dtype; with QLoRA the decoder's linear weights at 4 bits
@@ -24,8 +24,10 @@ intermediate, ``L`` layers, ``k`` of them recomputed)::
 - layer backward working set: the gradient in flight, the MLP's backward (the SiLU-gate gradients,
   the widest linear's gradient, fp32 operand copies where products are widened, the weight as
   the product multiplies it: a dequantized 16-bit copy with QLoRA, an fp32 one when widened).
-- runtime: what the process grows by in its first steps beyond those tensors (``RUNTIME``, measured:
-  torch's kernels and caches, the holes freed temporaries leave in glibc's heap).
+- heap holes: the holes each layer's freed (N, h)-sized temporaries leave in glibc's heap, which
+  lorafit never trims (``HOLES_PER_LAYER`` of them a layer, measured).
+- runtime: what the process grows by in its first steps beyond those (``RUNTIME``, measured:
+  torch's kernels and caches, autograd's and the optimizer's bookkeeping).
 
 Everything here is a pure function of shapes and settings: :func:`plan_run` gathers them for a
 run config and measures the process and the machine's free memory.
@@ -49,13 +51,17 @@ MARGIN_MIN = 512 * 2**20
 # Logits per head tile and attention scores per query block (lorafit.training.loss.TILE_LOGITS,
 # lorafit.models.attention.TILE_SCORES), copied here so that planning imports no model code.
 _TILE = 1 << 22
-# What a training process's RSS grows by in its first steps beyond the tensors counted here: torch's
-# lazily built kernels and caches, autograd's and the optimizer's bookkeeping, and the holes that
-# freed temporaries leave in glibc's heap, which lorafit never trims (keep_freed_memory). Measured
-# (benchmarks/memory_plan.py, docs/memory.md): 0.14 GB on the 4 M-parameter demo at 64 tokens,
-# 0.36-0.39 GB on the small bench model (8 x 512 tokens) and on Phi-3-mini's widths (1 x 2,048),
-# with and without layers recomputed. An allowance, not derived from shapes.
-RUNTIME = 350 * 10**6
+# What a training process's RSS grows by in its first steps beyond the tensors counted here, whatever
+# the model: torch's lazily built kernels and caches, autograd's and the optimizer's bookkeeping.
+# Measured on the 4 M-parameter demo at 64 tokens, where activations are negligible: 0.14 GB.
+RUNTIME = 150 * 10**6
+# glibc serves blocks under 32 MiB from a heap that lorafit never trims (keep_freed_memory: no page
+# faults in the next step), and the (N, h)-sized temporaries each decoder layer frees (norm outputs,
+# RoPE's temporaries, dropped inputs, projection outputs and their gradients), in forward and when
+# a recomputed layer is rebuilt, leave holes between the tensors kept that later requests only
+# partly fill. Measured at the second step's peak: Phi-3-mini's widths at 4 layers hold 0.20 GB
+# more of them than at 2 (1 x 2,048 tokens): 8 such tensors a layer (docs/memory.md).
+HOLES_PER_LAYER = 8
 # Bytes per 4-bit weight: the NF4 value (half a byte) and, per block of 64, one absmax (one
 # byte with double quantization, an fp32 otherwise).
 _NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
@@ -277,6 +283,7 @@ def predict(
         "LoRA state": 16 * lora,
         "kept": kept,
         "working": max(loss_work, layer_work),
+        "heap holes": HOLES_PER_LAYER * p * h * n * shapes.layers,
         "runtime": RUNTIME,
     }
     return Prediction(terms, recomputed, shapes.layers)
