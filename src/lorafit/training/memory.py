@@ -224,6 +224,8 @@ def kept_per_token(shapes: ModelShapes, precision: Precision, settings: StepSett
     else:  # sdpa keeps its attention probabilities, a row of them per head and token
         kept += p * shapes.heads * settings.length
     kept += p * 2 * shapes.intermediate  # gate and up
+    if precision.four_bit:  # QLoRA's fp32 norms hand back a cast copy, which LoRA's op must keep
+        kept += 2 * p * h
     kept += p * settings.rank * len(adapted(shapes, settings.targets))  # u = drop(x) A^T
     return kept
 
