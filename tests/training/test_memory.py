@@ -189,3 +189,16 @@ def test_checkpoint_layers_zero_turns_the_large_model_default_off() -> None:
     assert not tc.get("activation_checkpointing", tc.get("gradient_checkpointing"))
     tc, _ = resolve_training_config({}, has_eval=False, n_params=4 * 10**9, on_cpu=True)
     assert tc.get("activation_checkpointing", tc.get("gradient_checkpointing"))  # no plan: the old rule
+
+
+def test_without_a_budget_of_the_users_a_step_that_may_not_fit_warns_and_recomputes_every_layer(
+    monkeypatch,
+) -> None:
+    import lorafit.training.memory as memory
+
+    cfg, tokenizer = _demo({"per_device_train_batch_size": 64})
+    monkeypatch.setattr(memory, "available_memory", lambda: 10**6)  # a machine with 1 MB free
+    lines: list[str] = []
+    planned = memory.plan_memory(cfg, tokenizer, echo=lines.append)
+    assert planned.training_config["checkpoint_layers"] == 4
+    assert lines[0].startswith("warning: memory: peak") and "Going on with every layer recomputed" in lines[0]

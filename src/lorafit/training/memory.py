@@ -476,8 +476,9 @@ def plan_run(
     return Plan(prediction, budget, source, fits)
 
 
-def does_not_fit(cfg: Any, model_config: Any, plan: Plan) -> str:
-    """Why a run cannot fit its budget, and what would: a shorter ``data.max_length``, QLoRA."""
+def does_not_fit(cfg: Any, model_config: Any, plan: Plan, *, going_on: bool = False) -> str:
+    """Why a run cannot fit its budget, and what would: a shorter ``data.max_length``, QLoRA;
+    ``going_on``: the run goes on anyway (a default budget), else it stops."""
     shapes = ModelShapes.from_config(model_config)
     precision, settings = run_precision(cfg, shapes), run_settings(cfg)
     process = plan.prediction.terms["process"]
@@ -492,7 +493,11 @@ def does_not_fit(cfg: Any, model_config: Any, plan: Plan) -> str:
     return (
         f"{plan.describe()}: the step does not fit even with every layer recomputed. "
         + ("What would fit: " + "; ".join(ways) + "." if ways else "Nothing at this row length fits.")
-        + " Set training_config.max_memory higher to try anyway."
+        + (
+            " Going on with every layer recomputed (a training_config.max_memory makes this an error)."
+            if going_on
+            else " Set training_config.max_memory higher to try anyway."
+        )
     )
 
 
@@ -500,7 +505,8 @@ def plan_memory(cfg: Any, tokenizer: Any, echo: Any = print) -> Any:
     """``cfg`` with the planner's ``checkpoint_layers`` where the user set none of
     ``checkpoint_layers`` / ``gradient_checkpointing``, the plan said in one line through ``echo``;
     raises ``LorafitError`` before the model is loaded when even every layer recomputed does not
-    fit. Single-process CPU runs only (the budget is this process's resident memory): elsewhere
+    fit a ``max_memory`` the user set (without one, it warns and recomputes every layer).
+    Single-process CPU runs only (the budget is this process's resident memory): elsewhere
     ``cfg`` comes back as it is and the settings' defaults decide."""
     from lorafit.models.load import model_config, on_cpu
     from lorafit.training import distributed
@@ -517,8 +523,13 @@ def plan_memory(cfg: Any, tokenizer: Any, echo: Any = print) -> Any:
     plan = plan_run(cfg, config)
     user = _user_choice(tc, plan.prediction.layers) is not None
     if not plan.fits and not user:
-        raise LorafitError(does_not_fit(cfg, config, plan))
-    echo(plan.describe() + ("" if plan.fits else ": over the budget"))
+        if tc.get("max_memory") is not None:
+            raise LorafitError(does_not_fit(cfg, config, plan))
+        # no budget of the user's: the machine's free memory is a guess at what it will be, so say so
+        # and go on with every layer recomputed, as large models trained before there was a plan
+        echo("warning: " + does_not_fit(cfg, config, plan, going_on=True))
+    else:
+        echo(plan.describe() + ("" if plan.fits else ": over the budget"))
     if user:
         return cfg
     return dataclasses.replace(cfg, training_config={**tc, "checkpoint_layers": plan.prediction.recomputed})
