@@ -97,6 +97,8 @@ def worker(spec_path: str) -> int:
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
             peaks["load_peak"] = _status("VmHWM")
             peaks["before_steps"] = _status("VmRSS")
+            # file-backed pages (a checkpoint read through mmap) are reclaimable; anonymous ones are not
+            peaks["before_steps_file"] = _status("RssFile")
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the steps' peak from here
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
@@ -113,6 +115,7 @@ def worker(spec_path: str) -> int:
     match = re.search(r"memory: peak ([0-9.]+) GB", plan)
     result = {
         **peaks,
+        "end_file": _status("RssFile"),
         "step_peak": _status("VmHWM"),
         "plan": plan,
         "predicted": float(match.group(1)) * 1e9 if match else None,
