@@ -44,6 +44,9 @@ LORAFIT_TRAINING_KEYS = {
     "checkpoint_layers": int | float,
     # smaller steps for small data, until the run takes this many (lorafit.training.plan)
     "min_optimizer_steps": int,
+    # the step's memory budget (12GB, 12GiB, 800MB): the fewest layers recomputed that fit it
+    # (lorafit.training.memory); default: the memory free at start less a margin
+    "max_memory": int | float | str,
 }
 
 

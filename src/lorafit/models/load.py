@@ -142,6 +142,38 @@ def load_dtype(cfg: RunConfig, *, training: bool = False) -> torch.dtype | str:
     return _dtype_and_note(cfg, _widened(cfg, training))[0]
 
 
+def planned_dtype(cfg: RunConfig, n_params: int) -> tuple[torch.dtype | str, bool]:
+    """The dtype :func:`load_model` will give a training run's model of ``n_params`` parameters, and
+    whether its 16-bit products will be widened (``model._lorafit_wide_products``): for planning
+    memory before loading."""
+    widened = _widened(cfg, True)
+    dtype, note = _dtype_and_note(cfg, widened)
+    wide = widened and note is not None
+    if wide and not cfg.model.quantization and n_params < _wide_above():
+        return torch.float32, False
+    return dtype, wide
+
+
+def model_config(cfg: RunConfig, tokenizer: Any) -> Any:
+    """The transformers config of the model ``cfg`` names, read without its weights (a GGUF base
+    from its converted copy: call :func:`prepare_base` first)."""
+    name = cfg.model.name_or_path
+    if name == DEMO_MODEL:
+        from lorafit.demo import demo_config
+
+        return demo_config(len(tokenizer))
+    from transformers import AutoConfig
+
+    name = _gguf_folder(name, load_dtype(cfg, training=True), print)
+    _check_local_path(name, "model")
+    try:
+        return AutoConfig.from_pretrained(
+            name, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error("model", name, e) from None
+
+
 def prepare_base(cfg: RunConfig, echo: Callable[[str], Any] = print, *, training: bool = False) -> None:
     """Make the base model loadable: a GGUF file is converted to its cached dense copy (once)."""
     for name in {cfg.model.name_or_path, cfg.tokenizer.name_or_path or cfg.model.name_or_path}:

@@ -25,9 +25,10 @@ from lorafit.training.tracking import prepare_trackers
 # Keys lorafit reads itself and never hands to TrainingArguments: the ones config.py accepts
 # beside TrainingArguments' own (warmup_ratio is turned into warmup_steps before that).
 LORAFIT_ONLY = frozenset(LORAFIT_TRAINING_KEYS)
-# Above this many parameters a model trains with activation checkpointing unless told otherwise:
-# its activations at 2048 tokens (32 layers of Phi-3-mini: tens of GB) outweigh its weights,
-# while below it they fit and recomputing them would only cost a third more time.
+# Where no memory plan was made (lorafit.training.memory plans single-process CPU runs), a model
+# above this many parameters trains with activation checkpointing unless told otherwise: its
+# activations at 2048 tokens (32 layers of Phi-3-mini: tens of GB) outweigh its weights, while
+# below it they fit and recomputing them would only cost a third more time.
 CHECKPOINTING_ABOVE = 1_000_000_000
 _FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
 # transformers 5 renamed gradient checkpointing; the old names warn on every run.
@@ -57,7 +58,9 @@ def resolve_training_config(
                 f"{_CHECKPOINTING} all of them; set one of the two"
             )
         tc[_CHECKPOINTING] = False
-    tc.setdefault(_CHECKPOINTING, n_params > CHECKPOINTING_ABOVE)
+    if "checkpoint_layers" in tc:  # the user's or the memory planner's (training.memory) choice
+        tc.setdefault(_CHECKPOINTING, False)
+    tc.setdefault(_CHECKPOINTING, n_params > CHECKPOINTING_ABOVE)  # where no plan was made (GPU, DDP)
     tc.setdefault("logging_steps", 10)
     tc.setdefault("save_strategy", "steps")
     if str(tc["save_strategy"]) == "steps":

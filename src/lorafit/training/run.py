@@ -32,6 +32,7 @@ from lorafit.models.load import absolute_paths, load_model, load_tokenizer, on_c
 from lorafit.training import checkpoints, rundir
 from lorafit.training import distributed as lf_dist
 from lorafit.training.arguments import resolve_training_config, training_arguments
+from lorafit.training.memory import plan_memory, spread
 from lorafit.training.plan import describe_plan, plan_steps
 from lorafit.training.preference import build_preference_trainer, load_preference_data
 from lorafit.training.tracking import check_report_to
@@ -126,7 +127,7 @@ def checkpoint_some_layers(model: torch.nn.Module, amount: int | float | None) -
         raise LorafitError(
             f"training_config.checkpoint_layers: {amount} is more than the model's {len(layers)} layers"
         )
-    chosen = sorted({int((i + 0.5) * len(layers) / count) for i in range(count)}) if count else []
+    chosen = spread(count, len(layers))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index in chosen
@@ -201,6 +202,7 @@ def train(
     cfg, plan = plan_steps(cfg, stats, lf_dist.world_size())
     if not preference and not cfg.data.packing and stats.get("packed_rows"):  # whole examples a step
         train_set, eval_set, stats, fingerprint = load_data(cfg, tokenizer, seed, _say_nothing)
+    cfg = plan_memory(cfg, tokenizer, echo)  # layers to recompute, decided before the model loads
     # LoRA's random A matrices from the run's seed: the same on every rank and in every launch,
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
