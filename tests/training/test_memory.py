@@ -138,7 +138,7 @@ def test_the_planner_sets_checkpoint_layers_and_says_so_in_one_line() -> None:
 
     lines: list[str] = []
     cfg, tokenizer = _demo({"max_memory": "64GB"})
-    planned = plan_memory(cfg, tokenizer, echo=lines.append)
+    planned = plan_memory(cfg, echo=lines.append)
     assert planned.training_config["checkpoint_layers"] == 0  # the demo fits without recomputing
     assert len(lines) == 1 and lines[0].startswith("memory: peak ") and "0 of 4 layers recomputed" in lines[0]
 
@@ -148,12 +148,12 @@ def test_a_budget_between_the_choices_recomputes_some_layers() -> None:
     from lorafit.training.memory import plan_memory, plan_run
 
     cfg, tokenizer = _demo({"per_device_train_batch_size": 64})
-    config = model_config(cfg, tokenizer)
+    config = model_config(cfg, training=True)
     none = plan_run(cfg, config, available=10**12).prediction  # the process measured now, as plan_memory does
     all_cfg, _ = _demo({"checkpoint_layers": 4, "per_device_train_batch_size": 64})
     every = plan_run(all_cfg, config, available=10**12).prediction
     cfg, _ = _demo({"per_device_train_batch_size": 64, "max_memory": (none.peak + every.peak) // 2})
-    planned = plan_memory(cfg, tokenizer, echo=lambda line: None)
+    planned = plan_memory(cfg, echo=lambda line: None)
     assert 1 <= planned.training_config["checkpoint_layers"] < 4
 
 
@@ -163,7 +163,7 @@ def test_the_users_own_checkpointing_wins() -> None:
     for keys in ({"checkpoint_layers": 2}, {"gradient_checkpointing": False}):
         lines: list[str] = []
         cfg, tokenizer = _demo({**keys, "max_memory": "64GB"})
-        assert plan_memory(cfg, tokenizer, echo=lines.append).training_config == cfg.training_config
+        assert plan_memory(cfg, echo=lines.append).training_config == cfg.training_config
         recomputed = keys.get("checkpoint_layers", 0)
         assert f"{recomputed} of 4 layers recomputed" in lines[0] and "as training_config says" in lines[0]
 
@@ -173,11 +173,11 @@ def test_a_step_that_cannot_fit_is_refused_before_loading_with_what_would_fit() 
     from lorafit.training.memory import plan_memory, plan_run
 
     cfg, tokenizer = _demo({"per_device_train_batch_size": 64})
-    process = plan_run(cfg, model_config(cfg, tokenizer)).prediction.terms["process"]
-    all_recomputed = plan_run(cfg, model_config(cfg, tokenizer), process=process, available=10**12)
+    process = plan_run(cfg, model_config(cfg, training=True)).prediction.terms["process"]
+    all_recomputed = plan_run(cfg, model_config(cfg, training=True), process=process, available=10**12)
     cfg, _ = _demo({"per_device_train_batch_size": 64, "max_memory": process + 10**7})
     with pytest.raises(LorafitError, match=r"does not fit even with every layer recomputed.*--qlora") as e:
-        plan_memory(cfg, tokenizer, echo=lambda line: None)
+        plan_memory(cfg, echo=lambda line: None)
     assert "training_config.max_memory" in str(e.value)
     assert all_recomputed.prediction.peak > process + 10**7
 
@@ -199,6 +199,6 @@ def test_without_a_budget_of_the_users_a_step_that_may_not_fit_warns_and_recompu
     cfg, tokenizer = _demo({"per_device_train_batch_size": 64})
     monkeypatch.setattr(memory, "available_memory", lambda: 10**6)  # a machine with 1 MB free
     lines: list[str] = []
-    planned = memory.plan_memory(cfg, tokenizer, echo=lines.append)
+    planned = memory.plan_memory(cfg, echo=lines.append)
     assert planned.training_config["checkpoint_layers"] == 4
     assert lines[0].startswith("warning: memory: peak") and "Going on with every layer recomputed" in lines[0]

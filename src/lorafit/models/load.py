@@ -154,17 +154,18 @@ def planned_dtype(cfg: RunConfig, n_params: int) -> tuple[torch.dtype | str, boo
     return dtype, wide
 
 
-def model_config(cfg: RunConfig, tokenizer: Any) -> Any:
+def model_config(cfg: RunConfig, *, training: bool = False) -> Any:
     """The transformers config of the model ``cfg`` names, read without its weights (a GGUF base
-    from its converted copy: call :func:`prepare_base` first)."""
+    from its converted copy, for the dtype a run, ``training`` or not, loads it in: call
+    :func:`prepare_base` first)."""
     name = cfg.model.name_or_path
     if name == DEMO_MODEL:
-        from lorafit.demo import demo_config
+        from lorafit.demo import demo_config, load_demo_tokenizer
 
-        return demo_config(len(tokenizer))
+        return demo_config(len(load_demo_tokenizer()))
     from transformers import AutoConfig
 
-    name = _gguf_folder(name, load_dtype(cfg, training=True), print)
+    name = _gguf_folder(name, load_dtype(cfg, training=training), print)
     _check_local_path(name, "model")
     try:
         return AutoConfig.from_pretrained(
@@ -290,22 +291,7 @@ def run_config(folder: str | os.PathLike) -> RunConfig:
 def base_config(folder: str | os.PathLike) -> Any:
     """The transformers config of the base model a run (or adapter folder) was trained on, read
     without loading its weights."""
-    cfg = run_config(folder)
-    name = cfg.model.name_or_path
-    if name == DEMO_MODEL:
-        from lorafit.demo import demo_config, load_demo_tokenizer
-
-        return demo_config(len(load_demo_tokenizer()))
-    from transformers import AutoConfig
-
-    name = _gguf_folder(name, load_dtype(cfg), print)
-    _check_local_path(name, "model")
-    try:
-        return AutoConfig.from_pretrained(
-            name, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
-        )
-    except (OSError, ValueError) as e:
-        raise _load_error("model", name, e) from None
+    return model_config(run_config(folder))
 
 
 def load_trained(

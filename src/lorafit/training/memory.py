@@ -501,7 +501,7 @@ def does_not_fit(cfg: Any, model_config: Any, plan: Plan, *, going_on: bool = Fa
     )
 
 
-def plan_memory(cfg: Any, tokenizer: Any, echo: Any = print) -> Any:
+def plan_memory(cfg: Any, echo: Any = print) -> Any:
     """``cfg`` with the planner's ``checkpoint_layers`` where the user set none of
     ``checkpoint_layers`` / ``gradient_checkpointing``, the plan said in one line through ``echo``;
     raises ``LorafitError`` before the model is loaded when even every layer recomputed does not
@@ -519,7 +519,7 @@ def plan_memory(cfg: Any, tokenizer: Any, echo: Any = print) -> Any:
                 "not applied here"
             )
         return cfg
-    config = model_config(cfg, tokenizer)
+    config = model_config(cfg, training=True)
     plan = plan_run(cfg, config)
     user = _user_choice(tc, plan.prediction.layers) is not None
     if not plan.fits and not user:

@@ -202,7 +202,7 @@ def train(
     cfg, plan = plan_steps(cfg, stats, lf_dist.world_size())
     if not preference and not cfg.data.packing and stats.get("packed_rows"):  # whole examples a step
         train_set, eval_set, stats, fingerprint = load_data(cfg, tokenizer, seed, _say_nothing)
-    cfg = plan_memory(cfg, tokenizer, echo)  # layers to recompute, decided before the model loads
+    cfg = plan_memory(cfg, echo)  # layers to recompute, decided before the model loads
     # LoRA's random A matrices from the run's seed: the same on every rank and in every launch,
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
