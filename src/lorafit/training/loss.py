@@ -132,14 +132,20 @@ def head_cross_entropy_sum(
     autocast dtype when autocast is on (else in ``hidden``'s dtype), the log-sum-exp in fp32.
     Returns an fp32 scalar whose gradient flows to ``hidden`` only.
     """
+    return _HeadCrossEntropy.apply(hidden, weight, bias, targets, *head_tiling(hidden, weight))
+
+
+def head_tiling(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.dtype, int, bool]:
+    """How a tiled head runs over ``hidden`` (M, H) and ``weight`` (V, H): the product's dtype (the
+    autocast dtype when autocast is on, else the promoted one), the rows per tile (a tile holds at
+    most ``TILE_LOGITS`` logits) and whether a gradient to ``hidden`` is needed."""
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
     need_grad = torch.is_grad_enabled() and hidden.requires_grad
-    rows = max(1, TILE_LOGITS // weight.shape[0])
-    return _HeadCrossEntropy.apply(hidden, weight, bias, targets, dtype, rows, need_grad)
+    return dtype, max(1, TILE_LOGITS // weight.shape[0]), need_grad
 
 
 class _HeadCrossEntropy(torch.autograd.Function):

@@ -69,14 +69,7 @@ def head_token_logps(
     ``(onehot(t_i) - softmax(z_i)) @ W``, is formed from the same tile and kept (M, H); backward
     scales row ``i`` by the incoming gradient of its log-prob.
     """
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    need_grad = torch.is_grad_enabled() and hidden.requires_grad
-    rows = max(1, lf_loss.TILE_LOGITS // weight.shape[0])
-    return _HeadTokenLogps.apply(hidden, weight, bias, targets, dtype, rows, need_grad)
+    return _HeadTokenLogps.apply(hidden, weight, bias, targets, *lf_loss.head_tiling(hidden, weight))
 
 
 class _HeadTokenLogps(torch.autograd.Function):
