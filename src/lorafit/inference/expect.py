@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorafit.data import read_records, to_messages
-from lorafit.errors import LorafitError
-from lorafit.inference.metrics import normalise
+from lorafit.inference.metrics import eval_records, normalise
 
 EXPECT_KEY = "expect"
 
@@ -21,19 +19,8 @@ EXPECT_KEY = "expect"
 def expectations(source: str | Path, fmt: str, limit: int | None = None) -> list[str | None]:
     """The ``expect`` of each conversation that :func:`lorafit.inference.metrics.eval_conversations`
     returns for the same arguments (same records, same order; None where a record has none)."""
-    if fmt == "text" or limit == 0:
-        return []
-    out: list[str | None] = []
-    for record in read_records(source, bad=[]):
-        try:
-            to_messages(record, fmt)
-        except LorafitError:
-            continue  # eval_conversations passes over it too
-        value = record.data.get(EXPECT_KEY)
-        out.append(str(value) if value not in (None, "") else None)
-        if limit is not None and len(out) == limit:
-            break
-    return out
+    values = (record.data.get(EXPECT_KEY) for record, _ in eval_records(source, fmt, limit))
+    return [str(value) if value not in (None, "") else None for value in values]
 
 
 def is_right(answer: str, expect: str) -> bool:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from lorafit.data import read_records, to_messages
+from lorafit.data import Record, read_records, to_messages
 from lorafit.errors import LorafitError
 
 METRICS = ("exact_match", "contains", "rouge_l")
@@ -33,6 +33,12 @@ def eval_conversations(source: str | Path, fmt: str, limit: int | None = None) -
     """Up to ``limit`` conversations of ``source`` in format ``fmt``, each up to and including its
     last assistant turn (the reference answer). Bad records are passed over: building the data
     has already stopped on them or reported them."""
+    return [conversation for _, conversation in eval_records(source, fmt, limit)]
+
+
+def eval_records(source: str | Path, fmt: str, limit: int | None = None) -> list[tuple[Record, list[dict]]]:
+    """The records behind :func:`eval_conversations`, each with its conversation (for fields beside
+    the messages, such as ``expect``)."""
     if fmt == "text" or limit == 0:
         return []
     out = []
@@ -41,11 +47,16 @@ def eval_conversations(source: str | Path, fmt: str, limit: int | None = None) -
             messages = to_messages(record, fmt)
         except LorafitError:
             continue
-        last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
-        out.append(messages[: last + 1])
+        out.append((record, up_to_last_answer(messages)))
         if limit is not None and len(out) == limit:
             break
     return out
+
+
+def up_to_last_answer(messages: list[dict]) -> list[dict]:
+    """The conversation up to and including its last assistant turn."""
+    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    return messages[: last + 1]
 
 
 def normalise(text: str) -> str:

@@ -23,7 +23,7 @@ from lorafit.constants import DEMO_MODEL
 from lorafit.data import build_datasets, dataset_fingerprint, held_out_records, to_messages
 from lorafit.errors import LorafitError
 from lorafit.inference.expect import expectations, held_out_report
-from lorafit.inference.metrics import eval_conversations, generation_report
+from lorafit.inference.metrics import eval_conversations, generation_report, up_to_last_answer
 from lorafit.models.attention import PACKED_ATTENTION, use_packed_attention
 from lorafit.models.device import has_accelerator
 from lorafit.models.gguf import gguf_base_name, is_gguf
@@ -101,8 +101,7 @@ def _conversation(record: Any, fmt: str) -> list[dict] | None:
         messages = to_messages(record, fmt)
     except LorafitError:
         return None  # a bad record: building the data already stopped on it or reported it
-    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
-    return messages[: last + 1]
+    return up_to_last_answer(messages)
 
 
 def checkpoint_some_layers(model: torch.nn.Module, amount: int | float | None) -> list[int]:
