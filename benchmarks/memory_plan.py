@@ -123,6 +123,10 @@ def worker(spec_path: str) -> int:
         "step_peak": _status("VmHWM"),
         "plan": plan,
         "tokens_per_step": settings.batch_size * settings.max_length,
+        # 16-bit weights stay mapped from the checkpoint; a 4-bit base is a copy in anonymous memory
+        "weights_file": 0
+        if "quantization" in run["model"]
+        else sum(f.stat().st_size for f in Path(spec["paths"]["model"]).glob("*.safetensors")),
         "predicted": float(match.group(1)) * 1e9 if match else None,
     }
     Path(spec["result"]).write_text(json.dumps(result))
@@ -192,9 +196,13 @@ def main() -> int:
         error = f"{100 * (predicted - measured) / measured:+.1f}%" if predicted else "-"
         # row tokens (packed rows are ~97% full) over the last step's wall time
         speed = r["tokens_per_step"] / r["step_seconds"][-1]
+        # The weights are read through mmap: their pages count in RSS only while resident, and a
+        # machine short of memory drops some, so such a run's peak reads low. Flag it.
+        dropped = r["end_file"] < r["before_steps_file"] + 0.98 * r["weights_file"]
         print(
             f"{name:<14} {(predicted or 0) / 1e9:9.2f} {measured / 1e9:9.2f} {error:>7} "
             f"{r['load_peak'] / 1e9:9.2f} {speed:8.2f}  "
+            f"{'(weights paged out: peak reads low) ' if dropped else ''}"
             f"{r['plan'].removeprefix('memory: ')}",
             flush=True,
         )
