@@ -108,7 +108,9 @@ def test_a_truncated_or_inconsistent_checkpoint_names_the_file_and_tensor(tmp_pa
     header, start = read_header(path)
     last = max(header, key=lambda k: header[k]["data_offsets"][1])
     path.write_bytes(path.read_bytes()[: start + header[last]["data_offsets"][1] - 2])
-    with pytest.raises(LorafitError, match=rf"model\.safetensors: the file ends inside tensor {re.escape(last)}"):
+    with pytest.raises(
+        LorafitError, match=rf"model\.safetensors: the file ends inside tensor {re.escape(last)}"
+    ):
         load_4bit(folder, QLORA_SETTINGS, dtype=torch.bfloat16, attn_implementation="sdpa")
     n = int.from_bytes(path.read_bytes()[:8], "little")
     entries = json.loads(path.read_bytes()[8 : 8 + n])

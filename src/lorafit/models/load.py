@@ -237,7 +237,7 @@ def load_model(
             kwargs["device_map"] = m.device_map
         try:
             model = None
-            if quantization and m.device_map is None and on_cpu(cfg) and not m.revision:
+            if quantization and m.device_map is None and on_cpu(cfg):
                 # a local 16-bit folder, streamed into 4 bits a tensor at a time (no 16-bit copy kept)
                 from lorafit.models.quant_load import load_4bit
 
@@ -247,6 +247,7 @@ def load_model(
                     dtype=dtype,
                     attn_implementation=m.attn_implementation,
                     trust_remote_code=m.trust_remote_code,
+                    revision=m.revision,
                 )
             if model is None:
                 if quantization:  # transformers quantizes while loading

@@ -64,6 +64,29 @@ def checkpoint_files(folder: str | Path) -> list[Path] | None:
     return None
 
 
+def local_folder(name: str | Path, revision: str | None = None) -> Path | None:
+    """``name`` as a local folder: itself, or a hub repository's snapshot with its config and
+    safetensors files (downloaded into the hub cache if they are not there, as ``from_pretrained``
+    would); None where neither works (``from_pretrained`` then says why)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(name).count("/") > 1 or str(name).startswith((".", "/", "~")):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                str(name),
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors"],
+            )
+        )
+    except (OSError, ValueError):  # offline, gated, missing, not a repo id: from_pretrained says it
+        return None
+
+
 def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
     """``({tensor name: its entry}, offset of the data)`` of a safetensors file."""
     with open(path, "rb") as f:
@@ -132,13 +155,16 @@ def load_4bit(
     dtype: torch.dtype | str,
     attn_implementation: str | None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> nn.Module | None:
     """The causal LM in ``folder`` with its decoder's linear layers in 4 bits, loaded tensor by tensor.
 
-    ``dtype`` is the 16-bit dtype of the rest (``"auto"``: the checkpoint's own). None when the
-    folder is not one this loader reads (no safetensors; already quantized; checkpoint names that
-    are not the model's parameters, as for a model transformers renames while loading): the
-    caller then loads it through ``from_pretrained``.
+    ``folder``: a local folder or a hub id (its config and safetensors files fetched into the hub
+    cache as ``from_pretrained`` would, at ``revision``). ``dtype`` is the 16-bit dtype of the
+    rest (``"auto"``: the checkpoint's own). None when this loader does not read the folder (no
+    safetensors; stored quantized; checkpoint names that are not the model's parameters, as for a
+    model transformers renames while loading): the caller then loads it through
+    ``from_pretrained``.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -148,8 +174,8 @@ def load_4bit(
 
     bnb = require_bitsandbytes()
     check_settings(settings)
-    folder = Path(folder).expanduser()
-    files = checkpoint_files(folder) if folder.is_dir() else None
+    source, folder = str(folder), local_folder(folder, revision)
+    files = checkpoint_files(folder) if folder is not None else None
     if not files:
         return None
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -203,7 +229,7 @@ def load_4bit(
     _return_freed_heap()
     model.is_quantized = True
     model.is_loaded_in_4bit = True
-    model.config.name_or_path = str(folder)
+    model.config.name_or_path = source  # as from_pretrained: the name given
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model.eval()
