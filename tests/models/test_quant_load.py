@@ -119,3 +119,24 @@ def test_a_truncated_or_inconsistent_checkpoint_names_the_file_and_tensor(tmp_pa
     path.write_bytes(len(body).to_bytes(8, "little") + body)
     with pytest.raises(LorafitError, match=rf"tensor {re.escape(last)} has dtype 'F8_E5M2'"):
         load_4bit(folder, QLORA_SETTINGS, dtype=torch.bfloat16, attn_implementation="sdpa")
+
+
+def _rss_file() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux /proc only")
+def test_no_page_of_the_16bit_checkpoint_stays_resident(tmp_path) -> None:
+    folder = tmp_path / "wide"
+    tiny_phi3(dtype=torch.bfloat16, hidden=1024, layers=2).save_pretrained(folder)
+    size = (folder / "model.safetensors").stat().st_size
+    assert size > 40e6
+    load_4bit(folder, QLORA_SETTINGS, dtype=torch.bfloat16, attn_implementation="sdpa")  # imports, caches
+    before = _rss_file()
+    model = load_4bit(folder, QLORA_SETTINGS, dtype=torch.bfloat16, attn_implementation="sdpa")
+    # read, not mapped: the file's pages are the page cache's, none of them the process's
+    assert _rss_file() - before < 0.05 * size
+    assert model is not None
