@@ -235,12 +235,26 @@ def load_model(
         }
         if m.device_map is not None:
             kwargs["device_map"] = m.device_map
-        if quantization:
-            from lorafit.models.quant import bnb_config
-
-            kwargs["quantization_config"] = bnb_config(quantization)
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            model = None
+            if quantization and m.device_map is None and on_cpu(cfg):
+                # a local 16-bit folder, streamed into 4 bits a tensor at a time (no 16-bit copy kept)
+                from lorafit.models.quant_load import load_4bit
+
+                model = load_4bit(
+                    name,
+                    quantization,
+                    dtype=dtype,
+                    attn_implementation=m.attn_implementation,
+                    trust_remote_code=m.trust_remote_code,
+                    revision=m.revision,
+                )
+            if model is None:
+                if quantization:  # transformers quantizes while loading
+                    from lorafit.models.quant import bnb_config
+
+                    kwargs["quantization_config"] = bnb_config(quantization)
+                model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         except (OSError, ValueError, ImportError) as e:
             raise _load_error("model", m.name_or_path, e) from None
     wide = widened and note is not None  # a note: this CPU would have emulated the 16-bit dtype

@@ -10,7 +10,9 @@ intermediate, ``L`` layers, ``k`` of them recomputed)::
 
 - process: what the process holds before the model is loaded (Python, torch, the data), measured.
 - weights: every parameter in its load dtype; with QLoRA the decoder's linear weights at 4 bits
-  plus their block scales, norms in fp32.
+  plus their block scales, norms in fp32, and nothing of the 16-bit checkpoint: on a CPU it is
+  read a tensor at a time and not kept (:mod:`lorafit.models.quant_load`; ``from_pretrained``
+  kept it mapped, which made QLoRA peaks 23-32% above this prediction).
 - LoRA state: the fp32 adapter, its gradients and AdamW's two moments (16 bytes a parameter).
 - kept: what backward needs, per token. A layer not recomputed keeps (with lorafit's lean layers,
   packed attention and LoRA op) its input ``x`` and ``a = x + attention`` in the residual
