@@ -14,9 +14,10 @@ one-line prediction from the same run (made before its model was loaded)::
         --settings none,quarter,qlora,plan:16GB,plan:12GB,plan:8GB
 
 Settings: ``none`` (no layer recomputed), ``quarter`` (a quarter of them), ``all`` (every one),
-``qlora`` (the 4-bit NF4 base, every layer recomputed) and ``plan:SIZE`` (the planner chooses
-for ``training_config.max_memory: SIZE``). Phi-3-mini's widths load as its 3.8 B parameters would
-(bf16 kept, products widened on CPUs without bf16 instructions), as in ``lorafit bench``.
+``qlora`` (the 4-bit NF4 base, every layer recomputed), ``plan:SIZE`` (the planner chooses
+for ``training_config.max_memory: SIZE``) and ``nf4`` (the 4-bit base alone), joined with ``+``:
+``nf4+plan:8GB`` lets the planner choose for a QLoRA run. Phi-3-mini's widths load as its 3.8 B
+parameters would (bf16 kept, products widened on CPUs without bf16 instructions), as in ``lorafit bench``.
 """
 
 from __future__ import annotations
@@ -31,30 +32,36 @@ import time
 from pathlib import Path
 from typing import Any
 
+NF4 = {
+    "load_in_4bit": True,
+    "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_compute_dtype": "bfloat16",
+    "bnb_4bit_use_double_quant": True,
+}
 SETTINGS: dict[str, dict[str, Any]] = {
     "none": {"training_config": {"checkpoint_layers": 0}},
     "quarter": {"training_config": {"checkpoint_layers": 0.25}},
     "all": {"training_config": {"gradient_checkpointing": True}},
-    "qlora": {
-        "model": {
-            "quantization": {
-                "load_in_4bit": True,
-                "bnb_4bit_quant_type": "nf4",
-                "bnb_4bit_compute_dtype": "bfloat16",
-                "bnb_4bit_use_double_quant": True,
-            }
-        },
-        "training_config": {"gradient_checkpointing": True},
-    },
+    "qlora": {"model": {"quantization": NF4}, "training_config": {"gradient_checkpointing": True}},
+    "nf4": {"model": {"quantization": NF4}},  # the 4-bit base alone: combine with plan:SIZE
 }
 
 
 def setting(name: str) -> dict[str, Any]:
-    if name.startswith("plan:"):
-        return {"training_config": {"max_memory": name.split(":", 1)[1]}}
-    if name not in SETTINGS:
-        raise SystemExit(f"--settings: unknown {name!r}; expected {', '.join(SETTINGS)} or plan:SIZE")
-    return SETTINGS[name]
+    """The run's overrides for ``name``: one of SETTINGS, ``plan:SIZE``, or several joined by ``+``."""
+    merged: dict[str, dict[str, Any]] = {}
+    for part in name.split("+"):
+        if part.startswith("plan:"):
+            values = {"training_config": {"max_memory": part.split(":", 1)[1]}}
+        elif part in SETTINGS:
+            values = SETTINGS[part]
+        else:
+            raise SystemExit(
+                f"--settings: unknown {part!r}; expected {', '.join(SETTINGS)}, plan:SIZE or A+B"
+            )
+        for section, entries in values.items():
+            merged[section] = {**merged.get(section, {}), **entries}
+    return merged
 
 
 def _status(field: str) -> int:
