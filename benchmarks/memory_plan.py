@@ -205,7 +205,8 @@ def main() -> int:
         speed = r["tokens_per_step"] / r["step_seconds"][-1]
         # The weights are read through mmap: their pages count in RSS only while resident, and a
         # machine short of memory drops some, so such a run's peak reads low. Flag it.
-        dropped = r["end_file"] < r["before_steps_file"] + 0.98 * r["weights_file"]
+        # (the libraries' own pages, ~0.17 GB, may be dropped first, so allow 5%)
+        dropped = r["end_file"] < 0.95 * r["weights_file"]
         print(
             f"{name:<14} {(predicted or 0) / 1e9:9.2f} {measured / 1e9:9.2f} {error:>7} "
             f"{r['load_peak'] / 1e9:9.2f} {speed:8.2f}  "
