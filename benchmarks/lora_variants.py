@@ -2,7 +2,7 @@
 
 The model is ``lorafit bench``'s bench model (Phi-3 architecture and vocabulary, hidden 512,
 8 layers, 8 heads, intermediate 1376, random weights from a fixed seed), in bf16 where this CPU
-multiplies in bf16 natively and in fp32 where it would emulate it (``lorafit.models.device``);
+multiplies in bf16 natively and in fp32 where it would emulate it (``lorafit.models.precision``);
 LoRA r=16, alpha 32, dropout 0.05 on every linear layer but the head; the data are random token
 rows with every token a label. Each mode runs in its own process (peak RSS is per process), the
 modes alternating, ``--repeats`` times; tokens/s is the median over the steps after the first.
@@ -31,10 +31,11 @@ def run_one(mode: str, steps: int, batch: int, seq: int) -> dict:
     from lorafit.adapters import LoraConfig, apply_lora
     from lorafit.bench.settings import BENCH_MODEL
     from lorafit.bench.workload import build_bench_model
-    from lorafit.models.device import compute_dtype, has_accelerator
+    from lorafit.config import ModelConfig
+    from lorafit.models.precision import Precision
     from lorafit.models.quant import QLORA_SETTINGS, prepare_kbit_model
 
-    dtype, _ = compute_dtype("bfloat16", on_cpu=not has_accelerator())
+    dtype = Precision.decide(ModelConfig(torch_dtype="bfloat16"), {}).load_dtype  # as chat and eval load it
     model = build_bench_model(BENCH_MODEL).to(dtype)
     if mode.startswith("q"):
         settings = dict(QLORA_SETTINGS, bnb_4bit_compute_dtype=str(dtype).removeprefix("torch."))

@@ -63,47 +63,23 @@ def test_phi3_sample_dicts_are_accepted_verbatim(tmp_path) -> None:
     assert cfg.lora.r == 16 and cfg.lora.target_modules == "all-linear"
 
 
+def _cpu(cfg):
+    """The precision of a LoRA training run of ``cfg`` on this CPU."""
+    from lorafit.models.precision import Precision
+
+    return Precision.decide(cfg.model, cfg.training_config, training=True, on_cpu=True)
+
+
 def test_training_arguments_from_the_sample(tmp_path) -> None:
     from lorafit.training.arguments import resolve_training_config, training_arguments
 
     cfg = build_config({"training_config": PHI3_TRAINING_CONFIG, "peft_config": PHI3_PEFT_CONFIG})
-    resolved, _ = resolve_training_config(cfg.training_config, has_eval=False, n_params=10, on_cpu=True)
+    resolved, _ = resolve_training_config(cfg.training_config, _cpu(cfg), has_eval=False, n_params=10)
     args = training_arguments(resolved, tmp_path / "run")
     assert args.learning_rate == 5e-6 and args.warmup_steps == 0.2 and args.lr_scheduler_type == "cosine"
     # the sample's gradient_checkpointing under transformers 5's name (the old one warns)
     assert "gradient_checkpointing" not in resolved and resolved["activation_checkpointing"] is True
     assert args.output_dir == str(tmp_path / "run") and args.activation_checkpointing
-
-
-def test_lora_training_keeps_bf16_on_a_cpu_without_bf16_products(monkeypatch) -> None:
-    """Without native bf16 products a model loads in fp32 and autocast goes off (lorafit.models.device);
-    LoRA training of a large model keeps bf16, whose products lorafit's ops widen to fp32; DoRA's do
-    not."""
-    import torch
-
-    from lorafit.demo import load_demo_tokenizer
-    from lorafit.models import device
-    from lorafit.models.load import load_model
-    from lorafit.training.arguments import resolve_training_config
-
-    monkeypatch.setattr(device, "cpu_half_is_fast", lambda name: False)
-    monkeypatch.setattr("lorafit.training.arguments.cpu_half_is_fast", lambda name: False)
-    cfg = build_config({"model": {"torch_dtype": "bfloat16"}, "training_config": {"bf16": True}})
-    notes: list[str] = []
-    assert load_model(cfg, load_demo_tokenizer(), echo=notes.append).dtype == torch.float32
-    # a model this small trains faster in fp32; from LORAFIT_WIDE_ABOVE parameters (1 B) bf16 is kept
-    small = load_model(cfg, load_demo_tokenizer(), echo=notes.append, training=True)
-    assert small.dtype == torch.float32 and not small._lorafit_wide_products and "-> float32" in notes[-1]
-    monkeypatch.setenv("LORAFIT_WIDE_ABOVE", "0")
-    large = load_model(cfg, load_demo_tokenizer(), echo=notes.append, training=True)
-    assert large.dtype == torch.bfloat16 and large._lorafit_wide_products and "bfloat16 kept" in notes[-1]
-    kept, _ = resolve_training_config(
-        cfg.training_config, has_eval=False, n_params=10, on_cpu=True, widened=True
-    )
-    off, said = resolve_training_config(cfg.training_config, has_eval=False, n_params=10, on_cpu=True)
-    assert kept["bf16"] is True and off["bf16"] is False and "bf16: true -> false" in said[0]
-    dora = build_config({"model": {"torch_dtype": "bfloat16"}, "peft_config": {"use_dora": True}})
-    assert load_model(dora, load_demo_tokenizer(), echo=notes.append, training=True).dtype == torch.float32
 
 
 def test_yaml_with_overrides(tmp_path) -> None:
@@ -270,7 +246,7 @@ def _loads_or_refuses(raw_or_path, overrides=None) -> None:
         else:
             cfg = load_config(raw_or_path, overrides)
         assert find_targets(_TINY, cfg.lora, warn=False)
-        resolved, _ = resolve_training_config(cfg.training_config, has_eval=True, n_params=10, on_cpu=True)
+        resolved, _ = resolve_training_config(cfg.training_config, _cpu(cfg), has_eval=True, n_params=10)
         training_arguments(resolved, Path("/nonexistent/run"))
     except LorafitError as e:
         assert str(e).strip()
@@ -327,7 +303,7 @@ def _load(source: str, tmp_path: Path, training: dict, overrides: list[str] = ()
 def _arguments(cfg, tmp_path: Path):
     from lorafit.training.arguments import resolve_training_config, training_arguments
 
-    resolved, _ = resolve_training_config(cfg.training_config, has_eval=True, n_params=10, on_cpu=True)
+    resolved, _ = resolve_training_config(cfg.training_config, _cpu(cfg), has_eval=True, n_params=10)
     return training_arguments(resolved, tmp_path / "run")
 
 

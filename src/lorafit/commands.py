@@ -70,7 +70,7 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.max_length is not None:
         overrides = [*overrides, "--data.max_length", str(args.max_length)]
     cfg = load_config(args.config, [*overrides, "--data.train", args.file])
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     report = analyse(tokenizer, args.file, **cfg.data.row_settings())
     print_report(report, tokenizer, show=args.show, colour=sys.stdout.isatty())
     return 1 if report.errors else 0

@@ -188,7 +188,9 @@ class RunConfig:
     ``user_keys`` and ``notes`` are not part of the file: the ``section.key`` names the user gave
     (in a config file or an override; the others are the recipe's or the defaults, which lorafit
     may fit to the data), and what :func:`load_config` changed or found contradictory, said at the
-    start of a run.
+    start of a run. ``precision`` is what a training run decided on its machine
+    (:meth:`lorafit.models.precision.Precision.record`), written as the file's ``precision:``
+    section; read back, that section is ignored (each machine decides its own).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -199,6 +201,7 @@ class RunConfig:
     method: str = "sft"
     user_keys: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     notes: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    precision: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def lora(self) -> LoraConfig:
@@ -212,12 +215,16 @@ class RunConfig:
             "data": dataclasses.asdict(self.data),
             "peft_config": dict(self.peft_config),
             "training_config": dict(self.training_config),
+            **({RECORDED_SECTION: dict(self.precision)} if self.precision is not None else {}),
         }
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+RECORDED_SECTION = "precision"
+"""The section of a run's ``lorafit_run.yaml`` that records the dtypes it computed in
+(:class:`lorafit.models.precision.Precision`); read back it is ignored: each machine decides its own."""
 SECTIONS = {"model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig}
 ALL_SECTIONS = (*SECTIONS, "peft_config", "training_config")
 TOP_LEVEL_KEYS = ("method", *ALL_SECTIONS)
@@ -441,7 +448,7 @@ def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a raw nested dict into a :class:`RunConfig`."""
     for section in raw:
-        if section not in TOP_LEVEL_KEYS:
+        if section not in TOP_LEVEL_KEYS and section != RECORDED_SECTION:
             raise LorafitError(
                 f"{source}: unknown section '{section}'" + did_you_mean(section, TOP_LEVEL_KEYS)
             )

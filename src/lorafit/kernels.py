@@ -12,7 +12,6 @@ that an op reading it (LoRA's linear layer) keeps those instead. Used by LoRA's 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 
 import torch
@@ -20,28 +19,38 @@ import torch.nn.functional as F
 
 # -- 16-bit products -----------------------------------------------------------------------------
 
-_NATIVE_16BIT = {
-    torch.bfloat16: lambda: bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-    torch.float16: lambda: bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()),
-}
+HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @functools.cache
-def widen_products(dtype: torch.dtype, device_type: str) -> bool:
-    """Whether :func:`matmul16` multiplies ``dtype`` matrices on ``device_type`` as fp32 products.
+def cpu_multiplies_natively(name: str) -> bool:
+    """Whether this CPU has instructions that multiply ``name`` (``bfloat16`` or ``float16``)
+    matrices in 16 bits: AVX-512 BF16 or AMX for bf16, AMX-FP16 for fp16. The one detector every
+    dtype decision asks (:class:`lorafit.models.precision.Precision`, :func:`widen_products`).
 
-    True on CPUs without 16-bit matrix instructions (oneDNN's bf16/fp16 kernels need AVX-512 or
-    AMX), where PyTorch falls back to a plain loop that runs at a fraction of the fp32 rate (on a
-    2-core AVX2 EPYC: 2-4 GFLOP/s in bf16 against 15-60 in fp32, measured). Accelerators and
-    CPUs with those instructions multiply natively. ``LORAFIT_WIDE_PRODUCTS=0`` or ``1``
-    overrides the choice (to compare the two).
-    """
-    forced = os.environ.get("LORAFIT_WIDE_PRODUCTS")
-    if forced in ("0", "1"):
-        return forced == "1" and device_type == "cpu" and dtype in _NATIVE_16BIT
-    if device_type != "cpu" or dtype not in _NATIVE_16BIT:
+    Why these flags and not oneDNN's ``_is_mkldnn_bf16_supported``: oneDNN "supports" bf16 on any
+    AVX-512 core by converting to fp32 inside its kernels, which is no faster than lorafit's fp32
+    products of the same values, so asking it would call such a CPU native where the load dtype
+    (decided on these flags) calls it emulating, and the two would disagree. fp16 counts only with
+    AMX-FP16: elsewhere a CPU run's fp16 becomes bf16 (no loss scaling) or fp32. On an AVX2-only
+    CPU PyTorch's fallback runs 16-bit products at a fraction of the fp32 rate (a 2-core AVX2
+    EPYC: 0.6-4 GFLOP/s in bf16 against 15-60 in fp32, measured)."""
+    cpu = torch.cpu
+    if name == "bfloat16":
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    if name == "float16":
+        return bool(cpu._is_amx_fp16_supported())
+    raise ValueError(f"not a 16-bit dtype name: {name!r} (bfloat16 or float16)")
+
+
+def widen_products(dtype: torch.dtype, device_type: str) -> bool:
+    """Whether :func:`matmul16` multiplies ``dtype`` matrices on ``device_type`` as fp32 products:
+    on a CPU without instructions for them (:func:`cpu_multiplies_natively`); accelerators and
+    CPUs with those instructions multiply natively."""
+    if device_type != "cpu":
         return False
-    return not _NATIVE_16BIT[dtype]()
+    name = next((n for n, d in HALF_DTYPES.items() if d == dtype), None)
+    return name is not None and not cpu_multiplies_natively(name)
 
 
 def matmul16(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:

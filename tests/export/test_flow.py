@@ -29,13 +29,14 @@ def run_folder(tmp_path_factory) -> Path:
     bf16, with B random and large enough that the merged weights differ from the base's."""
     from lorafit.adapters import save_adapter
     from lorafit.models import load_model, load_tokenizer
+    from lorafit.models.load import decide_precision
     from lorafit.training.run import add_lora
 
     folder = tmp_path_factory.mktemp("run")
     cfg = load_config(None, ["--model.torch_dtype", "bfloat16", "--peft_config.init_lora_weights", "false"])
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     torch.manual_seed(0)
-    model = add_lora(load_model(cfg, tokenizer), cfg)
+    model = add_lora(load_model(cfg.model, tokenizer, decide_precision(cfg.model, cfg.training_config)), cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

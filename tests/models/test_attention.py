@@ -29,12 +29,10 @@ def block_causal_mask() -> torch.Tensor:
 @pytest.fixture(params=["native", "wide", "tiles"])
 def mode(request, monkeypatch):
     """16-bit products native or widened to fp32; "tiles": blocks of 16 query rows (several per example)."""
-    monkeypatch.setenv("LORAFIT_WIDE_PRODUCTS", "1" if request.param == "wide" else "0")
+    monkeypatch.setattr(kernels, "cpu_multiplies_natively", lambda name: request.param != "wide")
     if request.param == "tiles":
         monkeypatch.setattr(attention, "TILE_SCORES", 16 * H * 16)
-    kernels.widen_products.cache_clear()
     yield request.param
-    kernels.widen_products.cache_clear()
 
 
 def run(attention, dtype: torch.dtype, seed: int, kv_heads: int = H) -> list[torch.Tensor]:

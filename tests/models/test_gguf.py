@@ -233,7 +233,7 @@ def test_gguf_and_cache_generate_the_same_greedy_tokens(smollm2_session) -> None
 def test_train_loads_a_gguf_base_and_records_the_file(smollm2_session, monkeypatch) -> None:
     from lorafit.config import build_config
     from lorafit.models import load_model, load_tokenizer
-    from lorafit.models.load import load_dtype
+    from lorafit.models.load import decide_precision
     from lorafit.training.run import add_lora
 
     monkeypatch.setenv("LORAFIT_CACHE", str(smollm2_session.cache_dir))  # the session's conversion
@@ -243,11 +243,12 @@ def test_train_loads_a_gguf_base_and_records_the_file(smollm2_session, monkeypat
             "peft_config": {"r": 4, "target_modules": ["q_proj"]},
         }
     )
-    tokenizer = load_tokenizer(cfg)
+    precision = decide_precision(cfg.model, cfg.training_config)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, precision)
     assert tokenizer.chat_template == smollm2_session.tokenizer.chat_template
-    model = add_lora(load_model(cfg, tokenizer), cfg)
+    model = add_lora(load_model(cfg.model, tokenizer, precision), cfg)
     assert model.lora_config.base_model_name_or_path == str(smollm2_session.gguf)
-    assert model.dtype == load_dtype(cfg) and type(model).__name__ == "LlamaForCausalLM"
+    assert model.dtype == precision.load_dtype and type(model).__name__ == "LlamaForCausalLM"
 
 
 # --------------------------------------------------------------------------------------------

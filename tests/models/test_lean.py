@@ -109,17 +109,21 @@ def test_other_activations_keep_their_forward() -> None:
 
 def test_wide_linears_only_where_the_cpu_has_no_bf16_products(monkeypatch) -> None:
     from lorafit import kernels
+    from lorafit.config import ModelConfig
+    from lorafit.models.precision import Precision
+
+    def precision(native: tuple[str, ...]) -> Precision:  # LoRA training of a 10 B bf16 model on a CPU
+        model = ModelConfig(torch_dtype="bfloat16")
+        return Precision.decide(
+            model, {"bf16": True}, training=True, on_cpu=True, native=native, count_params=lambda: 10**10
+        )
 
     model = _model(tiny_phi3, lean=False)  # LoRA on every linear layer but the head
-    monkeypatch.setenv("LORAFIT_WIDE_PRODUCTS", "0")
-    kernels.widen_products.cache_clear()
-    assert use_wide_linears(model) == 0
-    monkeypatch.setenv("LORAFIT_WIDE_PRODUCTS", "1")
-    kernels.widen_products.cache_clear()
+    assert use_wide_linears(model, precision(("bfloat16",))) == 0
+    monkeypatch.setattr(kernels, "cpu_multiplies_natively", lambda name: False)  # the kernels widen too
     plain_loss, plain_grads, _ = _step(_model(tiny_phi3, lean=False), autocast=True)
-    assert use_wide_linears(model) == 1 and "forward" in vars(model.lm_head)
+    assert use_wide_linears(model, precision(())) == 1 and "forward" in vars(model.lm_head)
     loss, grads, _ = _step(model, autocast=True)
-    kernels.widen_products.cache_clear()
     assert abs(float(loss - plain_loss)) < 1e-2
     for name, g in plain_grads.items():
         assert float((grads[name] - g).norm() / g.norm()) < 2e-2, name

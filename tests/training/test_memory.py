@@ -12,8 +12,8 @@ from lorafit.errors import LorafitError
 from lorafit.training.memory import (
     GB,
     ModelShapes,
-    Precision,
     StepSettings,
+    Widths,
     choose,
     kept_per_token,
     parse_size,
@@ -27,7 +27,7 @@ PHI3_MINI = ModelShapes(
 
 def test_phi3_mini_keeps_what_the_lean_layers_document() -> None:
     # 68 KB per token and layer in bf16 (lorafit.models.lean; benchmarks/saved_activations.py measures 68.26)
-    kept = kept_per_token(PHI3_MINI, Precision(), StepSettings(batch=1, length=2048))
+    kept = kept_per_token(PHI3_MINI, Widths(), StepSettings(batch=1, length=2048))
     assert kept / 1024 == pytest.approx(68.26, abs=0.01)
 
 
@@ -79,13 +79,13 @@ def test_kept_term_is_what_autograd_keeps_on_a_tiny_model(four_bit) -> None:
         causal_lm_loss(model, batch)
     shapes = ModelShapes.from_config(config)
     settings = StepSettings(batch=2, length=64, rank=8)
-    predicted = predict(shapes, Precision(four_bit=four_bit), settings, recomputed=0).terms["kept"]
+    predicted = predict(shapes, Widths(four_bit=four_bit), settings, recomputed=0).terms["kept"]
     # the rest: RoPE's cos and sin, the label index, the example boundaries (tens of bytes a token)
     assert 0.97 * predicted <= sum(kept.values()) <= 1.10 * predicted, (predicted, sum(kept.values()))
 
 
 def test_fewest_layers_recomputed_that_fit() -> None:
-    precision, settings = Precision(), StepSettings(batch=1, length=2048)
+    precision, settings = Widths(), StepSettings(batch=1, length=2048)
     peaks = [predict(PHI3_MINI, precision, settings, k).peak for k in range(PHI3_MINI.layers + 1)]
     assert peaks == sorted(peaks, reverse=True)  # each layer recomputed keeps less
     budget = (peaks[10] + peaks[9]) // 2
@@ -97,11 +97,11 @@ def test_fewest_layers_recomputed_that_fit() -> None:
 
 def test_four_bit_weights_and_bigger_rows_change_the_right_terms() -> None:
     settings = StepSettings(batch=1, length=2048)
-    bf16 = predict(PHI3_MINI, Precision(), settings, 0)
-    nf4 = predict(PHI3_MINI, Precision(four_bit=True), settings, 0)
+    bf16 = predict(PHI3_MINI, Widths(), settings, 0)
+    nf4 = predict(PHI3_MINI, Widths(four_bit=True), settings, 0)
     assert bf16.terms["weights"] / GB == pytest.approx(7.64, abs=0.01)  # 3.82 B parameters in bf16
     assert 2.0 < nf4.terms["weights"] / GB < 2.4  # the decoder at 4 bits, embedding and head in bf16
-    double = predict(PHI3_MINI, Precision(), dataclasses.replace(settings, batch=2), 0)
+    double = predict(PHI3_MINI, Widths(), dataclasses.replace(settings, batch=2), 0)
     assert double.terms["kept"] == 2 * bf16.terms["kept"]
     assert double.terms["weights"] == bf16.terms["weights"]
 
@@ -126,6 +126,13 @@ def test_bad_sizes_name_the_field(text) -> None:
         parse_size(text)
 
 
+def _precision(cfg):
+    """The precision of a LoRA training run of ``cfg`` on this machine, as ``train`` decides it."""
+    from lorafit.models.load import decide_precision
+
+    return decide_precision(cfg.model, cfg.training_config, training=True, dora=cfg.lora.use_dora)
+
+
 def _demo(training: dict) -> tuple:
     from lorafit.config import build_config
     from lorafit.demo import load_demo_tokenizer
@@ -138,7 +145,7 @@ def test_the_planner_sets_checkpoint_layers_and_says_so_in_one_line() -> None:
 
     lines: list[str] = []
     cfg, tokenizer = _demo({"max_memory": "64GB"})
-    planned = plan_memory(cfg, echo=lines.append)
+    planned = plan_memory(cfg, _precision(cfg), echo=lines.append)
     assert planned.training_config["checkpoint_layers"] == 0  # the demo fits without recomputing
     assert len(lines) == 1 and lines[0].startswith("memory: peak ") and "0 of 4 layers recomputed" in lines[0]
 
@@ -148,12 +155,14 @@ def test_a_budget_between_the_choices_recomputes_some_layers() -> None:
     from lorafit.training.memory import plan_memory, plan_run
 
     cfg, tokenizer = _demo({"per_device_train_batch_size": 64})
-    config = model_config(cfg, training=True)
-    none = plan_run(cfg, config, available=10**12).prediction  # the process measured now, as plan_memory does
+    config = model_config(cfg.model)
+    none = plan_run(
+        cfg, config, _precision(cfg), available=10**12
+    ).prediction  # the process measured now, as plan_memory does
     all_cfg, _ = _demo({"checkpoint_layers": 4, "per_device_train_batch_size": 64})
-    every = plan_run(all_cfg, config, available=10**12).prediction
+    every = plan_run(all_cfg, config, _precision(all_cfg), available=10**12).prediction
     cfg, _ = _demo({"per_device_train_batch_size": 64, "max_memory": (none.peak + every.peak) // 2})
-    planned = plan_memory(cfg, echo=lambda line: None)
+    planned = plan_memory(cfg, _precision(cfg), echo=lambda line: None)
     assert 1 <= planned.training_config["checkpoint_layers"] < 4
 
 
@@ -163,7 +172,7 @@ def test_the_users_own_checkpointing_wins() -> None:
     for keys in ({"checkpoint_layers": 2}, {"gradient_checkpointing": False}):
         lines: list[str] = []
         cfg, tokenizer = _demo({**keys, "max_memory": "64GB"})
-        assert plan_memory(cfg, echo=lines.append).training_config == cfg.training_config
+        assert plan_memory(cfg, _precision(cfg), echo=lines.append).training_config == cfg.training_config
         recomputed = keys.get("checkpoint_layers", 0)
         assert f"{recomputed} of 4 layers recomputed" in lines[0] and "as training_config says" in lines[0]
 
@@ -173,11 +182,13 @@ def test_a_step_that_cannot_fit_is_refused_before_loading_with_what_would_fit() 
     from lorafit.training.memory import plan_memory, plan_run
 
     cfg, tokenizer = _demo({"per_device_train_batch_size": 64})
-    process = plan_run(cfg, model_config(cfg, training=True)).prediction.terms["process"]
-    all_recomputed = plan_run(cfg, model_config(cfg, training=True), process=process, available=10**12)
+    process = plan_run(cfg, model_config(cfg.model), _precision(cfg)).prediction.terms["process"]
+    all_recomputed = plan_run(
+        cfg, model_config(cfg.model), _precision(cfg), process=process, available=10**12
+    )
     cfg, _ = _demo({"per_device_train_batch_size": 64, "max_memory": process + 10**7})
     with pytest.raises(LorafitError, match=r"does not fit even with every layer recomputed.*--qlora") as e:
-        plan_memory(cfg, echo=lambda line: None)
+        plan_memory(cfg, _precision(cfg), echo=lambda line: None)
     assert "training_config.max_memory" in str(e.value)
     assert all_recomputed.prediction.peak > process + 10**7
 
@@ -185,9 +196,10 @@ def test_a_step_that_cannot_fit_is_refused_before_loading_with_what_would_fit() 
 def test_checkpoint_layers_zero_turns_the_large_model_default_off() -> None:
     from lorafit.training.arguments import resolve_training_config
 
-    tc, _ = resolve_training_config({"checkpoint_layers": 0}, has_eval=False, n_params=4 * 10**9, on_cpu=True)
+    cpu = _precision(_demo({})[0])
+    tc, _ = resolve_training_config({"checkpoint_layers": 0}, cpu, has_eval=False, n_params=4 * 10**9)
     assert not tc.get("activation_checkpointing", tc.get("gradient_checkpointing"))
-    tc, _ = resolve_training_config({}, has_eval=False, n_params=4 * 10**9, on_cpu=True)
+    tc, _ = resolve_training_config({}, cpu, has_eval=False, n_params=4 * 10**9)
     assert tc.get("activation_checkpointing", tc.get("gradient_checkpointing"))  # no plan: the old rule
 
 
@@ -199,6 +211,6 @@ def test_without_a_budget_of_the_users_a_step_that_may_not_fit_warns_and_recompu
     cfg, tokenizer = _demo({"per_device_train_batch_size": 64})
     monkeypatch.setattr(memory, "available_memory", lambda: 10**6)  # a machine with 1 MB free
     lines: list[str] = []
-    planned = memory.plan_memory(cfg, echo=lines.append)
+    planned = memory.plan_memory(cfg, _precision(cfg), echo=lines.append)
     assert planned.training_config["checkpoint_layers"] == 4
     assert lines[0].startswith("warning: memory: peak") and "Going on with every layer recomputed" in lines[0]

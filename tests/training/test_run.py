@@ -316,6 +316,7 @@ def test_trainer_itself_never_unpickles_code_on_resume(reference, work) -> None:
     from lorafit.config import load_config
     from lorafit.data import collator_for
     from lorafit.models import load_model, load_tokenizer
+    from lorafit.models.precision import Precision
     from lorafit.training.arguments import resolve_training_config, training_arguments
     from lorafit.training.run import add_lora, build_data
     from lorafit.training.trainer import LorafitTrainer
@@ -323,7 +324,8 @@ def test_trainer_itself_never_unpickles_code_on_resume(reference, work) -> None:
     cfg = load_config(
         None, [*run_args(work / "direct", work / "data"), "--training_config.eval_strategy", "no"]
     )
-    tokenizer = load_tokenizer(cfg)
+    precision = Precision.decide(cfg.model, cfg.training_config, training=True, on_cpu=True)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     train_set, _, _ = build_data(cfg, tokenizer, seed=0)
     for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
         checkpoint = work / f"direct-{name}"
@@ -331,9 +333,9 @@ def test_trainer_itself_never_unpickles_code_on_resume(reference, work) -> None:
         marker = work / f"direct-{name}-ran"
         torch.save(RunsCode(marker), checkpoint / name)
         trainer = LorafitTrainer(
-            model=add_lora(load_model(cfg, tokenizer), cfg),
+            model=add_lora(load_model(cfg.model, tokenizer, precision), cfg),
             args=training_arguments(
-                resolve_training_config(cfg.training_config, has_eval=False, n_params=0, on_cpu=True)[0],
+                resolve_training_config(cfg.training_config, precision, has_eval=False, n_params=0)[0],
                 work / "direct",
             ),
             train_dataset=train_set,

@@ -187,7 +187,8 @@ def test_data_tab_shows_format_mask_and_bad_records(server, browser, tmp_path) -
     # The mask of record 1, against the labels lorafit trains on.
     first = read_records(train_file())[0]
     messages = to_messages(first, "messages")
-    tokenizer = load_tokenizer(base_config("lorafit-demo"))
+    cfg = base_config("lorafit-demo")
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     labels = tokenize_conversation(tokenizer, messages, max_length=256)["labels"]
     trained = [t.text for t in browser.find_elements("css selector", "#mask .lf-text .lf-trained")]
     context = "".join(
@@ -370,6 +371,7 @@ def _chat(browser: Any, server: Any, run: str, tmp_path: Path) -> None:
     """Chat with the run beside its base model; the answers are lorafit's own for both models."""
     from lorafit.inference import generate
     from lorafit.models import load_model, load_trained
+    from lorafit.models.load import decide_precision
 
     tab(browser, "Chat")
     choose(browser, "chat-run", run)
@@ -382,7 +384,7 @@ def _chat(browser: Any, server: Any, run: str, tmp_path: Path) -> None:
     browser.find_element("id", "chat-send").click()
 
     cfg, tokenizer, adapter = load_trained(server.runs / run)
-    base = load_model(cfg, tokenizer).eval()
+    base = load_model(cfg.model, tokenizer, decide_precision(cfg.model, cfg.training_config)).eval()
     messages = [{"role": "user", "content": "Tell me the capital of New Zealand."}]
     expected = {
         side: " ".join(generate(m, tokenizer, messages, max_new_tokens=32).split())

@@ -231,7 +231,8 @@ def test_a_config_for_another_folder_is_not_started(tmp_path) -> None:
 def demo_tokenizer():
     from lorafit.models import load_tokenizer
 
-    return load_tokenizer(form.base_config("lorafit-demo"))
+    cfg = form.base_config("lorafit-demo")
+    return load_tokenizer(cfg.model, cfg.tokenizer)
 
 
 def test_inspect_reports_what_build_datasets_reports(demo_tokenizer, lorafit_cache) -> None:
@@ -345,13 +346,14 @@ def run_folder(tmp_path_factory) -> Path:
     (B random too, so the adapter changes the answers)."""
     from lorafit.adapters import save_adapter
     from lorafit.models import load_model, load_tokenizer
+    from lorafit.models.load import decide_precision
     from lorafit.training.run import add_lora
 
     folder = tmp_path_factory.mktemp("run")
     cfg = load_config(None, ["--model.torch_dtype", "float32", "--peft_config.init_lora_weights", "false"])
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     torch.manual_seed(0)
-    model = add_lora(load_model(cfg, tokenizer), cfg)
+    model = add_lora(load_model(cfg.model, tokenizer, decide_precision(cfg.model, cfg.training_config)), cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -365,13 +367,14 @@ def run_folder(tmp_path_factory) -> Path:
 def test_chat_streams_each_models_own_answer(run_folder) -> None:
     from lorafit.inference import generate
     from lorafit.models import load_model, load_trained
+    from lorafit.models.load import decide_precision
     from lorafit.ui.chat import ChatModels
 
     chat = ChatModels()
     assert "answers beside it" in chat.load(run_folder, with_base=True)
     updates = list(chat.reply("What is LoRA?", {}, max_new_tokens=12))
     cfg, tokenizer, adapter = load_trained(run_folder)
-    base = load_model(cfg, tokenizer).eval()
+    base = load_model(cfg.model, tokenizer, decide_precision(cfg.model, cfg.training_config)).eval()
     asked = [{"role": "user", "content": "What is LoRA?"}]
     final = updates[-1]
     assert final["adapter"][-1]["content"] == generate(adapter, tokenizer, asked, max_new_tokens=12)

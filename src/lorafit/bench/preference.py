@@ -141,10 +141,11 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     import peft
     from transformers import AutoModelForCausalLM
 
-    from lorafit.models.device import cpu_half_is_fast, has_accelerator
+    from lorafit.kernels import cpu_multiplies_natively
+    from lorafit.models.device import has_accelerator
 
     settings, paths = BenchSettings(**spec["settings"]), spec["paths"]
-    bf16 = has_accelerator() or cpu_half_is_fast("bfloat16")
+    bf16 = has_accelerator() or cpu_multiplies_natively("bfloat16")
     records = [json.loads(line) for line in Path(paths["pairs"]).read_text().splitlines()]
     common = {
         **training_config(settings, spec["run_dir"]),

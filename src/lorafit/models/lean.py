@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorafit.kernels import frozen_linear, mark_rebuildable, widen_products
+from lorafit.kernels import frozen_linear, mark_rebuildable
+from lorafit.models.precision import Precision
 
 __all__ = ["LEAN_MLPS", "LEAN_NORMS", "rms_norm", "silu_mul", "use_lean_layers", "use_wide_linears"]
 
@@ -130,13 +131,13 @@ def _wide_linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.weight, module.bias)
 
 
-def use_wide_linears(model: nn.Module) -> int:
-    """On a CPU without 16-bit matrix instructions, give the model's plain ``nn.Linear`` layers (those
-    LoRA does not wrap: the output head, layers outside ``target_modules``) a forward whose products
-    under autocast are fp32 products of the same 16-bit values (:func:`lorafit.kernels.frozen_linear`),
-    as lorafit's LoRA layers, attention and loss compute theirs; elsewhere it changes nothing.
-    Returns how many layers changed."""
-    if not any(widen_products(dtype, "cpu") for dtype in (torch.bfloat16, torch.float16)):
+def use_wide_linears(model: nn.Module, precision: Precision) -> int:
+    """Where ``precision.widened`` (16-bit weights on a CPU without 16-bit matrix instructions), give
+    the model's plain ``nn.Linear`` layers (those LoRA does not wrap: the output head, layers outside
+    ``target_modules``) a forward whose products under autocast are fp32 products of the same
+    16-bit values (:func:`lorafit.kernels.frozen_linear`), as lorafit's LoRA layers, attention and
+    loss compute theirs; elsewhere it changes nothing. Returns how many layers changed."""
+    if not precision.widened:
         return 0
     changed = 0
     for module in model.modules():

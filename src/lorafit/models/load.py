@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from lorafit.config import RunConfig
+from lorafit.config import ModelConfig, RunConfig, TokenizerConfig
 from lorafit.constants import DEMO_MODEL, RUN_CONFIG_NAME
 from lorafit.data import prepare_tokenizer
 from lorafit.data.chat_templates import missing_template_tokens, resolve_chat_template
 from lorafit.data.template import end_of_turn_token
 from lorafit.errors import LorafitError
-from lorafit.models.device import compute_dtype, has_accelerator
 from lorafit.models.gguf import ensure_gguf_cache, is_gguf, read_gguf_header
+from lorafit.models.precision import Precision
 
 
 def _check_local_path(name: str, what: str) -> None:
@@ -50,14 +50,22 @@ def _gguf_folder(name: str, dtype: torch.dtype | str, echo: Callable[[str], Any]
     return str(ensure_gguf_cache(name, dtype=dtype, echo=echo))
 
 
-def load_tokenizer(cfg: RunConfig, *, echo: Callable[[str], Any] = print, training: bool = False) -> Any:
-    """The model's tokenizer (or ``tokenizer.name_or_path``), set up for training, with
-    ``tokenizer.chat_template`` (a built-in name, a file or Jinja text) in place of its own.
-    ``training`` as for :func:`load_model`: a GGUF base's tokenizer comes from the same dense copy."""
+def load_tokenizer(
+    model: ModelConfig,
+    settings: TokenizerConfig,
+    precision: Precision | None = None,
+    *,
+    echo: Callable[[str], Any] = print,
+) -> Any:
+    """The tokenizer of the ``model`` section's model (or ``settings.name_or_path``: the
+    ``tokenizer`` section), set up for training, with ``settings.chat_template`` (a built-in name,
+    a file or Jinja text) in place of its own. A GGUF base's tokenizer comes from the dense copy
+    in ``precision.load`` (default: the precision of a run that does not train)."""
     from transformers import AutoTokenizer
 
-    name = cfg.tokenizer.name_or_path or cfg.model.name_or_path
-    name = _gguf_folder(name, load_dtype(cfg, training=training), echo)
+    name = settings.name_or_path or model.name_or_path
+    if is_gguf(name):
+        name = _gguf_folder(name, (precision or decide_precision(model, {})).load_dtype, echo)
     if name == DEMO_MODEL:
         from lorafit.demo import load_demo_tokenizer
 
@@ -66,12 +74,12 @@ def load_tokenizer(cfg: RunConfig, *, echo: Callable[[str], Any] = print, traini
         _check_local_path(name, "tokenizer")
         try:
             tokenizer = AutoTokenizer.from_pretrained(
-                name, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
+                name, trust_remote_code=model.trust_remote_code, revision=model.revision
             )
         except (OSError, ValueError) as e:
             raise _load_error("tokenizer", name, e) from None
-    if cfg.tokenizer.chat_template:
-        template, builtin = resolve_chat_template(cfg.tokenizer.chat_template)
+    if settings.chat_template:
+        template, builtin = resolve_chat_template(settings.chat_template)
         missing = missing_template_tokens(tokenizer, builtin) if builtin else []
         if missing:
             echo(
@@ -81,9 +89,9 @@ def load_tokenizer(cfg: RunConfig, *, echo: Callable[[str], Any] = print, traini
         tokenizer.chat_template = template
     return prepare_tokenizer(
         tokenizer,
-        pad_token=cfg.tokenizer.pad_token,
-        padding_side=cfg.tokenizer.padding_side,
-        model_max_length=cfg.tokenizer.model_max_length,
+        pad_token=settings.pad_token,
+        padding_side=settings.padding_side,
+        model_max_length=settings.model_max_length,
     )
 
 
@@ -97,88 +105,61 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def on_cpu(cfg: RunConfig) -> bool:
-    """Whether the run computes on the CPU: no accelerator, or ``training_config.use_cpu``."""
-    return not has_accelerator() or bool(cfg.training_config.get("use_cpu"))
-
-
-def _wide_above() -> int:
-    """Parameters from which LoRA training keeps a 16-bit model 16-bit on a CPU without 16-bit
-    products (``LORAFIT_WIDE_ABOVE`` overrides it: the bench's cuts of Phi-3-mini stand for it)."""
-    return int(os.environ.get("LORAFIT_WIDE_ABOVE", 1_000_000_000))
-
-
-def _widened(cfg: RunConfig, training: bool) -> bool:
-    """Whether LoRA training (not DoRA, whose variant multiplies natively) keeps a 16-bit dtype on a
-    CPU without 16-bit matrix products, lorafit's training ops multiplying its values as fp32
-    products. That halves the weights of a large model (Phi-3-mini: 7.6 GB, not 15.3) at the fp32
-    rate; a small one (the demo, SmolLM2-135M) trains faster in fp32, where some backward products
-    outside lorafit's ops stay 16-bit (measured on the demo: 158 against 2,268 tokens/s), so below
-    :func:`_wide_above` parameters it loads in fp32. A model's size is known here for the demo and
-    a GGUF file; any other is checked once loaded (:func:`load_model`)."""
-    if not training or cfg.lora.use_dora:
-        return False
-    name = cfg.model.name_or_path
-    if name == DEMO_MODEL:
-        return _wide_above() == 0
+def parameter_count(model: ModelConfig) -> int:
+    """The parameters of the model ``model`` names, known before its weights load: a GGUF file's
+    from its header, any other's by building it from its config on the ``meta`` device (no memory,
+    tied weights counted once, as ``sum(p.numel() for p in model.parameters())`` counts them)."""
+    name = model.name_or_path
     if is_gguf(name) and Path(name).expanduser().is_file():
-        return read_gguf_header(name).n_elements >= _wide_above()
-    return True
+        return read_gguf_header(name).n_elements
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(model)
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+    return sum(p.numel() for p in built.parameters())
 
 
-def _dtype_and_note(cfg: RunConfig, widened: bool) -> tuple[torch.dtype | str, str | None]:
-    name = cfg.model.torch_dtype
-    dtype, note = compute_dtype(name, on_cpu=on_cpu(cfg) and not widened)
-    if widened and on_cpu(cfg) and compute_dtype(name, on_cpu=True)[1]:
-        note = (
-            f"model.torch_dtype: {name} kept: this CPU has no native {name} matrix "
-            "products, so lorafit's training ops multiply the 16-bit values as float32 products"
-        )
-    return dtype, note
+def decide_precision(
+    model: ModelConfig, training_config: dict[str, Any], *, training: bool = False, dora: bool = False
+) -> Precision:
+    """The run's :class:`Precision` on this machine for the ``model`` section and
+    ``training_config`` (``training``: LoRA training, ``dora`` with DoRA); the model's size is
+    counted (:func:`parameter_count`) only where the decision depends on it."""
+    return Precision.decide(
+        model, training_config, training=training, dora=dora, count_params=lambda: parameter_count(model)
+    )
 
 
-def load_dtype(cfg: RunConfig, *, training: bool = False) -> torch.dtype | str:
-    """The dtype the base model loads in (see :func:`lorafit.models.device.compute_dtype`)."""
-    return _dtype_and_note(cfg, _widened(cfg, training))[0]
-
-
-def planned_dtype(cfg: RunConfig, n_params: int) -> tuple[torch.dtype | str, bool]:
-    """The dtype :func:`load_model` will give a training run's model of ``n_params`` parameters, and
-    whether its 16-bit products will be widened (``model._lorafit_wide_products``): for planning
-    memory before loading."""
-    widened = _widened(cfg, True)
-    dtype, note = _dtype_and_note(cfg, widened)
-    wide = widened and note is not None
-    if wide and not cfg.model.quantization and n_params < _wide_above():
-        return torch.float32, False
-    return dtype, wide
-
-
-def model_config(cfg: RunConfig, *, training: bool = False) -> Any:
-    """The transformers config of the model ``cfg`` names, read without its weights (a GGUF base
-    from its converted copy, for the dtype a run, ``training`` or not, loads it in: call
-    :func:`prepare_base` first)."""
-    name = cfg.model.name_or_path
+def model_config(model: ModelConfig, precision: Precision | None = None) -> Any:
+    """The transformers config of the model the ``model`` section names, read without its weights
+    (a GGUF base from its copy converted in ``precision.load``, default: the precision of a run
+    that does not train; call :func:`prepare_base` first)."""
+    name = model.name_or_path
     if name == DEMO_MODEL:
         from lorafit.demo import demo_config, load_demo_tokenizer
 
         return demo_config(len(load_demo_tokenizer()))
     from transformers import AutoConfig
 
-    name = _gguf_folder(name, load_dtype(cfg, training=training), print)
+    if is_gguf(name):
+        name = _gguf_folder(name, (precision or decide_precision(model, {})).load_dtype, print)
     _check_local_path(name, "model")
     try:
         return AutoConfig.from_pretrained(
-            name, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
+            name, trust_remote_code=model.trust_remote_code, revision=model.revision
         )
     except (OSError, ValueError) as e:
         raise _load_error("model", name, e) from None
 
 
-def prepare_base(cfg: RunConfig, echo: Callable[[str], Any] = print, *, training: bool = False) -> None:
-    """Make the base model loadable: a GGUF file is converted to its cached dense copy (once)."""
-    for name in {cfg.model.name_or_path, cfg.tokenizer.name_or_path or cfg.model.name_or_path}:
-        _gguf_folder(name, load_dtype(cfg, training=training), echo)
+def prepare_base(
+    model: ModelConfig, tokenizer: TokenizerConfig, precision: Precision, echo: Callable[[str], Any] = print
+) -> None:
+    """Make the base model loadable: a GGUF file is converted to its cached dense copy in
+    ``precision.load`` (once)."""
+    for name in {model.name_or_path, tokenizer.name_or_path or model.name_or_path}:
+        _gguf_folder(name, precision.load_dtype, echo)
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -194,24 +175,17 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def load_model(
-    cfg: RunConfig, tokenizer: Any, *, echo: Callable[[str], Any] = print, training: bool = False
+    m: ModelConfig, tokenizer: Any, precision: Precision, *, echo: Callable[[str], Any] = print
 ) -> torch.nn.Module:
-    """The base model in the configured dtype (or float32 where this CPU would emulate it, said
-    through ``echo``) and attention implementation, 4-bit when ``model.quantization`` says so.
-
-    ``training`` (LoRA training, not DoRA) keeps a 16-bit dtype on such CPUs too: lorafit's
-    training ops (:func:`lorafit.kernels.matmul16`) multiply its values as fp32 products, at the
-    fp32 rate with half its weight memory and the 16-bit math of the same run elsewhere."""
-    m = cfg.model
-    widened = _widened(cfg, training)
-    dtype, note = _dtype_and_note(cfg, widened)
+    """The base model the ``model`` section names, in ``precision.load`` (its notes said through
+    ``echo``) and the configured attention implementation, 4-bit when ``model.quantization`` says
+    so (computing in ``precision.quant_compute``)."""
+    for note in precision.notes:
+        echo(note)
+    dtype = precision.load_dtype
     quantization = dict(m.quantization) if m.quantization else None
-    if quantization and on_cpu(cfg) and not widened:
-        half = quantization.get("bnb_4bit_compute_dtype", "float32")
-        _, compute_note = compute_dtype(half, on_cpu=True)
-        if compute_note:
-            quantization["bnb_4bit_compute_dtype"] = "float32"
-            echo(compute_note.replace("model.torch_dtype", "model.quantization.bnb_4bit_compute_dtype"))
+    if quantization and precision.quant_compute is not None:
+        quantization["bnb_4bit_compute_dtype"] = precision.quant_compute
     if m.name_or_path == DEMO_MODEL:
         from lorafit.demo import build_demo_model
 
@@ -257,14 +231,6 @@ def load_model(
                 model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
         except (OSError, ValueError, ImportError) as e:
             raise _load_error("model", m.name_or_path, e) from None
-    wide = widened and note is not None  # a note: this CPU would have emulated the 16-bit dtype
-    if wide and not quantization and sum(p.numel() for p in model.parameters()) < _wide_above():
-        model.float()  # small: fp32 is the faster way on this CPU (see _widened)
-        wide = False
-        echo(compute_dtype(m.torch_dtype, on_cpu=True)[1])
-    elif note:
-        echo(note)
-    model._lorafit_wide_products = wide  # read by training.run (autocast, widened plain linears)
     if quantization:
         from lorafit.models.quant import prepare_kbit_model
 
@@ -305,7 +271,8 @@ def run_config(folder: str | os.PathLike) -> RunConfig:
 def base_config(folder: str | os.PathLike) -> Any:
     """The transformers config of the base model a run (or adapter folder) was trained on, read
     without loading its weights."""
-    return model_config(run_config(folder))
+    cfg = run_config(folder)
+    return model_config(cfg.model, decide_precision(cfg.model, cfg.training_config))
 
 
 def load_trained(
@@ -324,10 +291,11 @@ def load_trained(
 
     folder = Path(folder)
     cfg = run_config(folder)
-    tokenizer = load_tokenizer(cfg, echo=echo)
+    precision = decide_precision(cfg.model, cfg.training_config)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, precision, echo=echo)
     if sixteen_bit and cfg.model.quantization:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization=None))
-        model = load_model(cfg, tokenizer, echo=echo)
+        model = load_model(cfg.model, tokenizer, decide_precision(cfg.model, cfg.training_config), echo=echo)
         if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
             from lorafit.models.quant import dequantize_model
 
@@ -336,7 +304,7 @@ def load_trained(
         else:
             echo(f"QLoRA run: the adapter goes onto the original 16-bit weights of {cfg.model.name_or_path}")
     else:
-        model = load_model(cfg, tokenizer, echo=echo)
+        model = load_model(cfg.model, tokenizer, precision, echo=echo)
     load_adapter(model, folder)
     model.eval()
     return cfg, tokenizer, model

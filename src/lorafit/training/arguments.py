@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 from lorafit.config import LORAFIT_TRAINING_KEYS
 from lorafit.errors import LorafitError
 from lorafit.methods import ALL_METHOD_KEYS
-from lorafit.models.device import cpu_half_is_fast
+from lorafit.models.precision import Precision
 from lorafit.training.tracking import prepare_trackers
 
 # Keys lorafit reads itself and never hands to TrainingArguments: the ones config.py accepts
@@ -36,12 +36,12 @@ _CHECKPOINTING = next(k for k in ("activation_checkpointing", "gradient_checkpoi
 
 
 def resolve_training_config(
-    values: dict[str, Any], *, has_eval: bool, n_params: int, on_cpu: bool, widened: bool = False
+    values: dict[str, Any], precision: Precision, *, has_eval: bool, n_params: int
 ) -> tuple[dict[str, Any], list[str]]:
     """The settings the run applies, and one note per setting replaced for this machine.
 
-    ``widened``: lorafit's training ops multiply 16-bit values as fp32 products on CPUs without
-    16-bit matrix instructions (LoRA, not DoRA), so 16-bit autocast stays on there."""
+    ``bf16`` and ``fp16`` are ``precision``'s (whose notes say what it changed); a paged optimizer
+    on a CPU becomes AdamW."""
     tc = dict(values)
     notes: list[str] = []  # each a setting replaced, and why
     if "warmup_ratio" in tc:  # dropped by transformers 5: a warmup_steps below 1 is a ratio there
@@ -75,34 +75,14 @@ def resolve_training_config(
             "to a file or data.eval_fraction, e.g. 0.05)"
         )
         tc["eval_strategy"] = "no"
-    if on_cpu:
-        notes += _cpu_substitutions(tc, widened)
-    return tc, notes
-
-
-def _cpu_substitutions(tc: dict[str, Any], widened: bool = False) -> list[str]:
-    """Replace, in place, what a CPU cannot run as asked: 16-bit autocast it would emulate (unless
-    ``widened``: lorafit's ops multiply the 16-bit values as fp32 products), fp16 where bf16 serves
-    (fp32's range, no loss scaling), paged optimizers (CUDA memory paging). The Phi-3 cookbook's
-    script asks for fp16 and a paged optimizer."""
-    notes = []
-    bf16_runs = cpu_half_is_fast("bfloat16") or widened
-    if tc.get("fp16") and not cpu_half_is_fast("float16"):
-        tc["fp16"] = False
-        if bf16_runs:
-            tc["bf16"] = True
-            how = "natively" if cpu_half_is_fast("bfloat16") else "as fp32 products (lorafit's training ops)"
-            notes.append(f"fp16: true -> bf16: true (this CPU multiplies bf16 {how}, fp16 only emulated)")
-        else:
-            notes.append("fp16: true -> false (no native float16 products on this CPU; fp32 is faster)")
-    if tc.get("bf16") and not bf16_runs:
-        tc["bf16"] = False
-        notes.append("bf16: true -> false (no native bfloat16 products on this CPU; fp32 is faster)")
+    for flag in ("bf16", "fp16"):  # the autocast the precision decided (its notes say any change)
+        if bool(tc.get(flag)) != getattr(precision, flag):
+            tc[flag] = getattr(precision, flag)
     optim = str(tc.get("optim", ""))
-    if optim.startswith("paged_"):
+    if precision.on_cpu and optim.startswith("paged_"):  # the Phi-3 cookbook's script asks for one
         tc["optim"] = "adamw_torch"
         notes.append(f"optim: {optim} -> adamw_torch (paging is for GPU memory; on CPU it is plain AdamW)")
-    return notes
+    return tc, notes
 
 
 def training_arguments(resolved: dict[str, Any], run_dir: Path) -> TrainingArguments:

@@ -42,9 +42,12 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorafit.errors import LorafitError
+
+if TYPE_CHECKING:
+    from lorafit.models.precision import Precision
 
 GB = 10**9
 # A default budget leaves this share of the memory available at start, and at least MARGIN_MIN, to
@@ -149,11 +152,12 @@ class ModelShapes:
 
 
 @dataclass(frozen=True)
-class Precision:
+class Widths:
     """The dtype plan, in bytes per element: ``weights`` of the 16/32-bit parameters, ``products`` of
     the linear layers' outputs (the autocast dtype, else the weights'), ``residual`` of the
     residual stream; ``widened``: 16-bit products computed as fp32 products of fp32 copies
-    (:func:`lorafit.lora.ops.widen_products`); ``four_bit``: QLoRA's NF4 base (double-quantized
+    (:func:`lorafit.kernels.widen_products`), as :class:`lorafit.models.precision.Precision`
+    decides; ``four_bit``: QLoRA's NF4 base (double-quantized
     scales when ``double_quant``)."""
 
     weights: int = 2
@@ -220,9 +224,9 @@ def lora_params(shapes: ModelShapes, settings: StepSettings) -> int:
     return shapes.layers * sum(settings.rank * (a + b) for a, b in adapted(shapes, settings.targets).values())
 
 
-def kept_per_token(shapes: ModelShapes, precision: Precision, settings: StepSettings) -> int:
+def kept_per_token(shapes: ModelShapes, widths: Widths, settings: StepSettings) -> int:
     """Bytes a decoder layer keeps for backward per token when it is not recomputed (module doc)."""
-    h, p, res = shapes.hidden, precision.products, precision.residual
+    h, p, res = shapes.hidden, widths.products, widths.residual
     q, kv = shapes.heads * shapes.head_dim, shapes.kv_heads * shapes.head_dim
     kept = 2 * res * h + 2 * 4  # x and a, with one fp32 rsqrt each (lean norms)
     kept += p * (q + 2 * kv) + p * q  # q, k, v and the attention output (o_proj's input)
@@ -231,31 +235,31 @@ def kept_per_token(shapes: ModelShapes, precision: Precision, settings: StepSett
     else:  # sdpa keeps its attention probabilities, a row of them per head and token
         kept += p * shapes.heads * settings.length
     kept += p * 2 * shapes.intermediate  # gate and up
-    if precision.four_bit:  # QLoRA's fp32 norms hand back a cast copy, which LoRA's op must keep
+    if widths.four_bit:  # QLoRA's fp32 norms hand back a cast copy, which LoRA's op must keep
         kept += 2 * p * h
     kept += p * settings.rank * len(adapted(shapes, settings.targets))  # u = drop(x) A^T
     return kept
 
 
-def weight_bytes(shapes: ModelShapes, precision: Precision) -> int:
-    if not precision.four_bit:
-        return shapes.params() * precision.weights
+def weight_bytes(shapes: ModelShapes, widths: Widths) -> int:
+    if not widths.four_bit:
+        return shapes.params() * widths.weights
     norms = (2 * shapes.layers + 1) * shapes.hidden
     embeddings = shapes.other_params() - norms
-    linear = shapes.linear_params() * _NF4_BYTES[precision.double_quant]
-    return int(linear) + embeddings * precision.weights + norms * 4
+    linear = shapes.linear_params() * _NF4_BYTES[widths.double_quant]
+    return int(linear) + embeddings * widths.weights + norms * 4
 
 
 def predict(
-    shapes: ModelShapes, precision: Precision, settings: StepSettings, recomputed: int, process: int = 0
+    shapes: ModelShapes, widths: Widths, settings: StepSettings, recomputed: int, process: int = 0
 ) -> Prediction:
     """The step's peak resident memory with ``recomputed`` of the decoder layers recomputed."""
     if not 0 <= recomputed <= shapes.layers:
         raise ValueError(f"recomputed={recomputed} is not between 0 and {shapes.layers}")
     n, h, i, v = settings.tokens, shapes.hidden, shapes.intermediate, shapes.vocab
-    p, res = precision.products, precision.residual
-    wide = 4 if precision.widened else p  # bytes of a product operand as multiplied
-    full = kept_per_token(shapes, precision, settings) * n
+    p, res = widths.products, widths.residual
+    wide = 4 if widths.widened else p  # bytes of a product operand as multiplied
+    full = kept_per_token(shapes, widths, settings) * n
     # Backward runs from the last layer down; a recomputed layer holds its full set again while the
     # layers below it hold what they keep: the most held at once, with the final norm's input and
     # the loss's fp32 gradient of the hidden state on top.
@@ -267,9 +271,9 @@ def predict(
     kept = max(kept, below) + res * h * n + 4 * h * n
     # The loss's forward: the head as the products multiply it, the trained hidden rows gathered,
     # and a tile of fp32 logits with its softmax (in place) and its 16-bit and widened copies.
-    head = v * h * (4 if precision.widened else (p if p != precision.weights else 0))
+    head = v * h * (4 if widths.widened else (p if p != widths.weights else 0))
     tile_rows = max(1, _TILE // v)
-    loss_work = head + res * h * n + tile_rows * v * (4 + p + (4 if precision.widened else 0))
+    loss_work = head + res * h * n + tile_rows * v * (4 + p + (4 if widths.widened else 0))
     # A layer's backward, at its widest (the MLP): dL/dx in flight in fp32 and in the residual dtype;
     # the SiLU gate's gradients (silu'(gate) * up * g, silu(gate), dgate, dup: 4 of (N, I)) and
     # their concatenation (N, 2I); the gate/up projection's backward with its weight as multiplied
@@ -279,16 +283,14 @@ def predict(
         adapted(shapes, settings.targets).values() or shapes.linears().values(), key=lambda s: s[0] * s[1]
     )
     weight_copy = (
-        largest_in
-        * largest_out
-        * ((wide if wide != precision.weights else 0) + (p if precision.four_bit else 0))
+        largest_in * largest_out * ((wide if wide != widths.weights else 0) + (p if widths.four_bit else 0))
     )
     layer_work = (4 + res) * h * n + 4 * p * i * n + 2 * p * i * n + weight_copy
-    layer_work += (4 * (largest_out + largest_in) * n if precision.widened else 0) + 3 * wide * largest_in * n
+    layer_work += (4 * (largest_out + largest_in) * n if widths.widened else 0) + 3 * wide * largest_in * n
     lora = lora_params(shapes, settings)
     terms = {
         "process": process,
-        "weights": weight_bytes(shapes, precision),
+        "weights": weight_bytes(shapes, widths),
         "LoRA state": 16 * lora,
         "kept": kept,
         "working": max(loss_work, layer_work),
@@ -319,25 +321,25 @@ class Plan:
 
 
 def choose(
-    shapes: ModelShapes, precision: Precision, settings: StepSettings, budget: int, process: int = 0
+    shapes: ModelShapes, widths: Widths, settings: StepSettings, budget: int, process: int = 0
 ) -> tuple[Prediction, bool]:
     """The prediction with the fewest layers recomputed whose peak is within ``budget``, and True;
     or the one with every layer recomputed, and False."""
     for recomputed in range(shapes.layers + 1):
-        prediction = predict(shapes, precision, settings, recomputed, process)
+        prediction = predict(shapes, widths, settings, recomputed, process)
         if prediction.peak <= budget:
             return prediction, True
     return prediction, False
 
 
 def longest_fitting(
-    shapes: ModelShapes, precision: Precision, settings: StepSettings, budget: int, process: int = 0
+    shapes: ModelShapes, widths: Widths, settings: StepSettings, budget: int, process: int = 0
 ) -> int:
     """The longest row (a multiple of 64 tokens, 0 if none) that fits with every layer recomputed."""
     fits = 0
     for length in range(64, settings.length, 64):
         trial = dataclasses.replace(settings, length=length)
-        if predict(shapes, precision, trial, shapes.layers, process).peak > budget:
+        if predict(shapes, widths, trial, shapes.layers, process).peak > budget:
             break
         fits = length
     return fits
@@ -413,30 +415,23 @@ def _whole(value: Any, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
 
 
-def run_precision(cfg: Any, shapes: ModelShapes) -> Precision:
-    """The dtype plan :func:`lorafit.models.load.load_model` and the CPU substitutions of
-    :func:`lorafit.training.arguments.resolve_training_config` will make for this run."""
+def run_widths(cfg: Any, precision: Precision) -> Widths:
+    """The bytes per element of the run's dtype plan: the base loads in ``precision.load`` (a
+    :class:`lorafit.models.precision.Precision`), its products in ``precision.autocast`` (else in
+    the weights' dtype), widened where ``precision.widened``; 4-bit where ``model.quantization``
+    says so."""
     import torch
 
-    from lorafit.models.device import cpu_half_is_fast
-    from lorafit.models.load import planned_dtype
-
-    dtype, wide = planned_dtype(cfg, shapes.params())
+    dtype = precision.load_dtype
     weights = (
         torch.finfo(dtype).bits // 8 if isinstance(dtype, torch.dtype) and dtype.is_floating_point else 2
     )
-    tc = cfg.training_config
-    half = "bfloat16" if tc.get("bf16") else "float16" if tc.get("fp16") else None
-    # a 16-bit autocast stays on where lorafit widens its products or the CPU multiplies natively
-    autocast = half is not None and (
-        wide or cpu_half_is_fast(half) or (half == "float16" and cpu_half_is_fast("bfloat16"))
-    )
     quantization = cfg.model.quantization or {}
-    return Precision(
+    return Widths(
         weights=weights,
-        products=2 if autocast else weights,
+        products=2 if precision.autocast else weights,
         residual=weights,
-        widened=wide,
+        widened=precision.widened,
         four_bit=bool(quantization.get("load_in_4bit")),
         double_quant=bool(quantization.get("bnb_4bit_use_double_quant", False)),
     )
@@ -453,15 +448,21 @@ def _user_choice(tc: dict[str, Any], layers: int) -> int | None:
 
 
 def plan_run(
-    cfg: Any, model_config: Any, *, process: int | None = None, available: int | None = None
+    cfg: Any,
+    model_config: Any,
+    precision: Precision,
+    *,
+    process: int | None = None,
+    available: int | None = None,
 ) -> Plan:
-    """The plan for a run config whose base model has ``model_config`` (a transformers config).
+    """The plan for a run config whose base model has ``model_config`` (a transformers config),
+    computing as ``precision`` (a :class:`lorafit.models.precision.Precision`) says.
 
     ``process`` (default: measured now) and ``available`` (default: the machine's MemAvailable)
     set the prediction's first term and the default budget. Raises ``LorafitError`` when the
     budget is unknown and not given."""
     shapes = ModelShapes.from_config(model_config)
-    precision, settings = run_precision(cfg, shapes), run_settings(cfg)
+    widths, settings = run_widths(cfg, precision), run_settings(cfg)
     process = process_rss() if process is None else process
     tc = cfg.training_config
     if tc.get("max_memory") is not None:
@@ -474,29 +475,31 @@ def plan_run(
         source = f"free at start less {MARGIN_SHARE:.0%}, at least {MARGIN_MIN // 2**20} MiB"
     chosen = _user_choice(tc, shapes.layers)
     if chosen is not None:
-        prediction = predict(shapes, precision, settings, min(chosen, shapes.layers), process)
+        prediction = predict(shapes, widths, settings, min(chosen, shapes.layers), process)
         return Plan(
             prediction,
             budget,
             source + "; layers recomputed as training_config says",
             prediction.peak <= budget,
         )
-    prediction, fits = choose(shapes, precision, settings, budget, process)
+    prediction, fits = choose(shapes, widths, settings, budget, process)
     return Plan(prediction, budget, source, fits)
 
 
-def does_not_fit(cfg: Any, model_config: Any, plan: Plan, *, going_on: bool = False) -> str:
+def does_not_fit(
+    cfg: Any, model_config: Any, plan: Plan, precision: Precision, *, going_on: bool = False
+) -> str:
     """Why a run cannot fit its budget, and what would: a shorter ``data.max_length``, QLoRA;
     ``going_on``: the run goes on anyway (a default budget), else it stops."""
     shapes = ModelShapes.from_config(model_config)
-    precision, settings = run_precision(cfg, shapes), run_settings(cfg)
+    widths, settings = run_widths(cfg, precision), run_settings(cfg)
     process = plan.prediction.terms["process"]
     ways = []
-    length = longest_fitting(shapes, precision, settings, plan.budget, process)
+    length = longest_fitting(shapes, widths, settings, plan.budget, process)
     if length:
         ways.append(f"data.max_length: {length} (or per_device_train_batch_size smaller)")
-    if not precision.four_bit:
-        four = dataclasses.replace(precision, four_bit=True, double_quant=True)
+    if not widths.four_bit:
+        four = dataclasses.replace(widths, four_bit=True, double_quant=True)
         qlora = predict(shapes, four, settings, shapes.layers, process)
         ways.append(f"--qlora ({qlora.peak / GB:.2f} GB with every layer recomputed)")
     return (
@@ -510,33 +513,33 @@ def does_not_fit(cfg: Any, model_config: Any, plan: Plan, *, going_on: bool = Fa
     )
 
 
-def plan_memory(cfg: Any, echo: Any = print) -> Any:
+def plan_memory(cfg: Any, precision: Precision, echo: Any = print) -> Any:
     """``cfg`` with the planner's ``checkpoint_layers`` where the user set none of
     ``checkpoint_layers`` / ``gradient_checkpointing``, the plan said in one line through ``echo``;
     raises ``LorafitError`` before the model is loaded when even every layer recomputed does not
     fit a ``max_memory`` the user set (without one, it warns and recomputes every layer).
     Single-process CPU runs only (the budget is this process's resident memory): elsewhere
     ``cfg`` comes back as it is and the settings' defaults decide."""
-    from lorafit.models.load import model_config, on_cpu
+    from lorafit.models.load import model_config
     from lorafit.training import distributed
 
     tc = cfg.training_config
-    if not on_cpu(cfg) or distributed.world_size() > 1:
+    if not precision.on_cpu or distributed.world_size() > 1:
         if tc.get("max_memory") is not None:
             echo(
                 "note: training_config.max_memory is planned for single-process CPU runs only; "
                 "not applied here"
             )
         return cfg
-    config = model_config(cfg, training=True)
-    plan = plan_run(cfg, config)
+    config = model_config(cfg.model, precision)
+    plan = plan_run(cfg, config, precision)
     user = _user_choice(tc, plan.prediction.layers) is not None
     if not plan.fits and not user:
         if tc.get("max_memory") is not None:
-            raise LorafitError(does_not_fit(cfg, config, plan))
+            raise LorafitError(does_not_fit(cfg, config, plan, precision))
         # no budget of the user's: the machine's free memory is a guess at what it will be, so say so
         # and go on with every layer recomputed, as large models trained before there was a plan
-        echo("warning: " + does_not_fit(cfg, config, plan, going_on=True))
+        echo("warning: " + does_not_fit(cfg, config, plan, precision, going_on=True))
     else:
         echo(plan.describe() + ("" if plan.fits else ": over the budget"))
     if user:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from lorafit.constants import IGNORE_INDEX
 from lorafit.errors import LorafitError, did_you_mean
-from lorafit.lora.ops import widen_products
+from lorafit.kernels import widen_products
 from lorafit.training import loss as lf_loss
 from lorafit.training.trainer import LorafitTrainer
 

@@ -28,7 +28,8 @@ from lorafit.models.attention import PACKED_ATTENTION, use_packed_attention
 from lorafit.models.device import has_accelerator
 from lorafit.models.gguf import gguf_base_name, is_gguf
 from lorafit.models.lean import use_lean_layers, use_wide_linears
-from lorafit.models.load import absolute_paths, load_model, load_tokenizer, on_cpu, prepare_base
+from lorafit.models.load import absolute_paths, decide_precision, load_model, load_tokenizer, prepare_base
+from lorafit.models.precision import Precision
 from lorafit.training import checkpoints, rundir
 from lorafit.training import distributed as lf_dist
 from lorafit.training.arguments import resolve_training_config, training_arguments
@@ -184,9 +185,6 @@ def train(
     seed = int(cfg.training_config.get("seed", 42))
     notes = list(cfg.notes)  # settings the config or this machine changes, said once with the others
     cfg = absolute_paths(cfg)
-    with lf_dist.main_process_first():  # a GGUF base is converted once per machine
-        prepare_base(cfg, echo, training=True)
-    tokenizer = load_tokenizer(cfg, echo=echo, training=True)
     if cfg.model.adapter:  # the run continues that adapter: its LoRA settings are the run's
         adapter = str(Path(cfg.model.adapter).resolve())  # lorafit_run.yaml then resumes from anywhere
         cfg = dataclasses.replace(
@@ -194,6 +192,11 @@ def train(
             model=dataclasses.replace(cfg.model, adapter=adapter),
             peft_config=read_adapter_config(adapter).to_dict(),
         )
+    # in which dtypes the run computes, decided once (loading, layers, arguments and planner read it)
+    precision = decide_precision(cfg.model, cfg.training_config, training=True, dora=cfg.lora.use_dora)
+    with lf_dist.main_process_first():  # a GGUF base is converted once per machine
+        prepare_base(cfg.model, cfg.tokenizer, precision, echo)
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, precision, echo=echo)
     preference = cfg.method != "sft"
     train_set, eval_set, stats, fingerprint = (load_preference_data if preference else load_data)(
         cfg, tokenizer, seed, echo
@@ -201,18 +204,18 @@ def train(
     cfg, plan = plan_steps(cfg, stats, lf_dist.world_size())
     if not preference and not cfg.data.packing and stats.get("packed_rows"):  # whole examples a step
         train_set, eval_set, stats, fingerprint = load_data(cfg, tokenizer, seed, _say_nothing)
-    cfg = plan_memory(cfg, echo)  # layers to recompute, decided before the model loads
+    cfg = plan_memory(cfg, precision, echo)  # layers to recompute, decided before the model loads
     # LoRA's random A matrices from the run's seed: the same on every rank and in every launch,
     # not whatever the global RNG holds after startup (which differs with the launcher).
     set_seed(seed)
-    model = add_lora(load_model(cfg, tokenizer, echo=notes.append, training=True), cfg)
-    if (cfg.data.packing or preference) and on_cpu(cfg):  # preference batches are always packed rows
+    model = add_lora(load_model(cfg.model, tokenizer, precision, echo=notes.append), cfg)
+    if (cfg.data.packing or preference) and precision.on_cpu:  # preference batches are always packed rows
         use_packed_attention(model)  # attention within each packed example, not over whole rows
     use_lean_layers(model)  # norms and SiLU gates rebuilt in backward, not kept
-    if getattr(model, "_lorafit_wide_products", False):  # bf16 kept, products widened (models.load)
-        use_wide_linears(model)  # the layers LoRA leaves plain widen their products too
+    use_wide_linears(model, precision)  # widened: the layers LoRA leaves plain widen their products too
     echo(trainable_summary(model))
-    cfg = settle_training_config(cfg, model, has_eval=eval_set is not None, notes=notes)
+    cfg = settle_training_config(cfg, model, precision, has_eval=eval_set is not None, notes=notes)
+    cfg = dataclasses.replace(cfg, precision=precision.record())  # lorafit_run.yaml's precision: section
     echo(describe_settings(cfg, notes))
     echo(describe_plan(plan, lf_dist.world_size()))
     checkpoint_some_layers(model, cfg.training_config.get("checkpoint_layers"))
@@ -271,17 +274,14 @@ def load_data(cfg: RunConfig, tokenizer: Any, seed: int, echo: Any) -> tuple[Any
 
 
 def settle_training_config(
-    cfg: RunConfig, model: torch.nn.Module, *, has_eval: bool, notes: list[str]
+    cfg: RunConfig, model: torch.nn.Module, precision: Precision, *, has_eval: bool, notes: list[str]
 ) -> RunConfig:
-    """``cfg`` with the training settings the run applies (lorafit's defaults filled in, this
-    machine's substitutions made and added to ``notes``): what ``lorafit_run.yaml`` records."""
+    """``cfg`` with the training settings the run applies (lorafit's defaults filled in, the
+    ``precision``'s autocast flags, this machine's other substitutions made and added to
+    ``notes``): what ``lorafit_run.yaml`` records."""
     n_params = sum(p.numel() for p in model.parameters())
     resolved, more = resolve_training_config(
-        cfg.training_config,
-        has_eval=has_eval,
-        n_params=n_params,
-        on_cpu=on_cpu(cfg),
-        widened=bool(getattr(model, "_lorafit_wide_products", False)),
+        cfg.training_config, precision, has_eval=has_eval, n_params=n_params
     )
     notes += more
     return dataclasses.replace(cfg, training_config=resolved)

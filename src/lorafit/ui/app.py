@@ -67,7 +67,8 @@ class Page:
 
         model = (model or "").strip() or self.model
         if model not in self._tokenizers:
-            self._tokenizers[model] = load_tokenizer(form.base_config(model))
+            cfg = form.base_config(model)
+            self._tokenizers[model] = load_tokenizer(cfg.model, cfg.tokenizer)
         return self._tokenizers[model]
 
 

@@ -36,6 +36,7 @@ class ChatModels:
     def load(self, folder: Path, *, with_base: bool) -> str:
         """Load the run's adapter model (and its base when ``with_base``); returns a summary."""
         from lorafit.models import load_model, load_trained
+        from lorafit.models.load import decide_precision
 
         folder = require_adapter(Path(folder))
         notes: list[str] = []  # what lorafit says while loading (the dtype it picked, ...)
@@ -43,7 +44,11 @@ class ChatModels:
             if self.folder != folder or (with_base and self.base is None):
                 self.folder = self.adapter = self.base = self.tokenizer = None  # free the old run first
                 cfg, tokenizer, adapter = load_trained(folder, echo=notes.append)
-                base = load_model(cfg, tokenizer, echo=notes.append).eval() if with_base else None
+                if with_base:  # a second copy, without the adapter, in the dtypes the first loaded in
+                    precision = decide_precision(cfg.model, cfg.training_config)
+                    base = load_model(cfg.model, tokenizer, precision, echo=notes.append).eval()
+                else:
+                    base = None
                 self.folder, self.tokenizer, self.adapter, self.base = folder, tokenizer, adapter, base
                 self.base_name = cfg.model.name_or_path
             self.with_base = with_base
