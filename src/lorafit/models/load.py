@@ -211,7 +211,7 @@ def load_model(
             kwargs["device_map"] = m.device_map
         try:
             model = None
-            if quantization and m.device_map is None and on_cpu(cfg):
+            if quantization and m.device_map is None and precision.on_cpu:
                 # a local 16-bit folder, streamed into 4 bits a tensor at a time (no 16-bit copy kept)
                 from lorafit.models.quant_load import load_4bit
 

@@ -294,9 +294,10 @@ def predict(
         "LoRA state": 16 * lora,
         "kept": kept,
         "working": max(loss_work, layer_work),
-        "heap holes": p * h * n * (
-            HOLES_PER_LAYER * (shapes.layers - recomputed) + HOLES_PER_RECOMPUTED_LAYER * recomputed
-        ),
+        "heap holes": p
+        * h
+        * n
+        * (HOLES_PER_LAYER * (shapes.layers - recomputed) + HOLES_PER_RECOMPUTED_LAYER * recomputed),
         "runtime": RUNTIME,
     }
     return Prediction(terms, recomputed, shapes.layers)
