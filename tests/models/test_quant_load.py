@@ -17,7 +17,7 @@ import torch
 
 from lorafit.config import build_config
 from lorafit.errors import LorafitError
-from lorafit.models.load import load_model
+from lorafit.models.load import decide_precision, load_model
 from lorafit.models.quant import QLORA_SETTINGS
 from lorafit.models.quant_load import load_4bit, read_header
 
@@ -80,7 +80,8 @@ def test_load_model_streams_a_local_folder_and_trains_on_it(tmp_path) -> None:
     class Tok:
         eos_token_id, pad_token_id, chat_template = 2, 0, None
 
-    model = load_model(cfg, Tok(), echo=lambda *_: None, training=True)
+    precision = decide_precision(cfg.model, cfg.training_config, training=True)
+    model = load_model(cfg.model, Tok(), precision, echo=lambda *_: None)
     assert not hasattr(model, "hf_quantizer") or model.hf_quantizer is None  # ours, not from_pretrained
     assert model.is_quantized and not any(p.requires_grad for p in model.parameters())
     ref = reference(folder)
