@@ -7,7 +7,6 @@ is shown in the tab's status line, as the CLI prints it.
 
 from __future__ import annotations
 
-import functools
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -194,8 +193,37 @@ def _data_tab(page: Page, model: gr.Textbox, fields: dict) -> _DataTab:
     report = gr.State(None)
     data_inputs = [model, path, *(fields[f.name] for f in form.DATA_FIELDS)]
 
-    run_inspect = functools.partial(_inspect, page)
-    show_example = functools.partial(_show_example, page)
+    def run_inspect(model_name: str, source: str, *values: Any) -> tuple:
+        try:
+            settings = _data_settings(
+                source, dict(zip([f.name for f in form.DATA_FIELDS], values, strict=True))
+            )
+            tokenizer = page.tokenizer(model_name)
+            result = data_view.inspect_data(tokenizer, settings)
+            first = data_view.mask_html(data_view.example_tokens(tokenizer, result, 0))
+        except LorafitError as e:
+            return error_text(e), None, "", gr.update(value=1), "", [], None
+        bins = pd.DataFrame(data_view.length_histogram(result), columns=["tokens", "examples"])
+        return (
+            result.summary(),
+            gr.BarPlot(bins, sort=list(bins["tokens"])),  # bins in order, not sorted as text
+            data_view.packing_html(result),
+            gr.update(maximum=len(result.records), value=1),
+            first,
+            [list(row) for row in (*result.skipped, *result.findings)],
+            result,
+        )
+
+    def show_example(model_name: str, result: data_view.DataReport | None, number: float) -> str:
+        if result is None:
+            return ""
+        try:
+            return data_view.mask_html(
+                data_view.example_tokens(page.tokenizer(model_name), result, int(number) - 1)
+            )
+        except LorafitError as e:
+            return error_text(e)
+
     outputs = [summary, histogram, packing, index, mask, bad, report]
     inspect.click(run_inspect, inputs=data_inputs, outputs=outputs)
     upload.upload(lambda f: f, inputs=upload, outputs=path).then(
@@ -203,40 +231,6 @@ def _data_tab(page: Page, model: gr.Textbox, fields: dict) -> _DataTab:
     )
     index.input(show_example, inputs=[model, report, index], outputs=mask, trigger_mode="always_last")
     return _DataTab(path=path, demo=demo, inspect=run_inspect, inputs=data_inputs, outputs=outputs)
-
-
-def _inspect(page: Page, model_name: str, source: str, *values: Any) -> tuple:
-    """Inspect: the Data tab's summary, histogram, packing, example number, first example's tokens,
-    bad records and findings, and the report itself (an error in the summary, the rest empty)."""
-    try:
-        settings = _data_settings(source, dict(zip([f.name for f in form.DATA_FIELDS], values, strict=True)))
-        tokenizer = page.tokenizer(model_name)
-        result = data_view.inspect_data(tokenizer, settings)
-        first = data_view.mask_html(data_view.example_tokens(tokenizer, result, 0))
-    except LorafitError as e:
-        return error_text(e), None, "", gr.update(value=1), "", [], None
-    bins = pd.DataFrame(data_view.length_histogram(result), columns=["tokens", "examples"])
-    return (
-        result.summary(),
-        gr.BarPlot(bins, sort=list(bins["tokens"])),  # bins in order, not sorted as text
-        data_view.packing_html(result),
-        gr.update(maximum=len(result.records), value=1),
-        first,
-        [list(row) for row in (*result.skipped, *result.findings)],
-        result,
-    )
-
-
-def _show_example(page: Page, model_name: str, result: data_view.DataReport | None, number: float) -> str:
-    """The tokens of example ``number`` (counted from 1), the trained ones marked."""
-    if result is None:
-        return ""
-    try:
-        return data_view.mask_html(
-            data_view.example_tokens(page.tokenizer(model_name), result, int(number) - 1)
-        )
-    except LorafitError as e:
-        return error_text(e)
 
 
 def _wire_demo_button(

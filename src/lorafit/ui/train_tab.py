@@ -7,7 +7,6 @@ the run has logged something new.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +180,27 @@ def _wire(tab: _Tab, runs: Runs, downloads: Path, fields: dict) -> None:
         out.write_text(cfg.to_yaml(), encoding="utf-8")
         return cfg.to_yaml(), str(out)
 
-    show = functools.partial(_show_run, runs)
+    def show(run: str | None, last: Any) -> tuple:
+        if not run:
+            return "", gr.skip(), gr.skip(), gr.skip(), "", last
+        try:
+            view = runs.view(run)
+        except LorafitError as e:
+            return error_text(e), gr.skip(), gr.skip(), gr.skip(), "", last
+        key = (run, len(view.metrics), view.samples is not None, view.state)
+        if key == last:
+            return view.headline(), gr.skip(), gr.skip(), gr.skip(), view.log_tail, last
+        image = _image(view.loss_png)
+        return view.headline(), _chart(view), view.samples or "", image, view.log_tail, key
+
+    def act(what: Callable[..., tuple]) -> Callable[..., tuple]:
+        def handler(*args: Any) -> tuple:
+            try:
+                return what(*args)
+            except LorafitError as e:
+                return error_text(e), gr.skip(), gr.skip()
+
+        return handler
 
     def do_start(*args: Any) -> tuple:
         cfg = config(*args)
@@ -208,40 +227,12 @@ def _wire(tab: _Tab, runs: Runs, downloads: Path, fields: dict) -> None:
         show_progress="hidden",
         trigger_mode="always_last",
     )
-    tab.start.click(_reporting_errors(do_start), inputs=tab.inputs, outputs=acted)
-    tab.resume.click(_reporting_errors(do_resume), inputs=tab.run_select, outputs=acted)
-    tab.stop.click(_reporting_errors(do_stop), inputs=tab.run_select, outputs=acted)
+    tab.start.click(act(do_start), inputs=tab.inputs, outputs=acted)
+    tab.resume.click(act(do_resume), inputs=tab.run_select, outputs=acted)
+    tab.stop.click(act(do_stop), inputs=tab.run_select, outputs=acted)
     tab.refresh.click(lambda: gr.update(choices=runs.list_runs()), outputs=tab.run_select)
     tab.run_select.change(lambda run: show(run, None), inputs=tab.run_select, outputs=live)
     tab.timer.tick(show, inputs=[tab.run_select, tab.seen], outputs=live, show_progress="hidden")
-
-
-def _show_run(runs: Runs, run: str | None, last: Any) -> tuple:
-    """The run's view: headline, chart, samples, loss plot, log tail, and what was drawn (the chart
-    and images are redrawn only when the metrics, samples or state changed since ``last``)."""
-    if not run:
-        return "", gr.skip(), gr.skip(), gr.skip(), "", last
-    try:
-        view = runs.view(run)
-    except LorafitError as e:
-        return error_text(e), gr.skip(), gr.skip(), gr.skip(), "", last
-    key = (run, len(view.metrics), view.samples is not None, view.state)
-    if key == last:
-        return view.headline(), gr.skip(), gr.skip(), gr.skip(), view.log_tail, last
-    image = _image(view.loss_png)
-    return view.headline(), _chart(view), view.samples or "", image, view.log_tail, key
-
-
-def _reporting_errors(what: Callable[..., tuple]) -> Callable[..., tuple]:
-    """``what`` with a LorafitError shown in the note line, the other outputs left as they are."""
-
-    def handler(*args: Any) -> tuple:
-        try:
-            return what(*args)
-        except LorafitError as e:
-            return error_text(e), gr.skip(), gr.skip()
-
-    return handler
 
 
 def _image(path: Path | None) -> Any:
