@@ -182,6 +182,36 @@ def test_unknown_override_key_suggests_the_nearest(capsys) -> None:
     assert "did you mean 'learning_rate'" in capsys.readouterr().err
 
 
+def test_train_flags_become_settings_the_words_can_or_cannot_change() -> None:
+    from lorafit.cli import _parser, _split_overrides
+    from lorafit.commands import train_overrides
+    from lorafit.config import load_config
+
+    def settings(*argv: str) -> dict:  # as cli.main reads them
+        argv, words = _split_overrides(["train", *argv])
+        args, rest = _parser().parse_known_args(argv)
+        return train_overrides(args, [*rest, *words])
+
+    flags = ["--qlora", "--fsdp", "--skip-bad-records", "--skip-nonfinite", "--adapter", "runs/a"]
+    got = settings(*flags)
+    assert (
+        got["model"]["quantization"]["bnb_4bit_quant_type"] == "nf4" and got["model"]["adapter"] == "runs/a"
+    )
+    assert got["training_config"]["fsdp"] is True and got["training_config"]["fsdp_config"]["version"] == 2
+    assert got["data"] == {"skip_bad_records": True} and got["training_config"]["skip_nonfinite"] is True
+    # --qlora and --fsdp are presets a word changes; the switches win over words
+    words = ["--model.quantization", "{load_in_4bit: true}", "--training_config.fsdp=false"]
+    words += ["--data.skip_bad_records", "false", "--model.adapter", "runs/b", "--data.max_length", "64"]
+    got = settings(*flags, *words)
+    assert got["model"]["quantization"] == {"load_in_4bit": True} and got["training_config"]["fsdp"] is False
+    assert got["data"] == {"skip_bad_records": True, "max_length": 64} and got["model"]["adapter"] == "runs/a"
+    got["training_config"]["fsdp_config"]["version"] = 1  # the presets are copies
+    assert settings("--fsdp")["training_config"]["fsdp_config"]["version"] == 2
+    cfg = load_config(None, settings("--skip-nonfinite", "--data.max_length", "64"))
+    assert cfg.training_config["skip_nonfinite"] is True and cfg.data.max_length == 64
+    assert {"training_config.skip_nonfinite", "data.max_length"} <= cfg.user_keys
+
+
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys) -> None:
     assert main(["train", "--model.name_or_path", str(tmp_path / "nope"), "--data.train", "x.jsonl"]) == 2
     assert "does not exist" in capsys.readouterr().err

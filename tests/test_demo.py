@@ -225,18 +225,18 @@ def test_no_arguments_mean_the_real_demo_where_smollm2_is_installed(monkeypatch,
     assert load_config(None, []).model.name_or_path == "lorafit-demo" == demo.default_model()
 
 
-def test_without_smollm2_the_tiny_demo_runs_and_says_how_to_get_the_real_one(monkeypatch, capsys):
-    from lorafit import commands
-    from lorafit.config import load_config
+def test_without_smollm2_the_tiny_demo_runs_and_says_how_to_get_the_real_one(monkeypatch):
+    from lorafit.config import TINY_DEMO_NOTE, load_config
 
     monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None)
     assert demo.smollm2_gguf() is None and demo.default_model() == demo.DEMO_MODEL
-    assert load_config(None, []).model.name_or_path == demo.DEMO_MODEL
-    commands._say_which_demo([])
-    line = capsys.readouterr().out
-    assert line.count("\n") == 1 and demo.SMOLLM2_INSTALL in line
-    commands._say_which_demo(["--model.name_or_path", "lorafit-demo"])
-    assert capsys.readouterr().out == ""
+    cfg = load_config(None, [])
+    assert cfg.model.name_or_path == demo.DEMO_MODEL
+    assert TINY_DEMO_NOTE in cfg.notes and demo.SMOLLM2_INSTALL in TINY_DEMO_NOTE  # said with the run's notes
+    assert TINY_DEMO_NOTE in load_config(None, {"training_config": {"max_steps": 2}}).notes
+    for named in (["--model.name_or_path", "lorafit-demo"], ["--data.train", "x.jsonl"]):
+        assert TINY_DEMO_NOTE not in load_config(None, named).notes  # not asked for the demo
+    assert TINY_DEMO_NOTE not in load_config(None, [], method="dpo").notes
 
 
 @pytest.mark.skipif(

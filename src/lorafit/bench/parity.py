@@ -27,80 +27,110 @@ def parity_check(paths: dict[str, str], settings: BenchSettings) -> dict[str, An
     reference is at most 1.5 times PEFT's. (The two attention paths round independently, so
     the one-number loss errors scatter either way by a factor of 2 or 3, and gradient errors,
     carried back through every layer, by about a quarter; lorafit.models.attention alone is at least as
-    accurate as sdpa: tests/test_attention.py.)
+    accurate as sdpa: tests/models/test_attention.py.)
     """
-    import peft
-    from transformers import AutoModelForCausalLM
-
-    from lorafit.adapters import LoraConfig, apply_lora
-    from lorafit.data import PackedCollator, pack
-    from lorafit.models.attention import use_packed_attention
-    from lorafit.training.loss import causal_lm_loss
-
-    length = settings.parity_length or settings.max_length
-    examples = tokenized_examples(paths, settings, max_length=length)
-    rows = pack(examples.lengths.tolist(), length)[: settings.batch_size]
-    tokenizer = bench_tokenizer(paths["model"])
+    bounded = _parity_batch(paths, settings)
     # lorafit trains packed rows with its per-example attention (lorafit.models.attention), which reads
     # the example boundaries; PEFT's model gets the same rows without them and runs sdpa.
-    bounded = PackedCollator(tokenizer.pad_token_id, example_boundaries=True)(
-        [[examples[j] for j in row] for row in rows]
-    )
     batch = {k: v for k, v in bounded.items() if not k.startswith("cu_seq_lens")}
     config = {**LORA, "lora_dropout": 0.0}
-
-    def load(dtype: torch.dtype) -> torch.nn.Module:
-        model = AutoModelForCausalLM.from_pretrained(paths["parity_model"], dtype=torch.bfloat16)
-        return model.to(dtype).train()
-
-    ours = apply_lora(load(torch.bfloat16), LoraConfig.from_dict(config))
-    if not use_packed_attention(ours):
-        raise LorafitError("the bench model did not take lorafit's packed attention")
-    generator = torch.Generator().manual_seed(settings.seed)
-    with torch.no_grad():
-        for module in ours.modules():
-            if hasattr(module, "lora_B"):
-                module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator) * 0.02)
+    ours = _lorafit_model(paths["parity_model"], config, settings.seed)
     lora_weights = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
-
-    def peft_model(dtype: torch.dtype) -> torch.nn.Module:
-        model = peft.get_peft_model(load(dtype), peft.LoraConfig(**config))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.requires_grad:
-                    p.copy_(lora_weights[_lorafit_name(name)])
-        return model
-
-    def run(model: torch.nn.Module, ours_loss: bool, autocast: bool) -> tuple[float, dict[str, torch.Tensor]]:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = causal_lm_loss(model, bounded) if ours_loss else model(**batch, use_cache=False).loss
-        loss.backward()
-        grads = {_lorafit_name(n): p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
-        return loss.item(), grads
-
     results = {
-        "lorafit": run(ours, True, True),
-        "peft": run(peft_model(torch.bfloat16), False, True),
-        "fp32 reference": run(peft_model(torch.float32), False, False),
+        "lorafit": _loss_and_grads(ours, bounded, ours_loss=True, autocast=True),
+        "peft": _loss_and_grads(
+            _peft_model(paths["parity_model"], config, lora_weights, torch.bfloat16), batch, False, True
+        ),
+        "fp32 reference": _loss_and_grads(
+            _peft_model(paths["parity_model"], config, lora_weights, torch.float32), batch, False, False
+        ),
     }
-
-    def distance(a: str, b: str) -> dict[str, float]:
-        (la, ga), (lb, gb) = results[a], results[b]
-        rel = [float((ga[k] - gb[k]).norm() / gb[k].norm().clamp_min(1e-30)) for k in gb]
-        return {"loss_abs": abs(la - lb), "grad_rel_max": max(rel), "grad_rel_median": statistics.median(rel)}
-
     report = {
         "tokens": int((batch["labels"][:, 1:] != -100).sum()),
         "loss": {name: value[0] for name, value in results.items()},
-        "lorafit_vs_peft": distance("lorafit", "peft"),
-        "lorafit_vs_fp32": distance("lorafit", "fp32 reference"),
-        "peft_vs_fp32": distance("peft", "fp32 reference"),
+        "lorafit_vs_peft": _distance(results["lorafit"], results["peft"]),
+        "lorafit_vs_fp32": _distance(results["lorafit"], results["fp32 reference"]),
+        "peft_vs_fp32": _distance(results["peft"], results["fp32 reference"]),
     }
     report["passed"] = (
         report["lorafit_vs_peft"]["loss_abs"] <= 2**-8 * abs(report["loss"]["peft"])
         and report["lorafit_vs_fp32"]["grad_rel_max"] <= 1.5 * report["peft_vs_fp32"]["grad_rel_max"]
     )
     return report
+
+
+LossAndGrads = tuple[float, dict[str, torch.Tensor]]
+
+
+def _parity_batch(paths: dict[str, str], settings: BenchSettings) -> dict[str, torch.Tensor]:
+    """One batch of packed rows of the bench data, with the example boundaries."""
+    from lorafit.data import PackedCollator, pack
+
+    length = settings.parity_length or settings.max_length
+    examples = tokenized_examples(paths, settings, max_length=length)
+    rows = pack(examples.lengths.tolist(), length)[: settings.batch_size]
+    tokenizer = bench_tokenizer(paths["model"])
+    return PackedCollator(tokenizer.pad_token_id, example_boundaries=True)(
+        [[examples[j] for j in row] for row in rows]
+    )
+
+
+def _load_base(folder: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The bench model's bf16 weights (in ``dtype``), in training mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    return model.to(dtype).train()
+
+
+def _lorafit_model(folder: str, config: dict[str, Any], seed: int) -> torch.nn.Module:
+    """The bf16 base with lorafit's LoRA and packed attention, ``B`` drawn from ``seed``."""
+    from lorafit.adapters import LoraConfig, apply_lora
+    from lorafit.models.attention import use_packed_attention
+
+    model = apply_lora(_load_base(folder, torch.bfloat16), LoraConfig.from_dict(config))
+    if not use_packed_attention(model):
+        raise LorafitError("the bench model did not take lorafit's packed attention")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "lora_B"):
+                module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=generator) * 0.02)
+    return model
+
+
+def _peft_model(
+    folder: str, config: dict[str, Any], lora_weights: dict[str, torch.Tensor], dtype: torch.dtype
+) -> torch.nn.Module:
+    """The base in ``dtype`` with PEFT's LoRA, holding lorafit's LoRA weights."""
+    import peft
+
+    model = peft.get_peft_model(_load_base(folder, dtype), peft.LoraConfig(**config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(lora_weights[_lorafit_name(name)])
+    return model
+
+
+def _loss_and_grads(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], ours_loss: bool, autocast: bool
+) -> LossAndGrads:
+    """The batch's loss (lorafit's or the model's own) and the LoRA gradients, by lorafit's names."""
+    from lorafit.training.loss import causal_lm_loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = causal_lm_loss(model, batch) if ours_loss else model(**batch, use_cache=False).loss
+    loss.backward()
+    grads = {_lorafit_name(n): p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads
+
+
+def _distance(a: LossAndGrads, b: LossAndGrads) -> dict[str, float]:
+    """``|loss_a - loss_b|`` and the largest and median ``|g_a - g_b| / |g_b|`` over the LoRA tensors."""
+    (la, ga), (lb, gb) = a, b
+    rel = [float((ga[k] - gb[k]).norm() / gb[k].norm().clamp_min(1e-30)) for k in gb]
+    return {"loss_abs": abs(la - lb), "grad_rel_max": max(rel), "grad_rel_median": statistics.median(rel)}
 
 
 def _lorafit_name(name: str) -> str:

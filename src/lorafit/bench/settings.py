@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lorafit.errors import LorafitError
+from lorafit.models.quant import QLORA_SETTINGS
 
 # Sizes of the small bench model (Phi-3-mini: 3072 / 32 / 32 / 8192), of Phi-3-mini itself (its
 # published config, microsoft/Phi-3-mini-4k-instruct) and of the --quick one.
@@ -85,14 +86,7 @@ LORAFIT_CONFIGS: dict[str, dict] = {
     "fast": {"training_config": {"gradient_checkpointing": False}},
     "lean": {"training_config": {"checkpoint_layers": 0.25}},
     "qlora": {
-        "model": {
-            "quantization": {
-                "load_in_4bit": True,
-                "bnb_4bit_quant_type": "nf4",
-                "bnb_4bit_compute_dtype": "bfloat16",
-                "bnb_4bit_use_double_quant": True,
-            }
-        },
+        "model": {"quantization": dict(QLORA_SETTINGS)},
         "training_config": {"checkpoint_layers": 0.75},
     },
 }

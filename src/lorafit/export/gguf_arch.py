@@ -109,12 +109,6 @@ def regroup_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, d // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def ungroup_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of :func:`regroup_rows`."""
-    d = weight.shape[0] // heads
-    return weight.reshape(heads, d // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
 @dataclass
 class Hyperparameters:
     """The ``{arch}.*`` metadata of a model, and the tensors llama.cpp keeps rope settings in."""

@@ -23,11 +23,6 @@ QLORA_SETTINGS: dict[str, Any] = {
     "bnb_4bit_compute_dtype": "bfloat16",
     "bnb_4bit_use_double_quant": True,
 }
-QLORA_OVERRIDES = [
-    f"--model.quantization={{{', '.join(f'{k}: {v}' for k, v in QLORA_SETTINGS.items())}}}".replace(
-        "True", "true"
-    )
-]
 KEYS = {
     "load_in_4bit",
     "bnb_4bit_quant_type",

@@ -246,7 +246,7 @@ class PauseAtStep(TrainerCallback):
             )
         return cls({int(part) for part in parts})
 
-    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step in self.steps:
             self.steps.discard(state.global_step)
             os.kill(os.getpid(), signal.SIGSTOP)

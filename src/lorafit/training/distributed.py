@@ -41,11 +41,15 @@ _GLOO_DRAIN_SECONDS = 0.2  # see shutdown()
 # unit (FSDP1's flat parameters need use_orig_params for that); one unit per decoder layer
 # (the model's ``_no_split_modules``); a full state dict for saving, from which the adapter is
 # taken on rank 0.
-FSDP_OVERRIDES = [
-    "--training_config.fsdp=true",
-    "--training_config.fsdp_config={version: 2, auto_wrap_policy: TRANSFORMER_BASED_WRAP, "
-    "reshard_after_forward: true, state_dict_type: FULL_STATE_DICT}",
-]
+FSDP_SETTINGS: dict[str, Any] = {
+    "fsdp": True,
+    "fsdp_config": {
+        "version": 2,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "reshard_after_forward": True,
+        "state_dict_type": "FULL_STATE_DICT",
+    },
+}
 
 
 def rank() -> int:

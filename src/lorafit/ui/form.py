@@ -192,7 +192,7 @@ def build_run_config(
     defaults for ``model`` become overrides. ``extra`` holds more ``--section.key value``
     settings, as on the command line; one that repeats a changed field is an error.
     """
-    from lorafit.models.quant import QLORA_OVERRIDES
+    from lorafit.models.quant import QLORA_SETTINGS
 
     model = (model or "").strip()
     if not model:
@@ -200,7 +200,7 @@ def build_run_config(
     defaults = field_values(base_config(model))
     overrides = [f"--model.name_or_path={json.dumps(model)}"]
     if qlora:
-        overrides += QLORA_OVERRIDES
+        overrides.append(f"--model.quantization={json.dumps(QLORA_SETTINGS)}")
     for key, source in (("train", train), ("eval", eval)):
         if source:
             overrides.append(f"--data.{key}={json.dumps(str(source))}")
