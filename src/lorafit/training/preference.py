@@ -463,11 +463,6 @@ class PreferenceTrainer(LorafitTrainer):
             undesirable_weight=s["undesirable_weight"],
         )
 
-    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
-        if self.method == "kto":  # as TRL's default: the KL rows pair each example with its neighbour
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-        return super()._get_train_sampler(*args, **kwargs)
-
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: ANN001, ANN201
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -628,6 +623,8 @@ def build_preference_trainer(
         example_boundaries=model.config._attn_implementation == PACKED_ATTENTION,
         max_length=settings["max_length"],
     )
+    if cfg.method == "kto":  # as TRL's default: the KL rows pair each example with its neighbour
+        args.train_sampling_strategy = "sequential"
     with _quiet_transformers():
         trainer = PreferenceTrainer(
             model=model,
