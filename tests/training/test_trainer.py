@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainingArguments
 
 from lorafit.adapters import LoraConfig, apply_lora
@@ -33,6 +34,9 @@ KEPT = {
     "_load_from_checkpoint": ["self", "resume_from_checkpoint", "model"],
     "_load_best_model": ["self"],
 }
+# Private Trainer methods lorafit calls without overriding: the loss-only prediction_step of
+# LorafitTrainer and PreferenceTrainer moves a batch to the device as Trainer's own does.
+CALLED = {"_prepare_inputs": ["self", "inputs"]}
 # Overridden once, now replaced by public routes: save_pretrained of the LoRA model (_save), the
 # output_dir setting while a checkpoint is written (_get_output_dir), train_sampling_strategy
 # (_get_train_sampler), Trainer.compute_loss's own rescaling (no private method).
@@ -45,6 +49,12 @@ def test_each_private_override_matches_transformers_signature(name: str) -> None
     ours = list(inspect.signature(getattr(LorafitTrainer, name)).parameters)
     assert theirs == KEPT[name], f"transformers changed Trainer.{name}{theirs}: revisit LorafitTrainer.{name}"
     assert ours == KEPT[name]
+
+
+@pytest.mark.parametrize("name", sorted(CALLED))
+def test_each_private_method_called_matches_transformers_signature(name: str) -> None:
+    theirs = list(inspect.signature(getattr(Trainer, name)).parameters)
+    assert theirs == CALLED[name], f"transformers changed Trainer.{name}{theirs}: revisit its callers"
 
 
 def test_only_the_listed_private_methods_are_overridden() -> None:
@@ -148,3 +158,16 @@ def test_resume_loads_the_adapter_where_trainer_alone_cannot(trainer, tmp_path) 
     fresh.state.best_model_checkpoint = folder
     fresh._load_best_model()  # the same loader, from state.best_model_checkpoint
     assert matches()
+
+
+def test_kto_trains_on_the_examples_in_order(tmp_path) -> None:
+    """KTO's KL rows pair each example with its neighbour in the batch (TRL's default order):
+    the public train_sampling_strategy gives Trainer's sequential sampler."""
+    model = apply_lora(tiny_llama(), LoraConfig(r=4, lora_alpha=8))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    rows = [{"input_ids": [i]} for i in range(8)]
+    settings = {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}
+    kto = PreferenceTrainer(
+        model=model, args=args, train_dataset=rows, method="kto", settings=settings, reference=None
+    )
+    assert isinstance(kto._get_train_sampler(), SequentialSampler)

@@ -350,6 +350,8 @@ class PreferenceTrainer(LorafitTrainer):
         self.settings = settings
         self.reference = reference
         self.model_accepts_loss_kwargs = False  # the loss is a per-batch mean: Trainer scales it
+        if method == "kto":  # as TRL's default: the KL rows pair each example with its neighbour
+            self.args.train_sampling_strategy = "sequential"
         self._metrics: dict[str, dict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -623,8 +625,6 @@ def build_preference_trainer(
         example_boundaries=model.config._attn_implementation == PACKED_ATTENTION,
         max_length=settings["max_length"],
     )
-    if cfg.method == "kto":  # as TRL's default: the KL rows pair each example with its neighbour
-        args.train_sampling_strategy = "sequential"
     with _quiet_transformers():
         trainer = PreferenceTrainer(
             model=model,
