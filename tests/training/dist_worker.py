@@ -81,7 +81,7 @@ def check_agreement(rank: int, out: Path) -> None:
 def main() -> None:
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    lf_dist.init_distributed(cpu=True)  # as lorafit train joins: accelerate's PartialState, over gloo
     rank, world = dist.get_rank(), dist.get_world_size()
     check_agreement(rank, out)
 

@@ -62,6 +62,12 @@ def _joined() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _state() -> PartialState:
+    # Built already by join_processes or TrainingArguments. Should the caller have made the
+    # group itself, accelerate would see no distributed run on a CPU-only machine unless told cpu.
+    return PartialState(cpu=not has_accelerator())
+
+
 def init_distributed(
     *, cpu: bool, backend: str | None = None, timeout_s: int = 1800, deepspeed: bool = False
 ) -> None:
@@ -92,7 +98,7 @@ def shutdown(*, wait_for_all: bool) -> None:
     process exiting with its group alive can abort in C++ ("terminate called ...")."""
     if not _joined():
         return
-    state = PartialState()
+    state = _state()
     if wait_for_all:
         state.wait_for_everyone()
     state.destroy_process_group()
@@ -116,7 +122,7 @@ def decide_on_main(fn: Callable[[], T]) -> T:
         return fn()
     payload: list[Any] = [None]
     error: LorafitError | None = None
-    if PartialState().is_main_process:
+    if _state().is_main_process:
         try:
             payload[0] = ("ok", fn())
         except LorafitError as e:
@@ -133,7 +139,7 @@ def decide_on_main(fn: Callable[[], T]) -> T:
 
 def check_same_on_all_ranks(value: str, what: str) -> None:
     """Raise on every rank unless every rank passes the same ``value`` (a short string)."""
-    if not _joined():
+    if not _joined() or not _state().use_distributed:
         return
     values = gather_object([value])  # one per rank, in rank order
     if len(set(values)) > 1:
