@@ -156,6 +156,8 @@ def test_resume_loads_the_adapter_where_trainer_alone_cannot(trainer, tmp_path) 
         for key in saved:
             params[parameter_name(key)].zero_()
     fresh.state.best_model_checkpoint = folder
+    with pytest.raises((ValueError, OSError)):  # as above, for load_best_model_at_end
+        Trainer._load_best_model(fresh)
     fresh._load_best_model()  # the same loader, from state.best_model_checkpoint
     assert matches()
 

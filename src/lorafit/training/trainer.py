@@ -225,9 +225,10 @@ class LorafitTrainer(Trainer):
         if own.is_file():
             self.real_tokens = int(json.loads(own.read_text(encoding="utf-8")).get("real_tokens", 0))
 
-    # Private override, kept for the reason above: Trainer's loads the best checkpoint's adapter
-    # only into a PeftModel. The public route, load_best_model_at_end off for Trainer and the
-    # adapter loaded in on_train_end, would repeat TrainingArguments' checks of that setting.
+    # Private override, kept for the reason above: Trainer's loads a best checkpoint's adapter only
+    # into a PeftModel, and for a lorafit model looks for model.safetensors and fails. The public
+    # route, load_best_model_at_end off for Trainer and the adapter loaded in on_train_end, would
+    # repeat TrainingArguments' checks of that setting (matching save and eval steps, the metric).
     def _load_best_model(self) -> None:
         if self.state.best_model_checkpoint:
             self._load_from_checkpoint(self.state.best_model_checkpoint)
