@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 
 def cmd_train(args: argparse.Namespace, words: list[str]) -> int:
+    from accelerate import PartialState
+
     from lorafit.config import load_config
     from lorafit.demo import facts_train_file
     from lorafit.training import distributed, train
@@ -29,7 +31,7 @@ def cmd_train(args: argparse.Namespace, words: list[str]) -> int:
         ok = True
     finally:
         distributed.shutdown(wait_for_all=ok)
-    if distributed.is_main_process():
+    if PartialState().is_main_process:
         print(f"\nadapter saved in {run_dir}")
         if cfg.data.train == str(facts_train_file()):
             print(f'try it:  lorafit chat --adapter {run_dir} --prompt "{DEMO_QUESTION}"')

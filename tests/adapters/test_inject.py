@@ -260,18 +260,30 @@ def test_checkpointing_replays_lora_dropout_under_autocast(monkeypatch) -> None:
     assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed, strict=True))
 
 
-def test_save_pretrained_refuses_until_lora_is_unloaded(tmp_path) -> None:
+def test_save_pretrained_writes_the_adapter_until_lora_is_unloaded(tmp_path) -> None:
+    """As PEFT's PeftModel: save_pretrained of a LoRA model writes the adapter, which PEFT loads;
+    the whole model only once the update is folded in and the LoRA layers are gone."""
     from transformers import AutoModelForCausalLM
 
     model = apply_lora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
     expected = logits(model, IDS)
     merge_lora(model)  # merged in place, LoRA layers still there
-    with pytest.raises(LorafitError, match=r"merge_lora\(model, unload=True\)"):
-        model.save_pretrained(tmp_path / "wrong")
+    model.save_pretrained(tmp_path / "adapter")
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    via_peft = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    torch.testing.assert_close(logits(via_peft, IDS), expected, atol=1e-5, rtol=0)
+    copy.deepcopy(model).save_pretrained(tmp_path / "copied")  # the method survives a copy
+    assert (tmp_path / "copied" / "adapter_model.safetensors").is_file()
+    model.save_pretrained(tmp_path / "not-main", is_main_process=False)  # as Trainer's other ranks
+    assert not (tmp_path / "not-main").exists()
+    with pytest.raises(LorafitError, match=r"not max_shard_size.*merge_lora\(model, unload=True\)"):
+        model.save_pretrained(tmp_path / "wrong", max_shard_size="1GB")
+    with pytest.raises(LorafitError, match="stage3_gather_16bit_weights_on_model_save"):
+        model.save_pretrained(tmp_path / "wrong", state_dict={})  # what ZeRO-3 hands over ungathered
     assert not (tmp_path / "wrong").exists()
-    copied = copy.deepcopy(model)  # the guard survives a copy
-    with pytest.raises(LorafitError, match="save_adapter"):
-        copied.save_pretrained(tmp_path / "wrong")
     merge_lora(model, unload=True)
     model.save_pretrained(tmp_path / "merged")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")

@@ -1,6 +1,6 @@
 """One rank of a real 2-process gloo job on CPU, started by ``torchrun`` from test_distributed.py.
 
-First the agreement helpers of ``lorafit.distributed`` run between the two ranks (each rank
+First the agreement helpers of ``lorafit.training.distributed`` run between the two ranks (each rank
 writes what it saw to ``agreement-rank<N>.json``). Then FSDP2: a tiny Phi-3 with lorafit LoRA
 layers is sharded with ``fully_shard`` (one unit per decoder layer, each mixing frozen base
 weights and trainable LoRA matrices, plus the root), trained with non-reentrant gradient
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
@@ -57,7 +58,7 @@ def local_numel(model: torch.nn.Module) -> int:
 def check_agreement(rank: int, out: Path) -> None:
     found: dict[str, object] = {}
     # Rank 0 decides and every rank gets its answer (each would compute its own otherwise).
-    found["decided"] = lf_dist.decide_on_main(lambda: f"picked by {lf_dist.rank()}")
+    found["decided"] = lf_dist.decide_on_main(lambda: f"picked by {PartialState().process_index}")
 
     def refuse() -> str:
         raise LorafitError("folder taken")
@@ -71,17 +72,16 @@ def check_agreement(rank: int, out: Path) -> None:
     except LorafitError as e:
         found["mismatch"] = str(e)
     lf_dist.check_same_on_all_ranks("same", "training rows")
-    with lf_dist.main_process_first():
+    with PartialState().local_main_process_first():  # as lorafit fills its data cache
         found["saw_first"] = (out / "first").exists()  # only rank 1 sees rank 0's file
         (out / "first").touch()
-    found["tokens"] = lf_dist.all_reduce_sum(10 + rank)
     (out / f"agreement-rank{rank}.json").write_text(json.dumps(found))
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    lf_dist.init_distributed(cpu=True)  # as lorafit train joins: accelerate's PartialState, over gloo
     rank, world = dist.get_rank(), dist.get_world_size()
     check_agreement(rank, out)
 

@@ -165,7 +165,6 @@ def test_ranks_agree_or_fail_together(worker) -> None:
     assert [f["refusal"] for f in found] == ["folder taken", "folder taken"]
     assert all("built different training rows" in f["mismatch"] for f in found)
     assert [f["saw_first"] for f in found] == [False, True]
-    assert [f["tokens"] for f in found] == [21, 21]
 
 
 def test_fsdp2_shards_a_lora_model_on_cpu(worker) -> None:
@@ -247,12 +246,12 @@ def test_fsdp_without_a_launcher_is_refused(monkeypatch, capsys) -> None:
 
 
 def test_without_a_launcher_everything_is_a_plain_call() -> None:
-    assert lf_dist.world_size() == 1 and lf_dist.is_main_process()
+    from accelerate import PartialState
+
+    assert PartialState().num_processes == 1 and PartialState().is_main_process
     assert lf_dist.decide_on_main(lambda: 3) == 3
-    with lf_dist.main_process_first():
-        pass
     lf_dist.check_same_on_all_ranks("x", "rows")
-    assert lf_dist.all_reduce_sum(5) == 5
+    lf_dist.shutdown(wait_for_all=True)  # no group: nothing to leave
 
 
 def test_fingerprint_sees_packing_and_tokens(phi3_tokenizer, tmp_path) -> None:

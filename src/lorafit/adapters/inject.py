@@ -9,6 +9,7 @@ PEFT does, so adapters convert one to one.
 
 from __future__ import annotations
 
+import os
 import re
 import types
 import warnings
@@ -193,7 +194,7 @@ def apply_lora(model: nn.Module, config: LoraConfig | dict[str, Any]) -> nn.Modu
             getattr(getattr(model, "config", None), "_name_or_path", None) or None
         )
     model.lora_config = config
-    _guard_save_pretrained(model)
+    _save_pretrained_writes_adapter(model)
     # With frozen embeddings and reentrant gradient checkpointing no checkpointed block would
     # see an input that needs grad ("element 0 of tensors does not require grad"). transformers
     # adds the hook that fixes this whenever checkpointing is turned on (Trainer does, after
@@ -211,24 +212,49 @@ def apply_lora(model: nn.Module, config: LoraConfig | dict[str, Any]) -> nn.Modu
     return model
 
 
-def _guard_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` refuse while the model carries LoRA layers.
+def _save_pretrained_writes_adapter(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` write the adapter (PEFT's format) while the model carries
+    LoRA layers, as PEFT's ``PeftModel.save_pretrained`` does.
 
-    It would write the base weights (a merged layer saves its unmerged weight) with ``lora_*``
-    tensors beside them, and plain transformers would load that as the base model and drop the
-    update without a word. ``merge_lora(model, unload=True)`` lifts the guard.
+    transformers' own would write the base weights (a merged layer saves its unmerged weight)
+    with ``lora_*`` tensors beside them, which plain transformers loads as the base model without
+    the update. ``transformers.Trainer`` saves every checkpoint through this method (its
+    ``save_model`` hands it the gathered state dict under FSDP and ZeRO-3), so checkpoints hold
+    the adapter and never the base. ``merge_lora(model, unload=True)`` gives transformers' back.
     """
     if callable(getattr(model, "save_pretrained", None)):
-        model.save_pretrained = types.MethodType(_refuse_save_pretrained, model)
+        model.save_pretrained = types.MethodType(_save_adapter_pretrained, model)
 
 
-def _refuse_save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> None:
-    raise LorafitError(
-        "model.save_pretrained would write the base weights with the LoRA tensors beside them, and "
-        "transformers would load that as the base model without the update. Save the adapter with "
-        "lorafit.save_adapter(model, folder) (PEFT's format), or fold it in first with "
-        "lorafit.merge_lora(model, unload=True) and then call save_pretrained."
-    )
+def _save_adapter_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    is_main_process: bool = True,
+    safe_serialization: bool = True,
+    **unsupported: Any,
+) -> None:
+    """``save_pretrained`` of a model carrying LoRA layers: ``adapter_config.json`` and
+    ``adapter_model.safetensors`` in ``save_directory``. ``state_dict``: a full state dict of the
+    model gathered by FSDP or DeepSpeed, from which the adapter's tensors are taken; only the
+    process with ``is_main_process`` writes."""
+    from lorafit.adapters.files import save_adapter  # files imports this module
+
+    if unsupported or not safe_serialization:
+        asked = sorted(unsupported) + ([] if safe_serialization else ["safe_serialization=False"])
+        raise LorafitError(
+            f"save_pretrained of a LoRA model writes the adapter (PEFT's format, safetensors) and takes "
+            f"state_dict and is_main_process only, not {', '.join(asked)}. For a whole model, fold the "
+            "update in first: lorafit.merge_lora(model, unload=True), then save_pretrained."
+        )
+    if state_dict is not None and not state_dict:
+        raise LorafitError(
+            "the sharded model handed over no weights to save. With DeepSpeed ZeRO-3 set "
+            "zero_optimization.stage3_gather_16bit_weights_on_model_save: true in its config"
+        )
+    if is_main_process:
+        save_adapter(model, save_directory, state_dict=state_dict)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, lora.LoRALayer]]:
@@ -263,7 +289,7 @@ def merge_lora(model: nn.Module, *, unload: bool = False) -> nn.Module:
             _set_submodule(model, name, plain)
         if hasattr(model, "lora_config"):
             del model.lora_config
-        model.__dict__.pop("save_pretrained", None)  # a plain model again: saving it is right
+        model.__dict__.pop("save_pretrained", None)  # a plain model again: transformers' saves it
     return model
 
 

@@ -1,32 +1,35 @@
-"""Several processes, one run: rank queries, agreement between ranks, sharded adapters.
+"""Several processes, one run: joining early, agreement between ranks, FSDP settings.
 
 ``torchrun`` and ``accelerate launch`` start one process per device with ``RANK``,
 ``LOCAL_RANK`` and ``WORLD_SIZE`` in the environment; ``transformers.Trainer`` (through
-accelerate) then wraps the model in DDP or FSDP. What the Trainer does not do, and this module
-does, is make the processes agree *before* the Trainer exists:
+accelerate) then wraps the model in DDP or FSDP. Which process this is comes from accelerate's
+``PartialState`` (``is_main_process``, ``num_processes``, ``local_main_process_first`` ...),
+which Trainer builds too. What neither does, and this module does, is make the processes agree
+*before* the Trainer exists:
 
 * one run folder: rank 0 picks it (a timestamped name, or checks ``output_dir``) and sends it
   to the others, so every rank writes checkpoints into the same folder and a refusal (folder
-  taken) stops every rank with the same message;
-* one copy of the data work: the first process on each machine tokenises and fills the cache
-  while the others wait, then they read the cache; a fingerprint check proves every rank holds
-  the same examples in the same packed rows (the sampler, seeded alike, then orders them alike).
+  taken) stops every rank with the same message (:func:`decide_on_main`);
+* the same data: a fingerprint check proves every rank holds the same examples in the same
+  packed rows (:func:`check_same_on_all_ranks`; the sampler, seeded alike, then orders them alike);
+* a clean exit: :func:`shutdown` leaves the group without gloo aborting the process.
 
 Loading an adapter into a sharded model is :func:`lorafit.adapters.files.load_adapter_sharded`.
-Without ``WORLD_SIZE > 1`` every function here is a no-op or a plain call.
+Without a launcher every function here is a no-op or a plain call.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 
 from lorafit.config import RunConfig
 from lorafit.errors import LorafitError
@@ -52,28 +55,21 @@ FSDP_SETTINGS: dict[str, Any] = {
 }
 
 
-def rank() -> int:
-    """This process's global rank (0 without a launcher)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def local_rank() -> int:
-    """This process's rank on its machine (0 without a launcher)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def world_size() -> int:
-    """How many processes train together (1 without a launcher)."""
+def _launched_processes() -> int:
+    # Before the group exists: accelerate's PartialState would create it on first use (with
+    # default settings), so the launcher's own variable is read instead.
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def is_main_process() -> bool:
-    """Rank 0: the one process that writes the run's files."""
-    return rank() == 0
+def _joined() -> bool:
+    """Whether this process is in a process group (so PartialState() will not create one)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _group_ready() -> bool:
-    return world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+def _state() -> PartialState:
+    # Built already by join_processes or TrainingArguments. Should the caller have made the
+    # group itself, accelerate would see no distributed run on a CPU-only machine unless told cpu.
+    return PartialState(cpu=not has_accelerator())
 
 
 def init_distributed(
@@ -85,10 +81,8 @@ def init_distributed(
     backend choice: gloo on CPU, nccl on CUDA), which later finds it initialised and reuses it.
     Joining early lets the ranks agree on the run folder and data before the Trainer exists.
     """
-    if world_size() <= 1 or _group_ready():
+    if _launched_processes() <= 1 or _joined():
         return
-    from accelerate import PartialState
-
     kwargs: dict[str, Any] = {"timeout": timedelta(seconds=timeout_s)}
     if backend:
         kwargs["backend"] = backend
@@ -106,19 +100,18 @@ def shutdown(*, wait_for_all: bool) -> None:
     """Leave the process group at the end of a run. ``wait_for_all`` (after a successful run)
     first waits for every rank, so no process tears down gloo while another still uses it; a
     process exiting with its group alive can abort in C++ ("terminate called ...")."""
-    if not _group_ready():
+    if not _joined():
         return
-    import torch.distributed as dist
-
+    state = _state()
     if wait_for_all:
-        dist.barrier()
-    dist.destroy_process_group()
+        state.wait_for_everyone()
+    state.destroy_process_group()
     # gloo's worker thread frees each finished collective after the caller has been woken, and
     # a collective's tensors can hold the last reference to a Python object, so that thread may
     # still be waiting for the GIL here. Should the interpreter start finalising first, the
     # thread is forced to exit from inside a destructor and C++ aborts the whole process
     # ("terminate called without an active exception", SIGABRT after a successful run; seen
-    # about once in 20 runs of tests/dist_worker.py). Sleeping releases the GIL to it.
+    # about once in 20 runs of tests/training/dist_worker.py). Sleeping releases the GIL to it.
     time.sleep(_GLOO_DRAIN_SECONDS)
 
 
@@ -129,17 +122,17 @@ def decide_on_main(fn: Callable[[], T]) -> T:
     a refusal (an output folder already in use, say) stops the whole job instead of leaving the
     other ranks waiting. The result must be picklable.
     """
-    if not _group_ready():
+    if not _joined():
         return fn()
     payload: list[Any] = [None]
     error: LorafitError | None = None
-    if rank() == 0:
+    if _state().is_main_process:
         try:
             payload[0] = ("ok", fn())
         except LorafitError as e:
             error = e
             payload[0] = ("error", str(e))
-    torch.distributed.broadcast_object_list(payload, src=0)
+    broadcast_object_list(payload, from_process=0)
     status, value = payload[0]
     if error is not None:
         raise error
@@ -148,32 +141,11 @@ def decide_on_main(fn: Callable[[], T]) -> T:
     return value
 
 
-@contextlib.contextmanager
-def main_process_first() -> Iterator[None]:
-    """The first process on each machine runs the block, then the others do.
-
-    For cached work (tokenisation): the first process fills the machine's cache and the others
-    find it there. Every rank passes the barrier once, so on several machines all first
-    processes work in parallel. If the block raises on a first process, the launcher stops the
-    waiting ranks.
-    """
-    if not _group_ready():
-        yield
-        return
-    first = local_rank() == 0
-    if not first:
-        torch.distributed.barrier()
-    yield
-    if first:
-        torch.distributed.barrier()
-
-
 def check_same_on_all_ranks(value: str, what: str) -> None:
     """Raise on every rank unless every rank passes the same ``value`` (a short string)."""
-    if not _group_ready():
+    if not _joined() or not _state().use_distributed:
         return
-    values: list[Any] = [None] * world_size()
-    torch.distributed.all_gather_object(values, value)
+    values = gather_object([value])  # one per rank, in rank order
     if len(set(values)) > 1:
         groups: dict[str, list[int]] = {}
         for r, v in enumerate(values):
@@ -186,15 +158,6 @@ def check_same_on_all_ranks(value: str, what: str) -> None:
         )
 
 
-def all_reduce_sum(value: int, device: torch.device | str = "cpu") -> int:
-    """The sum of an integer over all ranks (a collective: every rank must call it)."""
-    if not _group_ready():
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(t)
-    return int(t.item())
-
-
 def join_processes(cfg: RunConfig) -> None:
     """Under ``torchrun`` / ``accelerate launch``: join the process group before anything is
     decided, so that rank 0 can choose the run folder for all. Refuses FSDP where accelerate
@@ -203,7 +166,7 @@ def join_processes(cfg: RunConfig) -> None:
     cpu = bool(tc.get("use_cpu")) or not has_accelerator()
     if tc.get("fsdp") and cpu:
         refuse_cpu_fsdp()
-    if tc.get("fsdp") and world_size() == 1:
+    if tc.get("fsdp") and _launched_processes() == 1:
         raise LorafitError(
             "training_config.fsdp shards the model over the processes of a launch, and this is a single "
             "process (accelerate would train unsharded): torchrun --nproc_per_node N -m lorafit train ..."
@@ -217,10 +180,10 @@ def join_processes(cfg: RunConfig) -> None:
             raise LorafitError(
                 "training_config.deepspeed needs the deepspeed package (CUDA machines): pip install deepspeed"
             )
-    if world_size() > 1 and isinstance(cfg.model.device_map, str):
+    if _launched_processes() > 1 and isinstance(cfg.model.device_map, str):
         raise LorafitError(
             f"model.device_map: {cfg.model.device_map!r} spreads one model over every device, but under "
-            f"torchrun each of the {world_size()} processes loads its own copy for its own device. "
+            f"torchrun each of the {_launched_processes()} processes loads its own copy for its own device. "
             "Leave device_map null (DDP), or add --fsdp to shard the model over the processes."
         )
     init_distributed(

@@ -521,11 +521,12 @@ def plan_memory(cfg: Any, precision: Precision, echo: Any = print) -> Any:
     fit a ``max_memory`` the user set (without one, it warns and recomputes every layer).
     Single-process CPU runs only (the budget is this process's resident memory): elsewhere
     ``cfg`` comes back as it is and the settings' defaults decide."""
+    from accelerate import PartialState
+
     from lorafit.models.load import model_config
-    from lorafit.training import distributed
 
     tc = cfg.training_config
-    if not precision.on_cpu or distributed.world_size() > 1:
+    if not precision.on_cpu or PartialState().num_processes > 1:
         if tc.get("max_memory") is not None:
             echo(
                 "note: training_config.max_memory is planned for single-process CPU runs only; "

@@ -350,6 +350,8 @@ class PreferenceTrainer(LorafitTrainer):
         self.settings = settings
         self.reference = reference
         self.model_accepts_loss_kwargs = False  # the loss is a per-batch mean: Trainer scales it
+        if method == "kto":  # as TRL's default: the KL rows pair each example with its neighbour
+            self.args.train_sampling_strategy = "sequential"
         self._metrics: dict[str, dict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -462,11 +464,6 @@ class PreferenceTrainer(LorafitTrainer):
             desirable_weight=s["desirable_weight"],
             undesirable_weight=s["undesirable_weight"],
         )
-
-    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
-        if self.method == "kto":  # as TRL's default: the KL rows pair each example with its neighbour
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-        return super()._get_train_sampler(*args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):  # noqa: ANN001, ANN201
         inputs = self._prepare_inputs(inputs)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from transformers import TrainerCallback, set_seed
 
 from lorafit.adapters import apply_lora, trainable_summary
@@ -77,7 +78,7 @@ def build_data(cfg: RunConfig, tokenizer: Any, seed: int) -> tuple[Any, Any, dic
         eval_fraction=d.eval_fraction,
         skip_bad_records=d.skip_bad_records,
         seed=seed,
-        progress=lf_dist.is_main_process(),
+        progress=PartialState().is_main_process,
         **d.row_settings(),
     )
 
@@ -177,7 +178,8 @@ def train(
     """
     check_report_to(cfg.training_config.get("report_to"))  # a tracker not installed: said before loading
     lf_dist.join_processes(cfg)
-    main = lf_dist.is_main_process()
+    processes = PartialState()  # this process among those of the launch (one without a launcher)
+    main = processes.is_main_process
     echo = echo if main else _say_nothing
     run_dir, checkpoint = choose_run_dir(cfg, resume)
     if not has_accelerator():
@@ -194,14 +196,14 @@ def train(
         )
     # in which dtypes the run computes, decided once (loading, layers, arguments and planner read it)
     precision = decide_precision(cfg.model, cfg.training_config, training=True, dora=cfg.lora.use_dora)
-    with lf_dist.main_process_first():  # a GGUF base is converted once per machine
+    with processes.local_main_process_first():  # a GGUF base is converted once per machine
         prepare_base(cfg.model, cfg.tokenizer, precision, echo)
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, precision, echo=echo)
     preference = cfg.method != "sft"
     train_set, eval_set, stats, fingerprint = (load_preference_data if preference else load_data)(
         cfg, tokenizer, seed, echo
     )
-    cfg, plan = plan_steps(cfg, stats, lf_dist.world_size())
+    cfg, plan = plan_steps(cfg, stats, processes.num_processes)
     if not preference and not cfg.data.packing and stats.get("packed_rows"):  # whole examples a step
         train_set, eval_set, stats, fingerprint = load_data(cfg, tokenizer, seed, _say_nothing)
     cfg = plan_memory(cfg, precision, echo)  # layers to recompute, decided before the model loads
@@ -217,7 +219,7 @@ def train(
     cfg = settle_training_config(cfg, model, precision, has_eval=eval_set is not None, notes=notes)
     cfg = dataclasses.replace(cfg, precision=precision.record())  # lorafit_run.yaml's precision: section
     echo(describe_settings(cfg, notes))
-    echo(describe_plan(plan, lf_dist.world_size()))
+    echo(describe_plan(plan, processes.num_processes))
     checkpoint_some_layers(model, cfg.training_config.get("checkpoint_layers"))
     if checkpoint is not None:
         checkpoints.check_same_data(Path(checkpoint), fingerprint, echo)
@@ -257,7 +259,7 @@ def choose_run_dir(cfg: RunConfig, resume: str | bool | None) -> tuple[Path, str
     run_dir, checkpoint = lf_dist.decide_on_main(lambda: rundir.resolve_run_dir(cfg, resume))
     if checkpoint is not None:
         checkpoints.check_checkpoint(Path(checkpoint))
-    if lf_dist.is_main_process():
+    if PartialState().is_main_process:
         rundir.check_output_dir(run_dir)
     return run_dir, checkpoint
 
@@ -265,7 +267,7 @@ def choose_run_dir(cfg: RunConfig, resume: str | bool | None) -> tuple[Path, str
 def load_data(cfg: RunConfig, tokenizer: Any, seed: int, echo: Any) -> tuple[Any, Any, dict, str]:
     """Train and eval rows (one process per machine tokenises, the rest read its cache), their
     stats, and the fingerprint of the training rows, checked to be the same on every rank."""
-    with lf_dist.main_process_first():
+    with PartialState().local_main_process_first():  # the others then read its cache
         train_set, eval_set, stats = build_data(cfg, tokenizer, seed)
     fingerprints = [dataset_fingerprint(d) for d in (train_set, eval_set) if d is not None]
     lf_dist.check_same_on_all_ranks("/".join(fingerprints), "training rows")

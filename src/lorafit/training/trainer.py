@@ -26,16 +26,16 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from lorafit.adapters.files import load_adapter, load_adapter_sharded, save_adapter
+from lorafit.adapters.files import load_adapter, load_adapter_sharded
 from lorafit.config import RunConfig
 from lorafit.data import collator_for
 from lorafit.errors import LorafitError, RunStopped
 from lorafit.models.attention import PACKED_ATTENTION
 from lorafit.training import checkpoints
-from lorafit.training import distributed as lf_dist
 from lorafit.training.callbacks import NonFiniteGuard, PauseAtStep, RunFilesCallback, StopOnSignal
 from lorafit.training.loss import causal_lm_loss, supports_fast_loss
 from lorafit.training.tracking import ConfigToTrackers
@@ -48,11 +48,13 @@ class LorafitTrainer(Trainer):
     loss is :func:`lorafit.training.loss.causal_lm_loss` (the model's own loss, without full-vocabulary
     logits) wherever that applies.
 
-    Under DDP every rank counts its own tokens and :meth:`tokens_seen` sums them. Under FSDP
-    (and DeepSpeed ZeRO-3) Trainer gathers a full state dict on every rank before ``_save``;
-    the adapter is taken from it, and resuming loads the adapter into the sharded parameters.
+    Trainer's own ``save_model`` writes the adapter: the LoRA model's ``save_pretrained`` does,
+    as a ``PeftModel``'s does. Under DDP every rank counts its own tokens and :meth:`tokens_seen`
+    sums them. Under FSDP (and DeepSpeed ZeRO-3) Trainer gathers a full state dict on every rank
+    and hands it to ``save_pretrained``, which takes the adapter from it; resuming loads the
+    adapter into the sharded parameters.
 
-    ``training_args.bin`` is never written: it is a pickle, and nothing here reads it back.
+    ``training_args.bin`` never reaches a checkpoint: it is a pickle, and nothing here reads it back.
     """
 
     def __init__(
@@ -65,7 +67,6 @@ class LorafitTrainer(Trainer):
         # waits for the device; reading ``real_tokens`` (logging, checkpoints) does.
         self._tokens: torch.Tensor | int = 0
         self._loss_finite: torch.Tensor | None = None  # all micro-batch losses of this step finite
-        self._staging: str | None = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -91,12 +92,15 @@ class LorafitTrainer(Trainer):
         if return_outputs or not self._fast_loss_applies(inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         unwrapped = self.accelerator.unwrap_model(model)
-        loss = causal_lm_loss(model, inputs, num_items_in_batch, unwrapped=unwrapped)
-        # as Trainer.compute_loss does for a loss normalised by num_items_in_batch
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            n_gpu = self.args.n_gpu
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if n_gpu <= 1 else n_gpu)
-        return loss
+
+        def loss_only(**batch: Any) -> dict[str, torch.Tensor]:
+            n = batch.pop("num_items_in_batch", None)  # added by Trainer (model_accepts_loss_kwargs)
+            return {"loss": causal_lm_loss(model, batch, n, unwrapped=unwrapped)}
+
+        # Trainer.compute_loss calls ``model(**inputs)`` and then rescales the loss it returns as
+        # it would the model's own (``average_tokens_across_devices``); handed ``loss_only`` as the
+        # model, it applies its own rescaling to this loss, and no copy of it lives here.
+        return super().compute_loss(loss_only, inputs, False, num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation without metrics needs the loss only: take it without the logits. (One
@@ -120,7 +124,8 @@ class LorafitTrainer(Trainer):
     def tokens_seen(self) -> int:
         """Real tokens trained on so far by all processes together. A collective under
         DDP/FSDP: every rank must call it at the same point (Trainer logs on every rank)."""
-        return lf_dist.all_reduce_sum(self.real_tokens, device=self.args.device)
+        mine = torch.tensor([self.real_tokens], dtype=torch.int64, device=self.args.device)
+        return int(self.accelerator.reduce(mine, reduction="sum").item())
 
     def _fast_loss_applies(self, inputs: dict) -> bool:
         # Trainer scales a loss for gradient accumulation as it would the model's own only when
@@ -133,24 +138,22 @@ class LorafitTrainer(Trainer):
             and supports_fast_loss(self.accelerator.unwrap_model(self.model))
         )
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        if state_dict is not None and not state_dict:
-            raise LorafitError(
-                "the sharded model handed over no weights to save. With DeepSpeed ZeRO-3 set "
-                "zero_optimization.stage3_gather_16bit_weights_on_model_save: true in its config"
-            )
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        # Without sharding, Trainer passes no state dict and the model's parameters are whole.
-        save_adapter(model, output_dir, state_dict=state_dict)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's ``save_model`` (the model's ``save_pretrained`` writes the adapter: see
+        :func:`lorafit.adapters.inject.apply_lora`), without ``training_args.bin``: Trainer pickles
+        its arguments there, and nothing here reads it back."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            (Path(output_dir or self.args.output_dir) / TRAINING_ARGS_NAME).unlink(missing_ok=True)
 
+    # Private override, kept: under FSDP, Trainer's version also writes the whole model
+    # (pytorch_model_fsdp.bin: every base weight) into each checkpoint, and no TrainingArguments
+    # setting leaves the model out but keeps the optimizer (save_only_model drops the optimizer).
+    # Deleting the file in a callback would still write gigabytes per checkpoint.
+    # tests/training/test_trainer.py checks the signature and that Trainer still writes the FSDP model.
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_fsdp_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
-        # Under FSDP, Trainer would also write the whole model (pytorch_model_fsdp.bin: every base
-        # weight) into each checkpoint; the adapter is all a lorafit checkpoint needs.
         from accelerate.utils import save_fsdp_optimizer
         from transformers.trainer import SCHEDULER_NAME
 
@@ -159,10 +162,11 @@ class LorafitTrainer(Trainer):
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
-    def _get_output_dir(self, trial: Any) -> str:
-        # While _save_checkpoint runs, Trainer writes checkpoint-N into the staging folder.
-        return self._staging or super()._get_output_dir(trial)
-
+    # Private override, kept: a checkpoint must appear whole or not at all, and rotation must run
+    # after it is complete. The public route, a callback, only hears of a save afterwards
+    # (``on_save``), when Trainer has already written into checkpoint-N and rotated; no event comes
+    # before it (with ``save_strategy: best`` the decision to save is taken after every callback
+    # of the step). tests/training/test_trainer.py checks the signature.
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Trainer's checkpoint, written into ``.partial-checkpoint-N/`` and renamed into place.
 
@@ -171,12 +175,16 @@ class LorafitTrainer(Trainer):
         raises a ``LorafitError`` naming the last good checkpoint. Rotation (``save_total_limit``)
         runs after the rename, on complete checkpoints only.
         """
-        run_dir = Path(super()._get_output_dir(trial))
+        run_dir = Path(self.args.output_dir)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = run_dir / f"{checkpoints.PARTIAL}{name}"
-        self._staging = str(staging)
         try:
-            super()._save_checkpoint(model, trial)
+            # Trainer writes checkpoint-N into its output_dir: the staging folder, while it saves.
+            self.args.output_dir = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = str(run_dir)
             self.accelerator.wait_for_everyone()  # every rank's RNG file is written
             if self.args.should_save:
                 self._publish(staging / name, run_dir / name)
@@ -188,8 +196,6 @@ class LorafitTrainer(Trainer):
                     + checkpoints.resume_hint(run_dir)
                 ) from e
             raise
-        finally:
-            self._staging = None
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
             checkpoints.rotate_checkpoints(
@@ -204,6 +210,10 @@ class LorafitTrainer(Trainer):
         (staged / checkpoints.LORAFIT_STATE_NAME).write_text(json.dumps(own), encoding="utf-8")
         checkpoints.publish_checkpoint(staged, final)
 
+    # Private override, kept: Trainer loads weights from a checkpoint only as a whole model or as
+    # a PEFT ``PeftModel``'s adapter (``model.load_adapter``, for models that are PeftModels); a
+    # lorafit model is neither, and ``train(resume_from_checkpoint=...)`` always calls this, so
+    # there is no public route in. tests/training/test_trainer.py checks the signature.
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
@@ -215,6 +225,10 @@ class LorafitTrainer(Trainer):
         if own.is_file():
             self.real_tokens = int(json.loads(own.read_text(encoding="utf-8")).get("real_tokens", 0))
 
+    # Private override, kept for the reason above: Trainer's loads a best checkpoint's adapter only
+    # into a PeftModel, and for a lorafit model looks for model.safetensors and fails. The public
+    # route, load_best_model_at_end off for Trainer and the adapter loaded in on_train_end, would
+    # repeat TrainingArguments' checks of that setting (matching save and eval steps, the metric).
     def _load_best_model(self) -> None:
         if self.state.best_model_checkpoint:
             self._load_from_checkpoint(self.state.best_model_checkpoint)
