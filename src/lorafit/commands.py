@@ -228,6 +228,8 @@ def cmd_ui(args: argparse.Namespace, _: list[str]) -> int:
 def cmd_bench(args: argparse.Namespace, _: list[str]) -> int:
     from lorafit.bench import BenchSettings, run_bench
 
+    if args.method != "sft":
+        return _bench_preference(args)
     settings = BenchSettings.from_options(
         args.quick,
         args.steps,
@@ -241,4 +243,22 @@ def cmd_bench(args: argparse.Namespace, _: list[str]) -> int:
         parity_length=args.parity_length,
     )
     run_bench(Path(args.out), settings)
+    return 0
+
+
+def _bench_preference(args: argparse.Namespace) -> int:
+    from lorafit.bench.preference import preference_settings, run
+
+    only_sft = [
+        f"--{name.replace('_', '-')}"
+        for name in ("trl", "lorafit", "layers", "parity_length")
+        if getattr(args, name) is not None
+    ] + (["--size"] if args.size != "small" else [])
+    if only_sft:
+        raise LorafitError(
+            f"{', '.join(only_sft)}: options of the SFT bench; --method {args.method} runs the small bench "
+            "model against TRL's trainer (options: --steps, --warmup, --repeats, --max-length, --quick)"
+        )
+    settings, pairs = preference_settings(args.quick, args.steps, args.warmup, args.repeats, args.max_length)
+    run(Path(args.out), args.method, settings, pairs)
     return 0
