@@ -62,6 +62,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
     from lorafit.config import load_config
+    from lorafit.data.preference_report import is_preference_file
     from lorafit.data.report import analyse, print_report
     from lorafit.models import load_tokenizer
 
@@ -71,8 +72,29 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
         overrides = [*overrides, "--data.max_length", str(args.max_length)]
     cfg = load_config(args.config, [*overrides, "--data.train", args.file])
     tokenizer = load_tokenizer(cfg)
+    if cfg.method != "sft" or is_preference_file(args.file):
+        return _data_preference(args, cfg, tokenizer)
     report = analyse(tokenizer, args.file, **cfg.data.row_settings())
     print_report(report, tokenizer, show=args.show, colour=sys.stdout.isatty())
+    return 1 if report.errors else 0
+
+
+def _data_preference(args: argparse.Namespace, cfg: Any, tokenizer: Any) -> int:
+    """``lorafit data`` on preference records: the run's method (or the one the fields say), its
+    max_length and truncation_mode as ``lorafit train`` resolves them."""
+    from lorafit.data.preference_report import analyse_preference, print_preference_report
+    from lorafit.training.preference import method_settings
+
+    settings = method_settings(cfg) if cfg.method != "sft" else {"max_length": cfg.data.max_length}
+    report = analyse_preference(
+        tokenizer,
+        args.file,
+        method=None if cfg.method == "sft" else cfg.method,
+        max_length=settings["max_length"],
+        truncation_mode=settings.get("truncation_mode", "keep_start"),
+        overlong=cfg.data.overlong,
+    )
+    print_preference_report(report, tokenizer, show=args.show, colour=sys.stdout.isatty())
     return 1 if report.errors else 0
 
 
