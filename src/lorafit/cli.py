@@ -119,6 +119,7 @@ examples:
   lorafit bench                          # the small benchmark (about an hour on 2 AVX-512 cores)
   lorafit bench --size phi3-mini         # Phi-3-mini (needs about 16 GB of memory)
   lorafit bench --quick                  # a tiny smoke test of the whole pipeline (under a minute)
+  lorafit bench --method dpo             # DPO against TRL's DPOTrainer (orpo: ORPOTrainer)
   lorafit bench --steps 10 --repeats 1 --trl packing
   lorafit bench --size phi3-mini --layers 2 --max-length 512   # its widths, 2 layers: a short check
 """
@@ -284,6 +285,14 @@ def _bench_arguments(b: argparse.ArgumentParser) -> None:
         "for small, fast,lean,qlora for phi3-mini)",
     )
     b.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke test")
+    b.add_argument(
+        "--method",
+        default="sft",
+        choices=["sft", "dpo", "orpo"],
+        help="sft (default); dpo or orpo: lorafit against TRL's DPOTrainer / ORPOTrainer with PEFT on "
+        "synthetic preference pairs (lorafit.bench.preference; takes --steps, --warmup, --repeats, "
+        "--max-length, --quick)",
+    )
 
 
 def _ui_arguments(u: argparse.ArgumentParser) -> None:

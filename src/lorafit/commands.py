@@ -81,6 +81,7 @@ def train_overrides(args: argparse.Namespace, words: list[str]) -> Overrides:
 
 def cmd_data(args: argparse.Namespace, words: list[str]) -> int:
     from lorafit.config import load_config, merge_dicts, parse_overrides
+    from lorafit.data.preference_report import is_preference_file
     from lorafit.data.report import analyse, print_report
     from lorafit.models import load_tokenizer
 
@@ -90,8 +91,29 @@ def cmd_data(args: argparse.Namespace, words: list[str]) -> int:
         flags["data"]["max_length"] = args.max_length
     cfg = load_config(args.config, merge_dicts(merge_dicts(model, parse_overrides(words)), flags))
     tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
+    if cfg.method != "sft" or is_preference_file(args.file):
+        return _data_preference(args, cfg, tokenizer)
     report = analyse(tokenizer, args.file, **cfg.data.row_settings())
     print_report(report, tokenizer, show=args.show, colour=sys.stdout.isatty())
+    return 1 if report.errors else 0
+
+
+def _data_preference(args: argparse.Namespace, cfg: Any, tokenizer: Any) -> int:
+    """``lorafit data`` on preference records: the run's method (or the one the fields say), its
+    max_length and truncation_mode as ``lorafit train`` resolves them."""
+    from lorafit.data.preference_report import analyse_preference, print_preference_report
+    from lorafit.training.preference import method_settings
+
+    settings = method_settings(cfg) if cfg.method != "sft" else {"max_length": cfg.data.max_length}
+    report = analyse_preference(
+        tokenizer,
+        args.file,
+        method=None if cfg.method == "sft" else cfg.method,
+        max_length=settings["max_length"],
+        truncation_mode=settings.get("truncation_mode", "keep_start"),
+        overlong=cfg.data.overlong,
+    )
+    print_preference_report(report, tokenizer, show=args.show, colour=sys.stdout.isatty())
     return 1 if report.errors else 0
 
 
@@ -235,6 +257,8 @@ def cmd_ui(args: argparse.Namespace, _: list[str]) -> int:
 def cmd_bench(args: argparse.Namespace, _: list[str]) -> int:
     from lorafit.bench import BenchSettings, run_bench
 
+    if args.method != "sft":
+        return _bench_preference(args)
     settings = BenchSettings.from_options(
         args.quick,
         args.steps,
@@ -248,4 +272,22 @@ def cmd_bench(args: argparse.Namespace, _: list[str]) -> int:
         parity_length=args.parity_length,
     )
     run_bench(Path(args.out), settings)
+    return 0
+
+
+def _bench_preference(args: argparse.Namespace) -> int:
+    from lorafit.bench.preference import preference_settings, run
+
+    only_sft = [
+        f"--{name.replace('_', '-')}"
+        for name in ("trl", "lorafit", "layers", "parity_length")
+        if getattr(args, name) is not None
+    ] + (["--size"] if args.size != "small" else [])
+    if only_sft:
+        raise LorafitError(
+            f"{', '.join(only_sft)}: options of the SFT bench; --method {args.method} runs the small bench "
+            "model against TRL's trainer (options: --steps, --warmup, --repeats, --max-length, --quick)"
+        )
+    settings, pairs = preference_settings(args.quick, args.steps, args.warmup, args.repeats, args.max_length)
+    run(Path(args.out), args.method, settings, pairs)
     return 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.image
+
 from lorafit.training import callbacks
 
 
@@ -30,3 +32,21 @@ def test_the_loss_plot_is_written_whole_and_only_with_a_loss_to_draw(tmp_path) -
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]  # no temporary file left
     callbacks.plot_loss([{"step": 3, "eval_loss": 0.5}], path)  # eval loss alone is drawn too
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_plot_adds_a_rewards_panel_for_preference_metrics(tmp_path) -> None:
+    sft = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval_loss": 1.7}]
+    callbacks.plot_loss(sft, tmp_path / "sft.png")
+    assert matplotlib.image.imread(tmp_path / "sft.png").shape[:2] == (400, 700)
+    dpo = [
+        {"step": 1, "loss": 0.69, "rewards/margins": 0.0, "rewards/accuracies": 0.0},
+        {"step": 2, "loss": 0.5, "rewards/margins": 0.4, "rewards/accuracies": 1.0},
+        {"step": 2, "eval_loss": 0.6, "eval_rewards/margins": 0.2, "eval_rewards/accuracies": 0.5},
+    ]
+    callbacks.plot_loss(dpo, tmp_path / "dpo.png")
+    image = matplotlib.image.imread(tmp_path / "dpo.png")
+    assert image.shape[:2] == (400, 1200)
+    assert not (tmp_path / "dpo.tmp.png").exists()
+    # the right half is drawn on (the panel has lines), not left white
+    right = image[40:360, 700:1150, :3]
+    assert (right < 0.9).any()

@@ -221,3 +221,35 @@ def test_precomputed_reference_log_probs_train_the_same(work, method) -> None:
         losses[precompute] = [row["loss"] for row in metrics(work / out) if "loss" in row]
     assert len(losses["true"]) == 3
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-6)
+
+
+def test_run_files_show_pairs_and_rewards(work) -> None:
+    """samples.md answers eval prompts before and after with chosen and rejected beside them;
+    metrics.jsonl carries the rewards; loss.png gets the rewards panel beside the loss."""
+    import matplotlib.image
+
+    write_jsonl(work / "eval.jsonl", PAIRS[2:])
+    args = ["train", "--method", "dpo", "--data.train", "pairs.jsonl", "--data.eval", "eval.jsonl", *COMMON]
+    args += [*PREFERENCE, "--data.eval_prompts", "2", "--training_config.eval_strategy", "steps"]
+    assert main([*args, "--training_config.eval_steps", "1", "--training_config.output_dir", "run"]) == 0
+    samples = (work / "run" / "samples.md").read_text()
+    for pair in PAIRS[2:]:
+        assert f"## {PAIRS.index(pair) - 1}. {pair['prompt']}" in samples
+        assert f"**chosen:** {pair['chosen']}" in samples and f"**rejected:** {pair['rejected']}" in samples
+    assert samples.count("**before:**") == 2 and samples.count("**after:**") == 2
+    assert "(not run" not in samples
+    rows = metrics(work / "run")
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert any(key in row for row in rows) and any(f"eval_{key}" in row for row in rows)
+    height, width = matplotlib.image.imread(work / "run" / "loss.png").shape[:2]
+    assert (width, height) == (1200, 400)  # two panels: the loss and the rewards
+
+
+def test_kto_samples_show_desirable_completions_only(work) -> None:
+    args = ["train", "--method", "kto", "--data.train", "kto.jsonl", "--data.eval", "kto.jsonl", *COMMON]
+    args += [*PREFERENCE, "--data.eval_prompts", "2", "--training_config.max_steps", "1"]
+    assert main([*args, "--training_config.output_dir", "run"]) == 0
+    samples = (work / "run" / "samples.md").read_text()
+    for pair in PAIRS[:2]:  # the first two records with label true: each pair's chosen answer
+        assert f"**desirable:** {pair['chosen']}" in samples
+    assert "**rejected:**" not in samples and PAIRS[0]["rejected"] not in samples

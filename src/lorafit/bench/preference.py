@@ -1,7 +1,8 @@
 """DPO benchmark: lorafit's ``method: dpo`` against TRL's ``DPOTrainer`` with PEFT, same model,
 same synthetic pairs, same settings, optimizer and batch, each run in its own process, alternately.
 
-    python -m lorafit.bench.preference --out bench_dpo [--steps 8] [--repeats 2] [--method dpo|orpo]
+    lorafit bench --method dpo|orpo [--out bench_out] [--steps 8] [--repeats 2] [--quick]
+    python -m lorafit.bench.preference --out bench_dpo [--method dpo|orpo] [--pairs 200] [--batch-size 4]
 
 The model is the small bench model (``lorafit bench``'s: hidden 512, 8 layers, Phi-3's vocabulary),
 the pairs are its synthetic chats: the prompt is a chat up to its last user turn, ``chosen`` the
@@ -232,26 +233,53 @@ def run(out: Path, method: str, settings: BenchSettings, pairs: int, echo: Any =
     return summary
 
 
+def preference_settings(
+    quick: bool = False,
+    steps: int | None = None,
+    warmup: int | None = None,
+    repeats: int | None = None,
+    max_length: int | None = None,
+    batch_size: int | None = None,
+    pairs: int | None = None,
+) -> tuple[BenchSettings, int]:
+    """The settings and pair count of a preference bench: 8 steps of 4 pairs up to 512 tokens each,
+    2 repeats, 200 pairs (or ``quick``: the tiny model, 3 steps of 4 pairs up to 128 tokens, 1
+    repeat, 63 pairs); each option given replaces its default."""
+    if quick:
+        settings = BenchSettings.quick_settings()
+    else:
+        settings = BenchSettings(steps=8, warmup=2, repeats=2, batch_size=4, max_length=512)
+    if pairs is None:
+        pairs = settings.conversations - 1 if quick else 200
+    for key, value in (
+        ("steps", steps),
+        ("warmup", warmup),
+        ("repeats", repeats),
+        ("max_length", max_length),
+        ("batch_size", batch_size),
+    ):
+        if value is not None:
+            setattr(settings, key, value)
+    settings.conversations = pairs + 1
+    return settings, pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_dpo")
     p.add_argument("--method", default="dpo", choices=["dpo", "orpo"])
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=4, help="pairs per step")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--pairs", type=int, default=200)
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 8)")
+    p.add_argument("--warmup", type=int, help="first steps left out of tokens/s (default 2)")
+    p.add_argument("--repeats", type=int, help="runs of each side (default 2)")
+    p.add_argument("--batch-size", type=int, help="pairs per step (default 4)")
+    p.add_argument("--max-length", type=int, help="tokens per sequence (default 512)")
+    p.add_argument("--pairs", type=int, help="synthetic pairs (default 200)")
+    p.add_argument("--quick", action="store_true", help="a tiny model and a few steps: a smoke test")
     args = p.parse_args(argv)
-    settings = BenchSettings(
-        steps=args.steps,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        conversations=args.pairs + 1,
+    settings, pairs = preference_settings(
+        args.quick, args.steps, args.warmup, args.repeats, args.max_length, args.batch_size, args.pairs
     )
-    run(Path(args.out), args.method, settings, args.pairs)
+    run(Path(args.out), args.method, settings, pairs)
     return 0
 
 

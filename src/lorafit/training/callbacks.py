@@ -145,7 +145,9 @@ def metrics_up_to(path: Path, step: int) -> list[dict[str, Any]]:
 
 
 def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
-    """Train and eval loss against step."""
+    """Train and eval loss against step; for a preference method a second panel beside it with
+    the reward margin (``rewards/margins``) and the reward accuracy (``rewards/accuracies``, the
+    share of pairs whose chosen answer out-rewards the rejected one), train and eval."""
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
     if not train and not evals:
@@ -155,7 +157,14 @@ def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    def series(key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in history if key in r]
+
+    rewarded = any("rewards/margins" in r or "eval_rewards/margins" in r for r in history)
+    fig, axes = plt.subplots(
+        1, 2 if rewarded else 1, figsize=(12 if rewarded else 7, 4), dpi=100, squeeze=False
+    )
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
@@ -164,6 +173,22 @@ def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if rewarded:
+        margins, accuracy = axes[0][1], axes[0][1].twinx()
+        for prefix, style in (("", "-"), ("eval_", "o-")):
+            name = "eval" if prefix else "train"
+            if points := series(f"{prefix}rewards/margins"):
+                margins.plot(*zip(*points, strict=True), style, color="tab:blue", label=f"{name} margin")
+            if points := series(f"{prefix}rewards/accuracies"):
+                accuracy.plot(*zip(*points, strict=True), style, color="tab:orange", label=f"{name} accuracy")
+        margins.set_xlabel("step")
+        margins.set_ylabel("reward margin (chosen - rejected)")
+        accuracy.set_ylabel("reward accuracy")
+        accuracy.set_ylim(-0.05, 1.05)
+        margins.grid(alpha=0.3)
+        lines = margins.get_legend_handles_labels()
+        more = accuracy.get_legend_handles_labels()
+        margins.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)

@@ -593,6 +593,45 @@ def load_preference_data(cfg: Any, tokenizer: Any, seed: int, echo: Any) -> tupl
     return PreferenceDataset(train), eval_set, stats, fingerprint
 
 
+def sample_pairs(cfg: Any, seed: int) -> tuple[list[list[dict]], list[str | None]]:
+    """Up to ``data.eval_prompts`` eval records for ``samples.md``: each as its prompt turns and
+    chosen answer (the reference the generation metrics score against), with the rejected
+    answer's text (None for a KTO record; a KTO record marked undesirable is passed over, its
+    completion being no reference). From the eval data, the held-out records with
+    ``eval_fraction``, else the training data; bad records are passed over (building the data
+    has stopped on them or listed them)."""
+    from lorafit.data.build import held_out_records
+    from lorafit.data.preference import to_preference
+    from lorafit.data.read import read_records
+    from lorafit.training.run import data_sources
+
+    n = cfg.data.eval_prompts
+    if not n:
+        return [], []
+    train_src, eval_src = data_sources(cfg)
+    if eval_src or cfg.data.eval_split:
+        source = eval_src or f"hf:{str(train_src)[3:].partition(':')[0]}:{cfg.data.eval_split}"
+        records = read_records(source, bad=[])
+    elif cfg.data.eval_fraction:
+        records = held_out_records(train_src, cfg.data.eval_fraction, seed)
+    else:
+        records = read_records(train_src, bad=[])
+    conversations: list[list[dict]] = []
+    rejected: list[str | None] = []
+    for record in records:
+        try:
+            pair = to_preference(record, cfg.method)
+        except LorafitError:
+            continue
+        if pair.label is False:
+            continue
+        conversations.append(pair.prompt + pair.chosen)
+        rejected.append(None if pair.rejected is None else "\n\n".join(m["content"] for m in pair.rejected))
+        if len(conversations) == n:
+            break
+    return conversations, rejected
+
+
 def _stats_for_run(stats: dict) -> dict:
     out = {k: v for k, v in stats.items() if k != "bad"}
     out["skipped"] = [{"where": b.where, "reason": b.reason} for b in stats["bad"]]

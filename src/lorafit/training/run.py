@@ -36,7 +36,7 @@ from lorafit.training import distributed as lf_dist
 from lorafit.training.arguments import resolve_training_config, training_arguments
 from lorafit.training.memory import plan_memory, spread
 from lorafit.training.plan import describe_plan, plan_steps
-from lorafit.training.preference import build_preference_trainer, load_preference_data
+from lorafit.training.preference import build_preference_trainer, load_preference_data, sample_pairs
 from lorafit.training.tracking import check_report_to
 from lorafit.training.trainer import build_trainer, run_trainer
 
@@ -233,6 +233,9 @@ def train(
             )
         sft_chat = not preference and stats["format"] != "text"
         prompts = sample_prompts(cfg, stats, seed) if main and sft_chat else []
+        rejected = None
+        if main and preference and tokenizer.chat_template:  # answers are generated in chat form
+            prompts, rejected = sample_pairs(cfg, seed)
         before = None
         if prompts and checkpoint is None:
             before = generation_report(model, tokenizer, prompts, echo=lambda s: echo(f"samples before: {s}"))
@@ -248,8 +251,8 @@ def train(
         if model.config._attn_implementation == PACKED_ATTENTION:
             model.set_attn_implementation("sdpa")  # the model goes back as loaded
         if main and prompts:
-            after = write_samples_after(trainer, model, tokenizer, prompts, before, run_dir, echo)
-            if after is not None:
+            after = write_samples_after(trainer, model, tokenizer, prompts, before, run_dir, echo, rejected)
+            if after is not None and not preference:
                 echo_held_out(cfg, stats, prompts, before, after, echo)
     return run_dir
 
@@ -312,8 +315,10 @@ def write_samples_after(
     before: tuple[dict, list[dict]] | None,
     run_dir: Path,
     echo: Any = print,
+    rejected: list[str | None] | None = None,
 ) -> tuple[dict, list[dict]] | None:
-    """``samples.md``: the eval prompts answered before and after training, with their scores.
+    """``samples.md``: the eval prompts answered before and after training, with their scores
+    (and, for a preference method, each prompt's ``rejected`` answer beside the chosen one).
     Returns the answers after training (None where this process could not run the model)."""
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         # The weights are spread over the processes; rank 0 alone cannot run the model.
@@ -322,7 +327,7 @@ def write_samples_after(
     else:
         after = generation_report(model, tokenizer, prompts, echo=lambda s: echo(f"samples after: {s}"))
         note = ""
-    rundir.write_samples(run_dir / rundir.SAMPLES_NAME, prompts, before, after, note=note)
+    rundir.write_samples(run_dir / rundir.SAMPLES_NAME, prompts, before, after, note=note, rejected=rejected)
     return after
 
 

@@ -139,10 +139,13 @@ def write_samples(
     before: tuple[dict, list[dict]] | None,
     after: tuple[dict, list[dict]] | None,
     note: str = "",
+    rejected: list[str | None] | None = None,
 ) -> None:
     """``samples.md``: each eval prompt with its reference and the answers before and after
     training, under a table of the generation metrics (``before``/``after``: the summary and the
-    rows of :func:`lorafit.inference.metrics.generation_report`; None when not run)."""
+    rows of :func:`lorafit.inference.metrics.generation_report`; None when not run). With
+    ``rejected`` (a preference run) the reference is the chosen answer, shown with the rejected
+    one (None: a KTO record, whose one answer is the desirable completion)."""
     from lorafit.inference.metrics import METRICS
 
     def answers(report: tuple[dict, list[dict]] | None, why: str) -> list[str]:
@@ -157,7 +160,13 @@ def write_samples(
     pairs = zip(answers(before, "not run: resumed"), answers(after, note or "not run"), strict=True)
     for i, (conv, (b, a)) in enumerate(zip(conversations, pairs, strict=True), 1):
         prompt = conv[-2]["content"] if len(conv) > 1 else ""
-        lines += [f"## {i}. {prompt}", "", f"**reference:** {conv[-1]['content']}", ""]
+        lines += [f"## {i}. {prompt}", ""]
+        if rejected is None:
+            lines += [f"**reference:** {conv[-1]['content']}", ""]
+        elif rejected[i - 1] is None:
+            lines += [f"**desirable:** {conv[-1]['content']}", ""]
+        else:
+            lines += [f"**chosen:** {conv[-1]['content']}", "", f"**rejected:** {rejected[i - 1]}", ""]
         lines += [f"**before:** {b}", "", f"**after:** {a}", ""]
     write_text_atomic(path, "\n".join(lines))
 
