@@ -34,7 +34,7 @@ def test_expectations_follow_eval_conversations(tmp_path):
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     conversations = eval_conversations(path, "messages", 3)
-    assert [c[0]["content"] for c in conversations] == ["Q1", "Q2", "Q3"]
+    assert [c.messages[0]["content"] for c in conversations] == ["Q1", "Q2", "Q3"]
     assert expectations(path, "messages", 3) == ["x", None, "z"]
     assert expectations(path, "messages", 0) == [] == expectations(path, "text", 3)
 

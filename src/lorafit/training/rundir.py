@@ -135,7 +135,7 @@ def write_run_files(
 
 def write_samples(
     path: Path,
-    conversations: list[list[dict]],
+    conversations: list[Any],
     before: tuple[dict, list[dict]] | None,
     after: tuple[dict, list[dict]] | None,
     note: str = "",
@@ -143,7 +143,8 @@ def write_samples(
     """``samples.md``: each eval prompt with its reference and the answers before and after
     training, under a table of the generation metrics (``before``/``after``: the summary and the
     rows of :func:`lorafit.inference.metrics.generation_report`; None when not run)."""
-    from lorafit.inference.metrics import METRICS
+    from lorafit.data.template import messages_and_tools
+    from lorafit.inference.metrics import METRICS, last_question, reference_text
 
     def answers(report: tuple[dict, list[dict]] | None, why: str) -> list[str]:
         return [row["answer"] for row in report[1]] if report else [f"({why})"] * len(conversations)
@@ -156,8 +157,9 @@ def write_samples(
     lines.append("")
     pairs = zip(answers(before, "not run: resumed"), answers(after, note or "not run"), strict=True)
     for i, (conv, (b, a)) in enumerate(zip(conversations, pairs, strict=True), 1):
-        prompt = conv[-2]["content"] if len(conv) > 1 else ""
-        lines += [f"## {i}. {prompt}", "", f"**reference:** {conv[-1]['content']}", ""]
+        messages, _ = messages_and_tools(conv)
+        lines += [f"## {i}. {last_question(messages)}", ""]
+        lines += [f"**reference:** {reference_text(messages[-1])}", ""]
         lines += [f"**before:** {b}", "", f"**after:** {a}", ""]
     write_text_atomic(path, "\n".join(lines))
 
