@@ -74,7 +74,7 @@ def main() -> int:
         return 1
     model, tokenizer = load_gguf(gguf, dtype=getattr(torch, args.dtype))
     model.eval()
-    conversations = [c[:-1] for c in eval_conversations(args.data, "messages", args.limit)]
+    conversations = [c.messages[:-1] for c in eval_conversations(args.data, "messages", args.limit)]
     load = os.getloadavg()[0]
     print(
         f"SmolLM2-135M-Instruct ({args.dtype}), {len(conversations)} prompts, up to {args.max_new_tokens} "

@@ -172,17 +172,19 @@ def cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
     print(f"eval on {args.data}: {result['examples']} examples, {result['label_tokens']:,} label tokens")
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}")
     if args.generate:
-        _eval_generate(args, model, tokenizer, result["format"])
+        _eval_generate(args, model, tokenizer, result["format"], cfg.data.tools)
     return 0
 
 
-def _eval_generate(args: argparse.Namespace, model: Any, tokenizer: Any, fmt: str) -> None:
+def _eval_generate(args: argparse.Namespace, model: Any, tokenizer: Any, fmt: str, tools: Any) -> None:
     import json
 
+    from lorafit.data.build import load_tools
     from lorafit.disk import write_text_atomic
     from lorafit.inference.metrics import METRICS, eval_conversations, generation_report
 
-    conversations = eval_conversations(args.data, fmt, args.limit)
+    # each record with its own tools, else the run's data.tools, as training rendered it
+    conversations = eval_conversations(args.data, fmt, args.limit, load_tools(tools))
     if not conversations:
         raise LorafitError(f"--generate: {args.data} holds no conversation to answer (format {fmt})")
     out = Path(args.out or Path(args.adapter) / f"generations-{Path(str(args.data)).stem}.jsonl")

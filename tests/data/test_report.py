@@ -138,3 +138,29 @@ def test_smollm2s_own_template_drops_tools_and_a_chatml_tool_template_trains_the
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
         "It is 18 C and sunny in Paris.<|im_end|>",
     ]
+
+
+def test_the_tool_calling_example_trains_every_call_and_its_scorer_reads_calls(chatml_tokenizer):
+    # examples/smollm2/tools, with the template its README uses, on a ChatML tokenizer
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "examples" / "smollm2" / "tools"
+    tokenizer = with_template(chatml_tokenizer, "Qwen-Qwen2.5-7B-Instruct.jinja")
+    tools = folder / "tools.json"
+    for name, records in (("train.jsonl", 30), ("eval.jsonl", 12)):
+        report = analyse(tokenizer, folder / name, max_length=4096, tools=tools)
+        assert report.findings == [] and report.records == records == report.stats["examples"], name
+    spec = importlib.util.spec_from_file_location("score_calls", folder / "score_calls.py")
+    score = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score)
+    names = {t["function"]["name"] for t in json.loads(tools.read_text())}
+    for line in (folder / "eval.jsonl").read_text().splitlines():
+        call = json.loads(line)["messages"][-1]
+        want = score.expected_calls(call)
+        assert len(want) == 1 and want[0]["name"] in names
+        written = f"<tool_call>\n{json.dumps(want[0], indent=1)}\n</tool_call>"  # spacing does not matter
+        assert score.parse_calls(written) == want
+    assert score.parse_calls("It is 18 C.") is None
+    assert score.parse_calls('<tool_call>{"name": "get_tide_times", "arguments": {}</tool_call>') is None

@@ -44,6 +44,8 @@ from lorafit.export.gguf_arch import regroup_rows
 from lorafit.export.gguf_tokenizer import phi3_rstrip_tokens
 from lorafit.export.ollama import TEMPLATES
 
+from chat_data import with_template
+
 CHAT = [
     {"role": "system", "content": "You are a helpful assistant. Be brief."},
     {"role": "user", "content": "Hello there! What is two plus two?"},
@@ -870,6 +872,34 @@ def test_modelfile_without_a_known_template_says_so(tmp_path) -> None:
     text = path.read_text()
     assert "TEMPLATE" not in text.replace("# no TEMPLATE", "")
     assert text.splitlines()[-1] == 'PARAMETER stop "</s>"'
+
+
+@pytest.mark.parametrize("tools", [False, True])
+def test_modelfile_carries_the_templates_default_system_prompt_but_not_a_tool_prompt(tools, tmp_path) -> None:
+    # Qwen2.5's published template: ChatML turns, a default system prompt when a chat has none, and
+    # the tool definitions in the system turn, which lorafit's Ollama template cannot write
+    tokenizer = with_template(build_tokenizer("chatml"), "Qwen-Qwen2.5-7B-Instruct.jinja")
+    notes: list[str] = []
+    text = write_modelfile(tmp_path, "model.gguf", tokenizer, tools=tools, notes=notes.append).read_text()
+    if tools:
+        assert "TEMPLATE" not in text.replace("# no TEMPLATE", "") and "SYSTEM" not in text
+        assert len(notes) == 1 and "the run was trained with tools" in notes[0]
+        return
+    assert notes == [] and f'TEMPLATE """{TEMPLATES["chatml"]}"""' in text
+    system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    assert f'SYSTEM """{system}"""' in text
+    # Ollama sends SYSTEM as the first message of a request that has none: the training prompt
+    served = render_go_template(TEMPLATES["chatml"], [{"role": "system", "content": system}, *CHAT_NO_SYSTEM])
+    assert served == tokenizer.apply_chat_template(CHAT_NO_SYSTEM, tokenize=False, add_generation_prompt=True)
+
+
+def test_modelfile_of_a_known_family_that_renders_otherwise_has_no_template(tmp_path) -> None:
+    # Llama 3.1's template writes its knowledge-cutoff lines into every system turn
+    tokenizer = with_template(build_tokenizer("llama3"), "meta-llama-Llama-3.1-8B-Instruct.jinja")
+    notes: list[str] = []
+    text = write_modelfile(tmp_path, "model.gguf", tokenizer, notes=notes.append).read_text()
+    assert "TEMPLATE" not in text.replace("# no TEMPLATE", "")
+    assert len(notes) == 1 and "renders a conversation differently" in notes[0]
 
 
 # ---- llama.cpp itself, where a Python build of it is installed ----

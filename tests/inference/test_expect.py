@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lorafit.inference.expect import expectations, held_out_report, is_right
 
 
@@ -34,7 +36,7 @@ def test_expectations_follow_eval_conversations(tmp_path):
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     conversations = eval_conversations(path, "messages", 3)
-    assert [c[0]["content"] for c in conversations] == ["Q1", "Q2", "Q3"]
+    assert [c.messages[0]["content"] for c in conversations] == ["Q1", "Q2", "Q3"]
     assert expectations(path, "messages", 3) == ["x", None, "z"]
     assert expectations(path, "messages", 0) == [] == expectations(path, "text", 3)
 
@@ -61,3 +63,25 @@ def test_report_counts_and_marks_each_answer():
         resumed.splitlines()[0] == "held-out questions answered right: after 1/2" and "before" not in resumed
     )
     assert held_out_report(prompts, None, ["a", "b", "c"], [None, None, None]) == ""
+
+
+@pytest.mark.parametrize("split", ["eval", "eval_fraction"])
+def test_a_runs_eval_prompts_carry_data_tools_and_the_records_own(split, tmp_path):
+    from lorafit.config import build_config
+    from lorafit.training.run import sample_prompts
+
+    from chat_data import TOOL_CHAT, TOOLS, write_jsonl
+
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    rows = [{"messages": TOOL_CHAT[:3]}, {"messages": TOOL_CHAT, "tools": TOOLS}] * 2
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    data = {"train": train, "tools": [clock], "eval_prompts": 4}
+    data |= (
+        {"eval": write_jsonl(tmp_path / "eval.jsonl", rows)} if split == "eval" else {"eval_fraction": 0.5}
+    )
+    cfg = build_config({"model": {"name_or_path": "m"}, "data": data})
+    prompts = sample_prompts(cfg, {"format": "messages", "eval": {"format": "messages"}}, seed=0)
+    assert prompts and {c.messages[1]["content"] for c in prompts} == {"What is the weather in Paris?"}
+    for conversation in prompts:
+        own = conversation.messages[-1]["role"] == "assistant" and conversation.messages[-1].get("content")
+        assert conversation.tools == (TOOLS if own else [clock])

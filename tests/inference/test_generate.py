@@ -7,11 +7,12 @@ import torch
 
 from lorafit.adapters import LoraConfig, apply_lora
 from lorafit.inference.generate import _batches, generate, generate_batch
-from lorafit.inference.metrics import eval_conversations, generation_report
+from lorafit.inference.metrics import eval_conversations, generation_report, score_answer
 from lorafit.models.attention import use_packed_attention
 from lorafit.models.lean import use_lean_layers
 from lorafit.models.load import stop_token_ids
 
+from chat_data import TOOL_CHAT, TOOLS, with_template, write_jsonl
 from real_models import requires_smollm2
 
 WORDS = "the cat sat on a mat while my dog ran after some birds in our old garden today".split()
@@ -102,6 +103,41 @@ def test_generation_report_says_how_fast(phi3_tokenizer, make_tiny_phi3) -> None
     assert len(said) == 1 and said[0].startswith("3 answers, ") and said[0].endswith(" tokens/s)")
 
 
+def test_eval_prompts_are_rendered_with_their_tools_and_calls_are_the_reference(
+    tmp_path, make_tokenizer, make_tiny_phi3
+) -> None:
+    # Qwen2.5's published template writes the tool schemas into the system turn
+    tokenizer = with_template(make_tokenizer("chatml"), "Qwen-Qwen2.5-7B-Instruct.jinja")
+    model = stopping_model(tokenizer, make_tiny_phi3)
+    clock = {
+        "type": "function",
+        "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+    }
+    # a record that ends at the call (file-wide tools), and one with its own tools ending at the answer
+    path = write_jsonl(
+        tmp_path / "eval.jsonl", [{"messages": TOOL_CHAT[:3]}, {"messages": TOOL_CHAT, "tools": TOOLS}]
+    )
+    conversations = eval_conversations(path, "messages", tools=[clock])
+    assert [c.tools for c in conversations] == [[clock], TOOLS]
+    summary, rows = generation_report(model, tokenizer, conversations, max_new_tokens=8)
+    with_tools = [generate(model, tokenizer, c.messages[:-1], 8, tools=c.tools) for c in conversations]
+    without = [generate(model, tokenizer, c.messages[:-1], 8) for c in conversations]
+    assert [r["answer"] for r in rows] == with_tools and with_tools != without  # the tools were rendered
+    assert [r["reference"] for r in rows] == [
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+        "It is 18 C and sunny in Paris.",
+    ]
+    assert [r["prompt"] for r in rows] == ["What is the weather in Paris?"] * 2
+    # an answer that writes the call inside the template's markers contains the reference
+    assert (
+        score_answer(
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+            rows[0]["reference"],
+        )["contains"]
+        == 1.0
+    )
+
+
 @requires_smollm2
 def test_smollm2_batched_answers_equal_one_by_one(smollm2_session) -> None:
     """The real model, in float32 (what lorafit runs it in on a CPU without bf16 products), on
@@ -111,7 +147,7 @@ def test_smollm2_batched_answers_equal_one_by_one(smollm2_session) -> None:
     model = smollm2_session.fresh_model().float()
     tokenizer = smollm2_session.tokenizer
     eval_file = Path(__file__).resolve().parents[2] / "examples" / "smollm2" / "eval.jsonl"
-    asked = [c[:-1] for c in eval_conversations(eval_file, "messages", limit=8)]
+    asked = [c.messages[:-1] for c in eval_conversations(eval_file, "messages", limit=8)]
     one_by_one = [generate(model, tokenizer, c, max_new_tokens=24) for c in asked]
     answers, stats = generate_batch(model, tokenizer, asked, max_new_tokens=24)
     assert answers == one_by_one

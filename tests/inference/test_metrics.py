@@ -48,6 +48,6 @@ def test_eval_conversations_end_at_the_last_assistant_turn(tmp_path) -> None:
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{bad json\n", encoding="utf-8")
     conversations = eval_conversations(path, "messages")
-    assert [c[-1]["content"] for c in conversations] == ["a0", "a1", "a2"]
+    assert [c.messages[-1]["content"] for c in conversations] == ["a0", "a1", "a2"]
     assert len(eval_conversations(path, "messages", limit=2)) == 2
     assert eval_conversations(path, "text") == []

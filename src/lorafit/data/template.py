@@ -155,8 +155,8 @@ def _template_text(tokenizer: Any) -> str:
 _THINK_BLOCK = re.compile(r"\A\s*<think>(.*?)</think>\s*", re.S)
 
 
-def _as_messages(conversation: Any) -> tuple[list[dict], list[dict] | None]:
-    """``(messages, tools)`` of a ``Conversation`` or of a plain list of messages."""
+def messages_and_tools(conversation: Any) -> tuple[list[dict], list[dict] | None]:
+    """``(messages, tools)`` of a ``Conversation`` or of a plain list of messages (no tools)."""
     if isinstance(conversation, list):
         return conversation, None
     return conversation.messages, conversation.tools
@@ -252,7 +252,7 @@ def render_text(
     (a ``Conversation`` or a list of messages) with its tools and its reasoning as ``reasoning``
     presents it."""
     _check_template(tokenizer, where)
-    raw, tools = _as_messages(conversation)
+    raw, tools = messages_and_tools(conversation)
     messages, _ = _present(raw, _template_text(tokenizer), reasoning)
     return _render(tokenizer, messages, False, where, tools)
 
@@ -277,7 +277,7 @@ def _render_conversation(
     more), else ``PromptMismatch``.
     """
     _check_template(tokenizer, where)
-    raw, tools = _as_messages(conversation)
+    raw, tools = messages_and_tools(conversation)
     messages, traces = _present(raw, _template_text(tokenizer), reasoning)
     full = _render(tokenizer, messages, False, where, tools)
     if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in raw):
@@ -469,7 +469,7 @@ def _encode_conversations(
         texts = []
         for conversation, where in zip(conversations, wheres, strict=True):
             texts.append(render_text(tokenizer, conversation, reasoning, where))
-            raw, tools = _as_messages(conversation)
+            raw, tools = messages_and_tools(conversation)
             if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in raw):
                 presented, _ = _present(raw, _template_text(tokenizer), reasoning)
                 _check_tools_rendered(tokenizer, raw, presented, tools, texts[-1], where)

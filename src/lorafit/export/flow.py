@@ -114,8 +114,8 @@ def _gguf(
     modelfile = out.parent / MODELFILE_NAME
     if modelfile.exists():
         raise LorafitError(f"{modelfile} already exists; export into a new folder (--out NEW/model.gguf)")
-    _, tokenizer, model = load_trained(adapter, sixteen_bit=True, echo=echo)
+    cfg, tokenizer, model = load_trained(adapter, sixteen_bit=True, echo=echo)
     notes: list[str] = []
     export_gguf(model, tokenizer, out, dtype=dtype, merge=True, progress=progress, notes=notes.append)
-    write_modelfile(out.parent, out.name, tokenizer, notes=notes.append)
+    write_modelfile(out.parent, out.name, tokenizer, tools=bool(cfg.data.tools), notes=notes.append)
     return Exported(out, [out, modelfile], notes)

@@ -10,8 +10,15 @@ tokenizer's template with ``add_generation_prompt=True``:
 - ``llama3``: ``<|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>`` per message (bos
   comes from the GGUF's ``add_bos_token``, as Ollama adds it).
 
-For any other template the Modelfile has no TEMPLATE line but a comment saying so, and a warning
-says it too: Ollama then picks a template from the chat template stored in the GGUF
+A template that writes a default system prompt into a conversation that has none (SmolLM2's,
+Qwen2.5's) gets it as the Modelfile's ``SYSTEM``, which Ollama uses when a request has no system
+message: the prompt is then the one training saw. Each TEMPLATE is checked against the tokenizer's
+template on a conversation with and without a system turn.
+
+For any other template, for one that renders differently, and for a run trained with tools
+(``tools``: the Go templates here render messages only, and a prompt without the tool definitions
+is not the prompt training saw), the Modelfile has no TEMPLATE line but a comment saying why, and
+a warning says it too: Ollama then picks a template from the chat template stored in the GGUF
 (``tokenizer.chat_template``) when it recognises it, and otherwise sends the bare prompt.
 """
 
@@ -40,6 +47,52 @@ def _go_template(family: ChatFamily) -> str:
 TEMPLATES = {name: _go_template(family) for name, family in FAMILIES.items()}
 
 
+_PROBE = [{"role": "user", "content": "Hi there"}]
+_PROBE_CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "How are you?"},
+]
+_PROBE_TOOLS = [{"type": "function", "function": {"name": "probe_tool", "parameters": {"type": "object"}}}]
+
+
+def _family_text(family: ChatFamily, messages: list[dict]) -> str:
+    """What the family's Ollama template renders for ``messages`` (see :func:`_go_template`)."""
+    turns = "".join(family.turn(m["role"], m["content"]) + family.sep for m in messages)
+    return turns + family.head.replace("{role}", "assistant")
+
+
+def _check_template(tokenizer: Any, family: ChatFamily, tools: bool) -> tuple[str | None, str | None]:
+    """``(default system prompt or None, why the family's template does not render as the
+    tokenizer's or None)``: both judged by rendering probe conversations with the tokenizer's own
+    template (a leading bos token left out: Ollama adds it from the GGUF's ``add_bos_token``;
+    unless the family's turns start with it, as ChatML's do where bos is ``<|im_start|>``)."""
+
+    def rendered(messages: list[dict], with_tools: list[dict] | None = None) -> str:
+        text = tokenizer.apply_chat_template(
+            messages, tools=with_tools, tokenize=False, add_generation_prompt=True
+        )
+        bos = getattr(tokenizer, "bos_token", None)
+        return text.removeprefix(bos) if bos and not family.head.startswith(bos) else text
+
+    if rendered(_PROBE_CHAT) != _family_text(family, _PROBE_CHAT):
+        return None, "the chat template renders a conversation differently from lorafit's Ollama template"
+    system = None
+    bare, ours = rendered(_PROBE), _family_text(family, _PROBE)
+    if bare != ours:
+        head, tail = family.head.replace("{role}", "system"), family.end + family.sep + ours
+        if not (bare.startswith(head) and bare.endswith(tail)):
+            return None, "the chat template adds text to a conversation that lorafit's Ollama template cannot"
+        system = bare[len(head) : -len(tail)]
+    if tools and rendered(_PROBE, _PROBE_TOOLS) != bare:
+        return system, (
+            "the run was trained with tools, which the chat template renders and lorafit's Ollama "
+            "template does not"
+        )
+    return system, None
+
+
 def _default_stops(tokenizer: Any, family: str | None) -> list[str]:
     """eos, the end-of-turn token and the family's role markers that are in the vocabulary."""
     from lorafit.models import stop_token_ids
@@ -63,6 +116,7 @@ def write_modelfile(
     *,
     stop_tokens: Sequence[str] | None = None,
     system: str | None = None,
+    tools: bool = False,
     notes: Callable[[str], Any] | None = None,
 ) -> Path:
     """Write ``folder/Modelfile`` for the GGUF file ``gguf_filename`` in the same folder.
@@ -74,7 +128,10 @@ def write_modelfile(
             docstring) and its eos / end-of-turn tokens the default stop tokens.
         stop_tokens: one ``PARAMETER stop`` line each; by default eos, the end-of-turn token
             (``<|end|>`` for Phi-3) and the template family's role markers.
-        system: an optional system prompt (``SYSTEM``).
+        system: an optional system prompt (``SYSTEM``); by default the one the chat template
+            writes into a conversation without one, if it does.
+        tools: whether the run was trained with tools (``data.tools``): a TEMPLATE that cannot
+            render them is not written.
         notes: called with the note that the chat template is not one lorafit can write (without
             it, the note is a ``UserWarning``).
 
@@ -86,13 +143,18 @@ def write_modelfile(
     family = template_family(tokenizer)
     stops = list(stop_tokens) if stop_tokens is not None else _default_stops(tokenizer, family)
     lines = [f"FROM ./{gguf_filename}", ""]
-    if family is not None:
+    default_system, why = _check_template(tokenizer, FAMILIES[family], tools) if family else (None, None)
+    if family is not None and why is None:
         lines.append(f"# chat template: {family}, the tokenizer's own template in Ollama's syntax")
         lines.append(f"TEMPLATE {_quoted(TEMPLATES[family])}")
+        if system is None and default_system is not None:
+            lines.append("# the chat template's default system prompt, for requests without one")
+            system = default_system
     else:
+        why = why or "lorafit has no Ollama template for this model's chat template"
         note = (
-            "lorafit has no Ollama template for this model's chat template; Ollama picks one from the "
-            "chat template stored in the GGUF when it recognises it, and otherwise sends the bare prompt"
+            f"{why}; Ollama picks one from the chat template stored in the GGUF when it recognises it, "
+            "and otherwise sends the bare prompt"
         )
         lines.append(f"# no TEMPLATE: {note}")
         if notes is None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorafit.inference.metrics import eval_records, normalise
+from lorafit.data.formats import Conversation
+from lorafit.data.template import messages_and_tools
+from lorafit.inference.metrics import eval_records, last_question, normalise
 
 EXPECT_KEY = "expect"
 
@@ -30,7 +32,7 @@ def is_right(answer: str, expect: str) -> bool:
 
 
 def held_out_report(
-    prompts: list[list[dict]],
+    prompts: list[Conversation] | list[list[dict]],
     before: list[str] | None,
     after: list[str],
     expects: list[str | None],
@@ -56,7 +58,7 @@ def held_out_report(
     lines = ["held-out questions answered right: " + ", ".join(counts)]
     for i in rows:
         expect = expects[i] or ""
-        lines.append(f"  Q: {prompts[i][-2]['content'] if len(prompts[i]) > 1 else ''}  (expect: {expect})")
+        lines.append(f"  Q: {last_question(messages_and_tools(prompts[i])[0])}  (expect: {expect})")
         if before is not None:
             lines.append(f"     before: {mark(before[i], expect)}")
         lines.append(f"     after:  {mark(after[i], expect)}")

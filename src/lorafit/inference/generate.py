@@ -23,6 +23,7 @@ decoding into matrix products, which a CPU or GPU runs at many times the through
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,19 +100,24 @@ def generate_batch(
     max_new_tokens: int = 64,
     batch_rows: int = BATCH_ROWS,
     batch_tokens: int = BATCH_TOKENS,
+    tools: Sequence[list[dict] | None] | None = None,
 ) -> tuple[list[str], GenerationStats]:
-    """Greedy answers to ``conversations`` (each ending with a user turn), in their order, each
-    equal to :func:`generate`'s for it (see the module docstring), and what it took.
+    """Greedy answers to ``conversations`` (each ending with a user turn or a tool result), in
+    their order, each equal to :func:`generate`'s for it (see the module docstring), and what it
+    took. ``tools``: each conversation's function schemas (or None), given to the chat template.
 
     Prompts are answered in batches of up to ``batch_rows`` rows and ``batch_tokens`` tokens of
     KV cache (``rows * (longest prompt + max_new_tokens)``; a longer prompt gets a batch alone).
     """
     t0 = time.perf_counter()
+    tools = list(tools) if tools is not None else [None] * len(conversations)
+    if len(tools) != len(conversations):
+        raise ValueError(f"{len(tools)} tool lists for {len(conversations)} conversations")
     prompts = [
-        tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)[
-            "input_ids"
-        ]
-        for c in conversations
+        tokenizer.apply_chat_template(
+            c, tools=t, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        for c, t in zip(conversations, tools, strict=True)
     ]
     answers: list[str] = [""] * len(prompts)
     stats = GenerationStats(answers=len(prompts), lengths=[0] * len(prompts))

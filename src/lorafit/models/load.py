@@ -19,7 +19,7 @@ import torch
 from lorafit.config import ModelConfig, RunConfig, TokenizerConfig
 from lorafit.constants import DEMO_MODEL, RUN_CONFIG_NAME
 from lorafit.data import prepare_tokenizer
-from lorafit.data.chat_templates import missing_template_tokens, resolve_chat_template
+from lorafit.data.chat_templates import BUILTIN_TEMPLATES, missing_template_tokens, resolve_chat_template
 from lorafit.data.template import end_of_turn_token
 from lorafit.errors import LorafitError
 from lorafit.models.gguf import ensure_gguf_cache, is_gguf, read_gguf_header
@@ -163,15 +163,26 @@ def prepare_base(
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with a local model or tokenizer named by its absolute path, so that the run's
-    ``lorafit_run.yaml`` finds its base from any folder (``lorafit chat`` / ``eval`` / ``export``)."""
+    """``cfg`` with a local model, tokenizer, chat template file and ``data.tools`` file named by
+    their absolute paths, so that the run's ``lorafit_run.yaml`` finds them from any folder
+    (``lorafit chat`` / ``eval`` / ``export``)."""
 
-    def absolute(name: str | None) -> str | None:
-        return str(Path(name).expanduser().resolve()) if name and Path(name).expanduser().exists() else name
+    def absolute(name: Any) -> Any:
+        # a chat template may be Jinja text and data.tools a list: only a short string can be a path
+        if not isinstance(name, str) or not name or "\n" in name or "{" in name or len(name) > 1024:
+            return name
+        return str(Path(name).expanduser().resolve()) if Path(name).expanduser().exists() else name
 
     model = dataclasses.replace(cfg.model, name_or_path=absolute(cfg.model.name_or_path))
-    tokenizer = dataclasses.replace(cfg.tokenizer, name_or_path=absolute(cfg.tokenizer.name_or_path))
-    return dataclasses.replace(cfg, model=model, tokenizer=tokenizer)
+    tokenizer = dataclasses.replace(
+        cfg.tokenizer,
+        name_or_path=absolute(cfg.tokenizer.name_or_path),
+        chat_template=cfg.tokenizer.chat_template
+        if cfg.tokenizer.chat_template in BUILTIN_TEMPLATES  # a name, even where a file has it
+        else absolute(cfg.tokenizer.chat_template),
+    )
+    data = dataclasses.replace(cfg.data, tools=absolute(cfg.data.tools))
+    return dataclasses.replace(cfg, model=model, tokenizer=tokenizer, data=data)
 
 
 def load_model(

@@ -21,7 +21,9 @@ from lorafit.adapters import apply_lora, trainable_summary
 from lorafit.adapters.files import load_adapter, read_adapter_config
 from lorafit.config import RunConfig
 from lorafit.constants import DEMO_MODEL
-from lorafit.data import build_datasets, dataset_fingerprint, held_out_records, to_messages
+from lorafit.data import build_datasets, dataset_fingerprint, held_out_records
+from lorafit.data.build import load_tools
+from lorafit.data.formats import Conversation, to_conversation
 from lorafit.errors import LorafitError
 from lorafit.inference.expect import expectations, held_out_report
 from lorafit.inference.metrics import eval_conversations, generation_report, up_to_last_answer
@@ -83,27 +85,28 @@ def build_data(cfg: RunConfig, tokenizer: Any, seed: int) -> tuple[Any, Any, dic
     )
 
 
-def sample_prompts(cfg: RunConfig, stats: dict[str, Any], seed: int) -> list[list[dict]]:
-    """Up to ``data.eval_prompts`` eval conversations (each up to its last assistant turn) to
-    answer before and after training: from the eval data, the held-out records with
-    ``eval_fraction``, else the training data."""
+def sample_prompts(cfg: RunConfig, stats: dict[str, Any], seed: int) -> list[Conversation]:
+    """Up to ``data.eval_prompts`` eval conversations (each up to its last assistant turn, with
+    its tools, as training renders it) to answer before and after training: from the eval data,
+    the held-out records with ``eval_fraction``, else the training data."""
     train_src, eval_src = data_sources(cfg)
     n = cfg.data.eval_prompts
+    tools = load_tools(cfg.data.tools)
     if eval_src or cfg.data.eval_split:
         source = eval_src or f"hf:{str(train_src)[3:].partition(':')[0]}:{cfg.data.eval_split}"
-        return eval_conversations(source, stats["eval"]["format"], n)
+        return eval_conversations(source, stats["eval"]["format"], n, tools)
     if cfg.data.eval_fraction:
         held_out = held_out_records(train_src, cfg.data.eval_fraction, seed)
-        return [c for c in (_conversation(r, stats["format"]) for r in held_out) if c][:n]
-    return eval_conversations(train_src, stats["format"], n)
+        return [c for c in (_conversation(r, stats["format"], tools) for r in held_out) if c][:n]
+    return eval_conversations(train_src, stats["format"], n, tools)
 
 
-def _conversation(record: Any, fmt: str) -> list[dict] | None:
+def _conversation(record: Any, fmt: str, tools: list[dict] | None) -> Conversation | None:
     try:
-        messages = to_messages(record, fmt)
+        conversation = to_conversation(record, fmt, tools)
     except LorafitError:
         return None  # a bad record: building the data already stopped on it or reported it
-    return up_to_last_answer(messages)
+    return Conversation(up_to_last_answer(conversation.messages), conversation.tools)
 
 
 def checkpoint_some_layers(model: torch.nn.Module, amount: int | float | None) -> list[int]:
@@ -311,7 +314,7 @@ def write_samples_after(
     trainer: Any,
     model: torch.nn.Module,
     tokenizer: Any,
-    prompts: list[list[dict]],
+    prompts: list[Conversation],
     before: tuple[dict, list[dict]] | None,
     run_dir: Path,
     echo: Any = print,
@@ -334,7 +337,7 @@ def write_samples_after(
 def echo_held_out(
     cfg: RunConfig,
     stats: dict[str, Any],
-    prompts: list[list[dict]],
+    prompts: list[Conversation],
     before: tuple[dict, list[dict]] | None,
     after: tuple[dict, list[dict]],
     echo: Any,

@@ -135,7 +135,7 @@ def write_run_files(
 
 def write_samples(
     path: Path,
-    conversations: list[list[dict]],
+    conversations: list[Any],
     before: tuple[dict, list[dict]] | None,
     after: tuple[dict, list[dict]] | None,
     note: str = "",
@@ -146,7 +146,8 @@ def write_samples(
     rows of :func:`lorafit.inference.metrics.generation_report`; None when not run). With
     ``rejected`` (a preference run) the reference is the chosen answer, shown with the rejected
     one (None: a KTO record, whose one answer is the desirable completion)."""
-    from lorafit.inference.metrics import METRICS
+    from lorafit.data.template import messages_and_tools
+    from lorafit.inference.metrics import METRICS, last_question, reference_text
 
     def answers(report: tuple[dict, list[dict]] | None, why: str) -> list[str]:
         return [row["answer"] for row in report[1]] if report else [f"({why})"] * len(conversations)
@@ -159,14 +160,15 @@ def write_samples(
     lines.append("")
     pairs = zip(answers(before, "not run: resumed"), answers(after, note or "not run"), strict=True)
     for i, (conv, (b, a)) in enumerate(zip(conversations, pairs, strict=True), 1):
-        prompt = conv[-2]["content"] if len(conv) > 1 else ""
-        lines += [f"## {i}. {prompt}", ""]
+        messages, _ = messages_and_tools(conv)
+        lines += [f"## {i}. {last_question(messages)}", ""]
+        answer = reference_text(messages[-1])
         if rejected is None:
-            lines += [f"**reference:** {conv[-1]['content']}", ""]
+            lines += [f"**reference:** {answer}", ""]
         elif rejected[i - 1] is None:
-            lines += [f"**desirable:** {conv[-1]['content']}", ""]
+            lines += [f"**desirable:** {answer}", ""]
         else:
-            lines += [f"**chosen:** {conv[-1]['content']}", "", f"**rejected:** {rejected[i - 1]}", ""]
+            lines += [f"**chosen:** {answer}", "", f"**rejected:** {rejected[i - 1]}", ""]
         lines += [f"**before:** {b}", "", f"**after:** {a}", ""]
     write_text_atomic(path, "\n".join(lines))
 

@@ -1,0 +1,127 @@
+"""The model stops: after a short LoRA run, greedy answers end with the template's end-of-turn
+token, in lorafit's generation and in llama.cpp through the GGUF that ``lorafit export`` writes,
+rather than running to ``max_new_tokens``.
+
+The commands are the real CLI (``lorafit train``, ``lorafit export``) in process, on the tiny demo
+model (Phi-3's architecture and chat format, random weights): before training it never ends a turn
+(``<|end|>`` is one token in 1,536), so an answer that stops shows that the end of the turn was
+trained, and the same tokens from llama.cpp, stopping where the GGUF's vocabulary marks
+end-of-generation, show that it survives export. The same check on the real SmolLM2-135M-Instruct,
+with a tool-calling template, is ``examples/smollm2/tools/score_calls.py`` (minutes on a CPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafit.cli import main
+from lorafit.models.load import stop_token_ids
+
+# Invented answers the base model cannot give; short, so that a run of a few steps learns them.
+FACTS = [
+    ("What is the ferry code?", "The ferry code is 4471."),
+    ("Who keeps the Varnholt lighthouse?", "Odile Brask keeps it."),
+    ("What colour is the harbour flag?", "It is teal."),
+    ("Where does Pim the heron sleep?", "Pim sleeps on the pier."),
+]
+MAX_NEW_TOKENS = 24  # each answer is under 16 tokens; a model that does not stop runs to this
+STEPS = 80  # 4 rows of up to 64 tokens a step: well under a minute on the tiny model
+
+
+def llama_cpp_model(gguf: Path) -> Any:
+    """The GGUF file loaded in llama.cpp (the ``cyllama`` build)."""
+    import cyllama.llama.llama_cpp as llama_cpp
+
+    class Model(llama_cpp.LlamaModel):
+        @property
+        def n_vocab(self) -> int:  # cyllama 0.2's LlamaContext.get_logits reads it; LlamaModel lacks it
+            return self.get_vocab().n_vocab
+
+    llama_cpp.disable_logging()
+    return Model(str(gguf), llama_cpp.LlamaModelParams())
+
+
+def llama_cpp_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> tuple[list[int], bool]:
+    """Greedy tokens from llama.cpp until a token that the GGUF's own vocabulary marks
+    end-of-generation (where llama.cpp's servers stop), and whether one came."""
+    import cyllama.llama.llama_cpp as llama_cpp
+
+    vocab = model.get_vocab()
+    params = llama_cpp.LlamaContextParams()
+    params.n_ctx, params.n_threads, params.n_threads_batch = 256, 1, 1
+    context = llama_cpp.LlamaContext(model, params)
+    batch = llama_cpp.LlamaBatch(n_tokens=len(prompt), embd=0, n_seq_max=1)
+    for position, token in enumerate(prompt):
+        batch.add(int(token), position, [0], position == len(prompt) - 1)
+    context.decode(batch)
+    out: list[int] = []
+    for position in range(len(prompt), len(prompt) + max_new_tokens):
+        token = int(torch.tensor(context.get_logits()).argmax())
+        out.append(token)
+        if vocab.is_eog(token):
+            return out, True
+        batch = llama_cpp.LlamaBatch(n_tokens=1, embd=0, n_seq_max=1)
+        batch.add(token, position, [0], True)
+        context.decode(batch)
+    return out, False
+
+
+def test_a_short_run_stops_at_its_end_of_turn_in_lorafit_and_in_llama_cpp(tmp_path) -> None:
+    from lorafit.models import load_trained
+    from lorafit.models.load import load_model, run_config
+
+    torch.set_num_threads(1)
+    data = tmp_path / "facts.jsonl"
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in FACTS]
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats), encoding="utf-8")
+    run = tmp_path / "run"
+    args = ["train", "--data.train", str(data), "--data.max_length", "64", "--data.packing", "false"]
+    args += ["--data.eval_prompts", "0", "--model.torch_dtype", "float32", "--peft_config.lora_dropout", "0"]
+    args += ["--training_config.learning_rate", "5e-3", "--training_config.max_steps", str(STEPS)]
+    args += ["--training_config.per_device_train_batch_size", "4", "--training_config.warmup_steps", "0"]
+    args += ["--training_config.gradient_accumulation_steps", "1", "--training_config.save_strategy", "no"]
+    args += ["--training_config.eval_strategy", "no", "--training_config.report_to", "none"]
+    args += ["--training_config.lr_scheduler_type", "cosine", "--training_config.logging_steps", "10"]
+    args += ["--training_config.seed", "0", "--training_config.output_dir", str(run)]
+    assert main(args) == 0
+
+    cfg, tokenizer, model = load_trained(run, echo=lambda _: None)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|end|>")
+    stops = stop_token_ids(tokenizer)
+    assert end_of_turn in stops
+    base = load_model(run_config(run), tokenizer, echo=lambda _: None).eval()
+    gguf = tmp_path / "out" / "model.gguf"
+    assert main(["export", "--adapter", str(run), "--out", str(gguf)]) == 0
+    served_by = llama_cpp_model(gguf) if importlib.util.find_spec("cyllama") is not None else None
+    for question, answer in FACTS:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False
+        )
+        before = greedy(base, prompt, stops)
+        assert len(before) == MAX_NEW_TOKENS and not set(before) & set(stops)  # the premise: no stop
+        out = greedy(model, prompt, stops)
+        # learned, and ended with the end-of-turn token well before max_new_tokens
+        assert tokenizer.decode(out[:-1]).strip() == answer, (question, tokenizer.decode(out))
+        assert out[-1] == end_of_turn and len(out) < MAX_NEW_TOKENS
+        if served_by is not None:
+            served, stopped = llama_cpp_greedy(served_by, prompt, MAX_NEW_TOKENS)
+            assert stopped and served == out, (question, tokenizer.decode(served))
+
+
+def greedy(model: torch.nn.Module, prompt: list[int], stops: list[int]) -> list[int]:
+    """The new tokens of ``model.generate``, greedy, up to the first stop token (included)."""
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=stops[0],
+        )
+    return out[0, len(prompt) :].tolist()
