@@ -28,7 +28,7 @@ intermediate, ``L`` layers, ``k`` of them recomputed)::
   the product multiplies it: a dequantized 16-bit copy with QLoRA, an fp32 one when widened).
 - heap holes: the holes each layer's freed (N, h)-sized temporaries leave in glibc's heap, which
   lorafit never trims (``HOLES_PER_LAYER`` of them a layer, ``HOLES_PER_RECOMPUTED_LAYER`` a
-  recomputed one, measured).
+  recomputed one, ``HOLES_FIXED`` more whatever the count; measured).
 - runtime: what the process grows by in its first steps beyond those (``RUNTIME``, measured:
   torch's kernels and caches, autograd's and the optimizer's bookkeeping).
 
@@ -66,12 +66,13 @@ RUNTIME = 150 * 10**6
 # RoPE's temporaries, dropped inputs, projection outputs and their gradients), in forward and when
 # a recomputed layer is rebuilt, leave holes between the tensors kept that later requests only
 # partly fill. Measured at the second step's peak: Phi-3-mini's widths at 4 layers hold 0.20 GB
-# more of them than at 2 (1 x 2,048 tokens): 8 such tensors a layer. A recomputed layer leaves
-# fewer (its forward's temporaries are freed before backward's are asked for): 5, from Phi-3-mini
-# at full size, 32 layers, where every layer recomputed peaked 1.5 GB under 8 a layer's figure
-# while none and a quarter of them recomputed kept 8 (docs/memory.md).
+# more of them than at 2 (1 x 2,048 tokens): 8 such tensors a layer kept whole. A recomputed layer
+# leaves 4 (its forward's temporaries are freed before backward asks for its own), and the last
+# layer's 8 stay whatever the count: fitted to Phi-3-mini at full size (32 layers: every layer
+# recomputed 11.38 GB with LoRA, 5.72 with QLoRA) and its 2- and 4-layer cuts (docs/memory.md).
 HOLES_PER_LAYER = 8
-HOLES_PER_RECOMPUTED_LAYER = 5
+HOLES_PER_RECOMPUTED_LAYER = 4
+HOLES_FIXED = 8
 # Bytes per 4-bit weight: the NF4 value (half a byte) and, per block of 64, one absmax (one
 # byte with double quantization, an fp32 otherwise).
 _NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
@@ -297,7 +298,11 @@ def predict(
         "heap holes": p
         * h
         * n
-        * (HOLES_PER_LAYER * (shapes.layers - recomputed) + HOLES_PER_RECOMPUTED_LAYER * recomputed),
+        * (
+            HOLES_FIXED
+            + HOLES_PER_LAYER * (shapes.layers - recomputed)
+            + HOLES_PER_RECOMPUTED_LAYER * recomputed
+        ),
         "runtime": RUNTIME,
     }
     return Prediction(terms, recomputed, shapes.layers)
