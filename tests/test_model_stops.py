@@ -6,8 +6,10 @@ The commands are the real CLI (``lorafit train``, ``lorafit export``) in process
 model (Phi-3's architecture and chat format, random weights): before training it never ends a turn
 (``<|end|>`` is one token in 1,536), so an answer that stops shows that the end of the turn was
 trained, and the same tokens from llama.cpp, stopping where the GGUF's vocabulary marks
-end-of-generation, show that it survives export. The same check on the real SmolLM2-135M-Instruct,
-with a tool-calling template, is ``examples/smollm2/tools/score_calls.py`` (minutes on a CPU).
+end-of-generation, show that it survives export. The same on the real SmolLM2-135M-Instruct with
+a tool-calling template (Qwen2.5's) and the tool-calling example's data: before training some
+held-out requests run to the limit; after a short run every answer ends with ``<|im_end|>``, in
+lorafit and in llama.cpp (``examples/smollm2/tools/score_calls.py`` also scores the calls).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from lorafit.cli import main
-from lorafit.models.load import stop_token_ids
+from lorafit.models.load import decide_precision, load_model, run_config, stop_token_ids
 
 # Invented answers the base model cannot give; short, so that a run of a few steps learns them.
 FACTS = [
@@ -53,7 +55,7 @@ def llama_cpp_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> tupl
 
     vocab = model.get_vocab()
     params = llama_cpp.LlamaContextParams()
-    params.n_ctx, params.n_threads, params.n_threads_batch = 256, 1, 1
+    params.n_ctx, params.n_threads, params.n_threads_batch = len(prompt) + max_new_tokens + 8, 1, 1
     context = llama_cpp.LlamaContext(model, params)
     batch = llama_cpp.LlamaBatch(n_tokens=len(prompt), embd=0, n_seq_max=1)
     for position, token in enumerate(prompt):
@@ -73,7 +75,6 @@ def llama_cpp_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> tupl
 
 def test_a_short_run_stops_at_its_end_of_turn_in_lorafit_and_in_llama_cpp(tmp_path) -> None:
     from lorafit.models import load_trained
-    from lorafit.models.load import load_model, run_config
 
     torch.set_num_threads(1)
     data = tmp_path / "facts.jsonl"
@@ -94,7 +95,9 @@ def test_a_short_run_stops_at_its_end_of_turn_in_lorafit_and_in_llama_cpp(tmp_pa
     end_of_turn = tokenizer.convert_tokens_to_ids("<|end|>")
     stops = stop_token_ids(tokenizer)
     assert end_of_turn in stops
-    base = load_model(run_config(run), tokenizer, echo=lambda _: None).eval()
+    base_cfg = run_config(run)
+    precision = decide_precision(base_cfg.model, base_cfg.training_config)
+    base = load_model(base_cfg.model, tokenizer, precision, echo=lambda _: None).eval()
     gguf = tmp_path / "out" / "model.gguf"
     assert main(["export", "--adapter", str(run), "--out", str(gguf)]) == 0
     served_by = llama_cpp_model(gguf) if importlib.util.find_spec("cyllama") is not None else None
@@ -125,3 +128,68 @@ def greedy(model: torch.nn.Module, prompt: list[int], stops: list[int]) -> list[
             pad_token_id=stops[0],
         )
     return out[0, len(prompt) :].tolist()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS_EXAMPLE = ROOT / "examples" / "smollm2" / "tools"
+TOOL_TEMPLATE = ROOT / "tests" / "fixtures" / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja"
+SMOL_STEPS = 16  # the example's run: 2 records a step, about one pass over its 30 conversations
+SMOL_NEW_TOKENS = 80  # a call to one of the example's tools is under 40 tokens
+
+
+def test_smollm2_with_a_tool_calling_template_stops_after_a_short_run(smollm2_session, tmp_path, monkeypatch):
+    from lorafit.data.build import load_tools
+    from lorafit.inference.generate import generate_batch
+    from lorafit.inference.metrics import eval_conversations
+    from lorafit.models import load_trained
+
+    torch.set_num_threads(2)
+    monkeypatch.setenv("LORAFIT_CACHE", str(smollm2_session.cache_dir))  # the session's converted copy
+    run = tmp_path / "run"
+    args = ["train", "--model.name_or_path", str(smollm2_session.gguf), "--model.torch_dtype", "float32"]
+    args += [
+        "--tokenizer.chat_template",
+        str(TOOL_TEMPLATE),
+        "--data.train",
+        str(TOOLS_EXAMPLE / "train.jsonl"),
+    ]
+    args += ["--data.tools", str(TOOLS_EXAMPLE / "tools.json"), "--data.max_length", "640"]
+    args += ["--data.eval_prompts", "0", "--peft_config.r", "16", "--peft_config.lora_alpha", "32"]
+    args += ["--training_config.learning_rate", "1e-3", "--training_config.max_steps", str(SMOL_STEPS)]
+    args += ["--training_config.per_device_train_batch_size", "2", "--training_config.warmup_steps", "0"]
+    args += ["--training_config.gradient_accumulation_steps", "1", "--training_config.save_strategy", "no"]
+    args += ["--training_config.eval_strategy", "no", "--training_config.report_to", "none"]
+    args += ["--training_config.lr_scheduler_type", "cosine", "--training_config.seed", "0"]
+    args += ["--training_config.output_dir", str(run)]
+    assert main(args) == 0
+
+    cfg, tokenizer, model = load_trained(run, echo=lambda _: None)
+    conversations = eval_conversations(
+        TOOLS_EXAMPLE / "eval.jsonl", "messages", tools=load_tools(cfg.data.tools)
+    )
+    prompts = [c.messages[:-1] for c in conversations]
+    tools = [c.tools for c in conversations]
+    base_cfg = run_config(run)
+    base = load_model(base_cfg.model, tokenizer, decide_precision(base_cfg.model, base_cfg.training_config))
+    _, before = generate_batch(base.eval(), tokenizer, prompts, max_new_tokens=SMOL_NEW_TOKENS, tools=tools)
+    # the premise: untrained, some answers run to the limit with this template (5 of 12 stop)
+    assert not all(n < SMOL_NEW_TOKENS for n in before.lengths), before.lengths
+    answers, after = generate_batch(model, tokenizer, prompts, max_new_tokens=SMOL_NEW_TOKENS, tools=tools)
+    assert all(n < SMOL_NEW_TOKENS for n in after.lengths), list(zip(answers, after.lengths, strict=True))
+    assert sum("<tool_call>" in a for a in answers) >= len(answers) // 2, answers  # it learned to call
+
+    if importlib.util.find_spec("cyllama") is None:
+        return
+    gguf = tmp_path / "out" / "model.gguf"
+    assert main(["export", "--adapter", str(run), "--out", str(gguf)]) == 0
+    served_by = llama_cpp_model(gguf)
+    for prompt, conversation_tools, answer in zip(prompts, tools, answers, strict=True):
+        ids = tokenizer.apply_chat_template(
+            prompt, tools=conversation_tools, add_generation_prompt=True, return_dict=False
+        )
+        served, stopped = llama_cpp_greedy(served_by, ids, SMOL_NEW_TOKENS)
+        assert stopped, (answer, tokenizer.decode(served))
+        # the same answer's start from the merged f16 file (later tokens may part on near ties)
+        assert tokenizer.decode(served[:4]) == tokenizer.decode(
+            tokenizer.encode(answer, add_special_tokens=False)[:4]
+        )

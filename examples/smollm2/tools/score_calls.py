@@ -117,13 +117,14 @@ def main() -> int:
     from lorafit.inference.generate import generate_batch
     from lorafit.inference.metrics import eval_conversations
     from lorafit.models import load_trained
-    from lorafit.models.load import load_model, load_tokenizer, run_config
+    from lorafit.models.load import decide_precision, load_model, load_tokenizer, run_config
 
     torch.set_num_threads(1)
     if args.base:
         cfg = run_config(args.run)
-        tokenizer = load_tokenizer(cfg)
-        model = load_model(cfg, tokenizer).eval()
+        precision = decide_precision(cfg.model, cfg.training_config)
+        tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, precision)
+        model = load_model(cfg.model, tokenizer, precision).eval()
     else:
         cfg, tokenizer, model = load_trained(args.run)
     conversations = eval_conversations(args.data, "messages", tools=load_tools(cfg.data.tools))
