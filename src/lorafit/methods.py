@@ -15,8 +15,9 @@ from typing import Any
 METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
 PREFERENCE_METHODS = METHODS[1:]
 
-# DPO loss types implemented (TRL's DPOConfig.loss_type values, same math).
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+# DPO loss types implemented (TRL's DPOConfig.loss_type values, same math). ``sft`` is the chosen
+# answers' NLL, meant to be combined with another (``loss_type: [sigmoid, sft]``, ``loss_weights``).
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sft")
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
 _COMMON: dict[str, tuple[Any, Any]] = {
@@ -39,6 +40,7 @@ METHOD_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
         **_COMMON,
         **_WITH_REFERENCE,
         "loss_type": (str | list, "sigmoid"),
+        "loss_weights": (list | None, None),
         "label_smoothing": (float, 0.0),
         "truncation_mode": (str, "keep_start"),
     },
@@ -63,7 +65,6 @@ METHOD_KEYS: dict[str, dict[str, tuple[Any, Any]]] = {
 
 # Keys of TRL's configs for these methods that lorafit does not implement: refused, not ignored.
 UNSUPPORTED = (
-    "loss_weights",
     "ld_alpha",
     "f_divergence_type",
     "f_alpha_divergence_coef",

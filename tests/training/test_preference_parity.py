@@ -156,12 +156,19 @@ DPO_METRICS = (
 
 
 @pytest.mark.parametrize(
-    "loss_type,label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)]
+    "loss_type,label_smoothing,loss_weights",
+    [
+        ("sigmoid", 0.0, None),
+        ("ipo", 0.0, None),
+        ("hinge", 0.0, None),
+        ("robust", 0.1, None),
+        (["sigmoid", "sft"], 0.0, [1.0, 0.7]),  # RPO: DPO plus the chosen answers' NLL
+    ],
 )
 @pytest.mark.parametrize("packed_attention", [False, True])
 @pytest.mark.parametrize("reference", ["base", "start"])
 def test_dpo_equals_trl(
-    chatml_tokenizer, tmp_path, loss_type, label_smoothing, packed_attention, reference
+    chatml_tokenizer, tmp_path, loss_type, label_smoothing, loss_weights, packed_attention, reference
 ) -> None:
     from trl import DPOConfig, DPOTrainer
 
@@ -178,7 +185,8 @@ def test_dpo_equals_trl(
     args = DPOConfig(
         output_dir=str(tmp_path / "trl"),
         beta=0.2,
-        loss_type=[loss_type],
+        loss_type=loss_type if isinstance(loss_type, list) else [loss_type],
+        loss_weights=loss_weights,
         label_smoothing=label_smoothing,
         report_to="none",
         use_cpu=True,
@@ -214,7 +222,12 @@ def test_dpo_equals_trl(
         }
         for i in range(n)
     ]
-    settings = {"beta": 0.2, "loss_type": loss_type, "label_smoothing": label_smoothing}
+    settings = {
+        "beta": 0.2,
+        "loss_type": loss_type,
+        "loss_weights": loss_weights,
+        "label_smoothing": label_smoothing,
+    }
     loss, metrics, ours_grads = lorafit_step(
         ours, tokenizer, tmp_path, "dpo", settings, examples, packed_attention, ours_reference
     )

@@ -4,11 +4,13 @@ run files with TRL's metric names, an adapter PEFT loads, and DPO continuing an 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from lorafit.cli import main
@@ -179,7 +181,24 @@ def test_preference_keys_are_checked(work, capsys) -> None:
     ]
     assert main(args) == 2
     assert "does not implement" in capsys.readouterr().err
+    dpo = ["train", "--method", "dpo", "--data.train", "pairs.jsonl", *COMMON]
+    assert main([*dpo, "--training_config.loss_type", "[sigmoid, sfft]"]) == 2
+    assert "'sfft' (did you mean 'sft'?)" in capsys.readouterr().err
+    combined = [*dpo, "--training_config.loss_type", "[sigmoid, sft]"]
+    assert main([*combined, "--training_config.loss_weights", "[1.0]"]) == 2
+    assert "one number per loss_type ['sigmoid', 'sft']" in capsys.readouterr().err
     os.remove("pairs.jsonl")
+
+
+def test_dpo_with_its_nll_term_trains_and_records_both_types(work) -> None:
+    args = ["train", "--method", "dpo", "--data.train", "pairs.jsonl", *COMMON, *PREFERENCE]
+    args += ["--training_config.loss_type", "[sigmoid, sft]", "--training_config.loss_weights", "[1.0, 0.5]"]
+    assert main([*args, "--training_config.output_dir", "rpo"]) == 0
+    recorded = yaml.safe_load(Path("rpo/lorafit_run.yaml").read_text())["training_config"]
+    assert recorded["loss_type"] == ["sigmoid", "sft"] and recorded["loss_weights"] == [1.0, 0.5]
+    first = metrics(Path("rpo"))[0]
+    # at step 1 the policy is the reference: DPO's term is log 2, the NLL term is what remains
+    assert first["loss"] > math.log(2) + 0.1
 
 
 def test_dpo_from_an_sft_adapter_resumes_exactly(work) -> None:

@@ -9,7 +9,9 @@ logits). With ``s = logp_policy - logp_reference`` (the implicit reward is ``bet
 * DPO ``sigmoid``: ``-log sigma(beta d)``; ``hinge``: ``relu(1 - beta d)``; ``ipo``:
   ``(d_avg - 1 / (2 beta))^2`` with each ``s`` divided by its answer's token count; ``robust``:
   ``((1 - eps) (-log sigma(beta d)) - eps (-log sigma(-beta d))) / (1 - 2 eps)``, eps =
-  ``label_smoothing``.
+  ``label_smoothing``; ``sft``: the chosen answers' NLL, ``-mean log softmax(z_t)[y_t]`` over
+  every chosen answer token of the batch. A list of types is their sum weighted by
+  ``loss_weights`` (1 each by default), as TRL combines them (``[sigmoid, sft]`` is RPO).
 * ORPO (no reference): with ``p`` = the mean answer log-prob, ``log odds = (p_c - p_r) -
   (log(1 - e^p_c) - log(1 - e^p_r))``, loss ``NLL - beta log sigma(log odds)``, the NLL over the
   chosen sequences' every token (prompt included, as TRL's ORPOTrainer).
@@ -30,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -185,28 +187,41 @@ def dpo_loss(
     rejected_tokens: torch.Tensor,
     *,
     beta: float,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
     label_smoothing: float = 0.0,
+    chosen_nll: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """DPO's loss over (B,) summed answer log-probs (see the module docstring)."""
+    """DPO's loss over (B,) summed answer log-probs (see the module docstring); ``chosen_nll``
+    (the chosen answer tokens' mean NLL) is needed only by the ``sft`` type."""
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
     delta = chosen_ratio - rejected_ratio
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * delta)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * delta)
-    elif loss_type == "ipo":
-        per_token = chosen_ratio / chosen_tokens.clamp(min=1.0) - rejected_ratio / rejected_tokens.clamp(
-            min=1.0
-        )
-        losses = (per_token - 1 / (2 * beta)) ** 2
-    elif loss_type == "robust":
-        eps = label_smoothing
-        losses = ((1 - eps) * -F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
-    else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}")
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = list(loss_weights) if loss_weights is not None else [1.0] * len(types)
+    loss = delta.new_zeros(())
+    for kind, weight in zip(types, weights, strict=True):
+        if kind == "sigmoid":
+            losses = -F.logsigmoid(beta * delta)
+        elif kind == "hinge":
+            losses = torch.relu(1 - beta * delta)
+        elif kind == "ipo":
+            per_token = chosen_ratio / chosen_tokens.clamp(min=1.0) - rejected_ratio / rejected_tokens.clamp(
+                min=1.0
+            )
+            losses = (per_token - 1 / (2 * beta)) ** 2
+        elif kind == "robust":
+            eps = label_smoothing
+            agree, disagree = -F.logsigmoid(beta * delta), -F.logsigmoid(-beta * delta)
+            losses = ((1 - eps) * agree - eps * disagree) / (1 - 2 * eps)
+        elif kind == "sft":
+            if chosen_nll is None:
+                raise ValueError("DPO loss_type 'sft' needs the chosen answers' NLL")
+            losses = chosen_nll.reshape(1)
+        else:
+            raise ValueError(f"unknown DPO loss_type {kind!r}")
+        loss = loss + weight * losses.mean()
     metrics = _pair_metrics(beta * chosen_ratio.detach(), beta * rejected_ratio.detach(), chosen, rejected)
-    return losses.mean(), metrics
+    return loss, metrics
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -396,8 +411,7 @@ class PreferenceTrainer(LorafitTrainer):
             else:
                 ref = self.reference_logps(model, inputs)
                 ref_chosen, ref_rejected = ref[:pairs], ref[pairs:]
-            loss_type = s["loss_type"]
-            loss_type = loss_type[0] if isinstance(loss_type, list) else loss_type
+            chosen_answer = in_answer & (scored_owners < pairs)
             return dpo_loss(
                 chosen,
                 rejected,
@@ -406,8 +420,10 @@ class PreferenceTrainer(LorafitTrainer):
                 chosen_n,
                 rejected_n,
                 beta=s["beta"],
-                loss_type=loss_type,
+                loss_type=s["loss_type"],
+                loss_weights=s.get("loss_weights"),
                 label_smoothing=s.get("label_smoothing", 0.0),
+                chosen_nll=-values[chosen_answer].mean() if "sft" in _as_list(s["loss_type"]) else None,
             )
         chosen_mean, rejected_mean = chosen / chosen_n, rejected / rejected_n
         if self.method == "orpo":
@@ -509,6 +525,34 @@ def precompute_reference(trainer: PreferenceTrainer, dataset: Any, collator: Any
 # -- the run: data, settings and trainer for lorafit.training.run ------------------------------
 
 
+def _as_list(loss_type: str | list[str]) -> list[str]:
+    return [loss_type] if isinstance(loss_type, str) else loss_type
+
+
+def _dpo_loss_types(loss_type: Any, loss_weights: Any) -> str | list[str]:
+    """DPO's ``loss_type`` checked: one type as a string, several (TRL's combination) as a list
+    whose ``loss_weights`` (if given) match it one for one."""
+    from lorafit.methods import DPO_LOSS_TYPES
+
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type or [])
+    if not types:
+        raise LorafitError("training_config.loss_type: empty; expected one of " + ", ".join(DPO_LOSS_TYPES))
+    for kind in types:
+        if kind not in DPO_LOSS_TYPES:
+            raise LorafitError(
+                f"training_config.loss_type: {kind!r}{did_you_mean(str(kind), DPO_LOSS_TYPES)}; method dpo "
+                f"takes {', '.join(DPO_LOSS_TYPES)}, or a list of them combined by loss_weights"
+            )
+    if len(set(types)) != len(types):
+        raise LorafitError(f"training_config.loss_type: {types!r} names a type twice")
+    if loss_weights is not None:
+        if len(loss_weights) != len(types) or not all(isinstance(w, (int, float)) for w in loss_weights):
+            raise LorafitError(
+                f"training_config.loss_weights: {loss_weights!r}; expected one number per loss_type {types!r}"
+            )
+    return types[0] if len(types) == 1 else types
+
+
 def method_settings(cfg: Any) -> dict[str, Any]:
     """The method's keys for this run: TRL's defaults, the user's ``training_config`` values, and
     ``max_length`` from ``data.max_length`` when ``training_config`` does not set it."""
@@ -520,14 +564,9 @@ def method_settings(cfg: Any) -> dict[str, Any]:
         settings["max_length"] = cfg.data.max_length
     loss_type = settings.get("loss_type")
     allowed = {"dpo": DPO_LOSS_TYPES, "simpo": ("simpo",), "kto": ("kto",)}.get(cfg.method, ())
-    if cfg.method == "dpo" and isinstance(loss_type, list):
-        if len(loss_type) != 1:
-            raise LorafitError(
-                f"training_config.loss_type: {loss_type!r}; lorafit takes one DPO loss type (TRL's "
-                "combinations with loss_weights are not implemented)"
-            )
-        loss_type = settings["loss_type"] = loss_type[0]
-    if allowed and loss_type not in allowed:
+    if cfg.method == "dpo":
+        settings["loss_type"] = _dpo_loss_types(loss_type, settings.get("loss_weights"))
+    elif allowed and loss_type not in allowed:
         raise LorafitError(
             f"training_config.loss_type: {loss_type!r}{did_you_mean(str(loss_type), allowed)}; method "
             f"{cfg.method} takes {', '.join(allowed)}"
