@@ -582,7 +582,9 @@ def load_preference_data(cfg: Any, tokenizer: Any, seed: int, echo: Any) -> tupl
     import hashlib
     import json
 
-    from lorafit.data.build import _split_fraction
+    from accelerate import PartialState
+
+    from lorafit.data.build import _cache_root, _split_fraction
     from lorafit.data.preference import PreferenceDataset, build_preference_split
     from lorafit.data.read import read_records
     from lorafit.training import distributed as lf_dist
@@ -602,20 +604,24 @@ def load_preference_data(cfg: Any, tokenizer: Any, seed: int, echo: Any) -> tupl
         truncation_mode=settings.get("truncation_mode", "keep_start"),
         overlong=d.overlong,
         skip_bad_records=d.skip_bad_records,
+        cache_dir=_cache_root(None),  # beside SFT's tokenised data ($LORAFIT_CACHE)
     )
     train_records, eval_records, unreadable = None, None, []
     if d.eval_fraction and not eval_src:  # held-out records, as SFT's data.eval_fraction
         records = read_records(train_src, bad=unreadable if d.skip_bad_records else None)
         train_records, eval_records = _split_fraction(records, d.eval_fraction, seed)
-    train, stats = build_preference_split(tokenizer, train_src, records=train_records, **common)
+    with PartialState().local_main_process_first():  # the others then read its cache
+        train, stats = build_preference_split(tokenizer, train_src, records=train_records, **common)
+        eval_examples, eval_stats = None, None
+        if eval_src or eval_records:
+            eval_examples, eval_stats = build_preference_split(
+                tokenizer, eval_src or train_src, records=eval_records, **common
+            )
     stats["bad"] = unreadable + stats["bad"]
     stats["bad_records"] = len(stats["bad"])
     eval_set = None
-    if eval_src or eval_records:
-        examples, eval_stats = build_preference_split(
-            tokenizer, eval_src or train_src, records=eval_records, **common
-        )
-        eval_set = PreferenceDataset(examples)
+    if eval_examples is not None:
+        eval_set = PreferenceDataset(eval_examples)
         stats["eval"] = _stats_for_run(eval_stats)
     stats = _stats_for_run(stats) | ({"eval": stats["eval"]} if "eval" in stats else {})
     fingerprint = hashlib.sha256(json.dumps(train, sort_keys=True).encode()).hexdigest()
