@@ -2,10 +2,11 @@
 test_distributed.py, tests/models/test_quant.py): exact resume after SIGKILL, SIGINT's
 checkpoint, the stop before a non-finite update, DDP under torchrun, QLoRA.
 
-Every run is DPO on the demo model (fp32, no dropout) over 8 tiny pairs, 4 pairs a step (2
+The runs are DPO on the demo model (fp32, no dropout) over 8 tiny pairs, 4 pairs a step (2
 steps an epoch, so 4 steps cross an epoch boundary), with the reference log-probs precomputed
-(one pass before training, which a resumed run makes again) and an eval every 2 steps. One
-uninterrupted run, in this process, is the reference; interrupted runs are real
+(one pass before training, which a resumed run makes again) and an eval every 2 steps; ORPO,
+KTO and DPO with a reference pass each step are resumed in this process. One uninterrupted
+run, in this process, is the reference; interrupted runs are real
 ``python -m lorafit train`` processes paused at a fixed step (``LORAFIT_PAUSE_AT_STEP``), and
 their resumed adapters, optimizer states and metrics must equal the reference's bit for bit
 (CPU, one thread in both).
@@ -65,6 +66,7 @@ def engine_args(
     batch: int = 4,
     train: str = "pairs.jsonl",
     eval: str | None = "eval.jsonl",  # named after the config key
+    precompute: bool = True,
 ) -> list[str]:
     """The runs of this file: ``STEPS`` steps of ``batch`` examples from ``data/train``, a
     checkpoint and an eval (of ``data/eval``) every 2 steps."""
@@ -86,8 +88,8 @@ def engine_args(
         "--training_config.report_to", "none",
         "--training_config.output_dir", str(run),
     ]  # fmt: skip
-    if method in ("dpo", "kto"):  # said, not left to the default: the case a resumed run must redo
-        args += ["--training_config.precompute_ref_log_probs", "true"]
+    if method in ("dpo", "kto"):  # said, not left to the default: with it, a resumed run redoes the pass
+        args += ["--training_config.precompute_ref_log_probs", str(precompute).lower()]
     if eval is None:
         return [*args, "--training_config.eval_strategy", "no"]
     return [*args, "--data.eval", str(data / eval)]
@@ -176,19 +178,18 @@ def test_sigint_stops_with_a_checkpoint_and_says_how_to_resume(reference, work) 
 
 
 @pytest.mark.parametrize(
-    "method,extra",
+    "method,settings",
     [
-        ("dpo", ["--training_config.precompute_ref_log_probs", "false"]),  # a reference pass a step
-        ("orpo", []),
-        ("kto", []),
+        ("dpo", {"precompute": False}),  # the reference pass in each step: the adapter switched off
+        ("orpo", {}),
+        ("kto", {"train": "kto.jsonl", "eval": "kto.jsonl"}),
     ],
 )
-def test_resume_from_a_checkpoint_is_bit_identical(work, method, extra) -> None:
+def test_resume_from_a_checkpoint_is_bit_identical(work, method, settings) -> None:
     """The other reference mode and methods, resumed in this process from checkpoint-2 of a
     finished run: the same adapter and metrics as the run that never stopped."""
     whole, cut = work / f"{method}-whole", work / f"{method}-cut"
-    data = {"train": "kto.jsonl", "eval": "kto.jsonl"} if method == "kto" else {}
-    assert main(["train", *engine_args(whole, work, method=method, **data), *extra]) == 0
+    assert main(["train", *engine_args(whole, work, method=method, **settings)]) == 0
     shutil.copytree(whole, cut)
     shutil.rmtree(cut / f"checkpoint-{STEPS}")
     for name in (ADAPTER, "adapter_config.json"):
