@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -169,6 +170,62 @@ def test_bad_records_stop_the_run_or_are_skipped_and_counted(tmp_path, chatml_to
     )
     assert len(examples) == 1 and stats["bad_records"] == 3
     assert [b.where.split("/")[-1] for b in stats["bad"]] == [f"pairs.jsonl line {n}" for n in (2, 3, 4)]
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_tokenised_pairs_are_cached_by_content_tokenizer_method_and_lengths(
+    tmp_path, chatml_tokenizer, make_tokenizer, monkeypatch, method
+) -> None:
+    """A second build with the same records, tokenizer, method and settings reads the examples
+    back (without templating a record) and equals the first; any of them changed, it misses.
+    Bad records (skipped) are named where they are now, even when the file has moved."""
+    import lorafit.data.preference as preference
+
+    prompts = [f"Question {i}: what is two plus two?" for i in range(4)]
+    if method == "kto":
+        rows = [
+            {"prompt": p, "completion": "Four, surely.", "label": i % 2 == 0} for i, p in enumerate(prompts)
+        ]
+        bad = {"prompt": "Hello", "completion": "Hi.", "label": "yes"}  # not a bool
+    else:
+        rows = [{"prompt": p, "chosen": "Four, surely.", "rejected": "Five."} for p in prompts]
+        bad = {"prompt": "Hello", "chosen": "Hi.", "rejected": "Hi."}  # the same answer
+    path = write_jsonl(tmp_path / "pairs.jsonl", [*rows[:2], bad, *rows[2:]])
+    cache = tmp_path / "cache"
+
+    def build(source=path, tokenizer=chatml_tokenizer, **settings):
+        settings = {"method": method, "max_length": 256, "skip_bad_records": True, **settings}
+        return build_preference_split(tokenizer, source, cache_dir=cache, **settings)
+
+    examples, stats = build()
+    assert stats["cache_hit"] is False and len(list((cache / "tokenized").glob("*.safetensors"))) == 1
+    real = preference.tokenize_preference
+    monkeypatch.setattr(preference, "tokenize_preference", lambda *a, **k: pytest.fail("tokenised again"))
+    again, again_stats = build()
+    assert again_stats["cache_hit"] is True
+    assert again == examples  # the same ints and bools, field by field
+    assert json.dumps(again, sort_keys=True) == json.dumps(examples, sort_keys=True)  # the run's fingerprint
+    assert {k: v for k, v in again_stats.items() if k != "cache_hit"} == {
+        k: v for k, v in stats.items() if k != "cache_hit"
+    }
+    moved = tmp_path / "moved.jsonl"
+    moved.write_bytes(Path(path).read_bytes())
+    _, moved_stats = build(moved)
+    assert moved_stats["cache_hit"] and [b.where for b in moved_stats["bad"]] == [f"{moved} line 3"]
+
+    monkeypatch.setattr(preference, "tokenize_preference", real)
+    for changed in (
+        {"max_length": max(len(e.get("input_ids", e.get("chosen_input_ids"))) for e in examples) - 1},  # cuts
+        {"truncation_mode": "keep_end"},
+        {"overlong": "drop"},
+        {"skip_bad_records": False, "source": write_jsonl(tmp_path / "good.jsonl", rows)},  # no bad record
+        {"tokenizer": make_tokenizer("llama3")},
+        *([{"method": "orpo"}] if method == "dpo" else []),  # the same pairs, another method
+    ):
+        _, changed_stats = build(**changed)
+        assert changed_stats["cache_hit"] is False, changed
+        assert changed_stats["truncated"] > 0 or "max_length" not in changed
+    assert len(list((cache / "tokenized").glob("*.safetensors"))) == 1 + 6 - (method == "kto")
 
 
 def test_plain_text_pairs_without_a_chat_template(chatml_tokenizer) -> None:

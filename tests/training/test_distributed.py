@@ -15,25 +15,19 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import lorafit
 from lorafit.adapters import LoraConfig, apply_lora
 from lorafit.adapters.files import adapter_state_dict, clean_module_name
 from lorafit.cli import main
 from lorafit.errors import LorafitError
 from lorafit.training import distributed as lf_dist
 
+from processes import LOSS_TOLERANCE, rows, torchrun
 from tiny import tiny_phi3
-
-LOSS_TOLERANCE = 1e-5  # absolute, per logged step; measured max 9.5e-7
-SRC = Path(lorafit.__file__).resolve().parents[1]  # the lorafit this test imports, for the children
-TESTS = Path(__file__).resolve().parents[1]  # tests/, for the helpers the worker imports (tiny.py)
 
 COMMON = [
     "--training_config.max_steps", "6",
@@ -46,29 +40,6 @@ COMMON = [
     "--model.torch_dtype", "float32",
     "--peft_config.lora_dropout", "0",  # dropout masks differ per rank: no exact comparison with it
 ]  # fmt: skip
-
-
-def _env(cache: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",  # two processes on shared cores: threads would only fight
-        "LORAFIT_CACHE": str(cache),
-    }
-
-
-def torchrun(args: list[str], cwd: Path, cache: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.run(
-        [*cmd, *args], cwd=cwd, env=_env(cache), capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def rows(run: Path, key: str = "loss") -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if key in r]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,14 @@ from safetensors.torch import load_file
 
 from lorafit.cli import main
 from lorafit.demo import eval_file, train_file
+
+from processes import (
+    POISON,
+    assert_stopped_before_a_non_finite_update,
+    poisoned_demo_model,
+    start,
+    wait_paused,
+)
 
 ADAPTER = "adapter_model.safetensors"
 STEPS = 8
@@ -101,28 +108,6 @@ def assert_same_as_reference(run: Path, reference: Path) -> None:
         assert (run / last / name).read_bytes() == (reference / last / name).read_bytes(), name
     assert losses(run) == losses(reference)
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no partial checkpoint left
-
-
-def start(args: list[str], work: Path, log: str, pause_at: int | None = None) -> subprocess.Popen:
-    """``lorafit train`` in a process of its own; with ``pause_at``, the run stops itself after
-    that step (``LORAFIT_PAUSE_AT_STEP``) until the test sends SIGCONT: a signal sent then
-    certainly reaches a run mid-way, however fast the machine."""
-    env = {**os.environ, "LORAFIT_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
-    if pause_at is not None:
-        env["LORAFIT_PAUSE_AT_STEP"] = str(pause_at)
-    with open(work / f"{log}.out", "w") as out, open(work / f"{log}.err", "w") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "lorafit", "train", *args], env=env, stdout=out, stderr=err, cwd=work
-        )
-
-
-def wait_paused(proc: subprocess.Popen, timeout: float = 300) -> None:
-    """Until the run has stopped itself (``pause_at``): its state in /proc is T."""
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before it paused"
-        assert time.monotonic() < deadline, "the run did not pause"
-        time.sleep(0.01)
 
 
 def test_uninterrupted_runs_are_bit_identical(reference, work) -> None:
@@ -371,20 +356,12 @@ def test_model_code_from_a_folder_never_runs_without_trust_remote_code(tmp_path,
 def poisoned(tmp_path_factory) -> Path:
     """The demo model with one token's embedding set to inf, saved as a model folder, and data in
     which only one record uses that token: the steps that train on it have a NaN loss."""
-    from lorafit.demo import build_demo_model, load_demo_tokenizer
-
     folder = tmp_path_factory.mktemp("poisoned")
-    tokenizer = load_demo_tokenizer()
-    model = build_demo_model(torch.float32)
-    poison = tokenizer.convert_tokens_to_ids("<|placeholder3|>")
-    with torch.no_grad():
-        model.get_input_embeddings().weight[poison] = float("inf")
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
+    poisoned_demo_model(folder / "model")
     lines = train_file().read_text(encoding="utf-8").splitlines()[:7]
     bad = {
         "messages": [
-            {"role": "user", "content": "Say the <|placeholder3|> word."},
+            {"role": "user", "content": f"Say the {POISON} word."},
             {"role": "assistant", "content": "No."},
         ]
     }
@@ -428,17 +405,7 @@ def test_non_finite_loss_stops_before_the_weights_with_step_and_checkpoint(
 ) -> None:
     run = tmp_path / "run"
     assert main(["train", *poisoned_args(poisoned, run)]) == 2
-    err = capsys.readouterr().err
-    step = int(err.split("error: step ")[1].split(":")[0])
-    assert "the loss and gradients are not finite (NaN or inf)" in err and "--skip-nonfinite" in err
-    assert "Traceback" not in err
-    if step > 1:
-        assert f"The last good checkpoint is {run / f'checkpoint-{step - 1}'}" in err
-        saved = load_file(run / f"checkpoint-{step - 1}" / ADAPTER)
-        assert all(torch.isfinite(t).all() for t in saved.values())
-    else:
-        assert "No checkpoint was saved before this" in err
-    assert not (run / f"checkpoint-{step}").exists() and not (run / ADAPTER).exists()
+    assert_stopped_before_a_non_finite_update(capsys.readouterr().err, run)
 
 
 def test_skip_nonfinite_skips_only_the_bad_steps(poisoned, tmp_path, capsys) -> None:

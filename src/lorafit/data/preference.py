@@ -20,14 +20,21 @@ Length, as TRL's collators: each sequence (prompt + answer) longer than ``max_le
 its first (``keep_start``) or last (``keep_end``) ``max_length`` tokens; a pair whose prompt fills
 ``max_length`` under ``keep_start`` is dropped (nothing of its answer would be left).
 ``overlong: drop`` drops every pair with a sequence over ``max_length`` instead, with a count.
+
+A run keeps the tokenised examples in the cache SFT's rows use (``$LORAFIT_CACHE/tokenized``),
+keyed by the records' content, the tokenizer, the method and these settings.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lorafit.constants import IGNORE_INDEX
@@ -292,15 +299,49 @@ def build_preference_split(
     overlong: str = "truncate",
     skip_bad_records: bool = False,
     records: Sequence[Record] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> tuple[list[dict], dict[str, Any]]:
     """Read ``source`` (or take ``records``) and tokenise every record: ``(examples, stats)``.
 
     Without ``skip_bad_records`` the first bad record in file order raises (file, line, field);
     with it the bad ones are listed in ``stats["bad"]`` (``BadRecord``, in file order) and counted.
+    With ``cache_dir`` the examples and stats are kept on disk beside SFT's
+    (``cache_dir/tokenized/``), keyed by the records' content, the tokenizer, the method and
+    the length settings, and a second build with all of them the same reads them back
+    (``stats["cache_hit"]``).
     """
     check_truncation_mode(truncation_mode)
-    bad: list[BadRecord] = []
     items = _read_items(source) if records is None else list(records)
+    settings = dict(
+        method=method,
+        max_length=max_length,
+        truncation_mode=truncation_mode,
+        overlong=overlong,
+        skip_bad_records=skip_bad_records,
+    )
+    if cache_dir is None:
+        return _tokenize_split(tokenizer, source, items, **settings)
+    path = Path(cache_dir) / "tokenized" / f"{_cache_key(tokenizer, items, settings)}.safetensors"
+    cached = _read_cached(path, items)
+    if cached is not None:
+        return cached
+    examples, stats = _tokenize_split(tokenizer, source, items, **settings)
+    _write_cached(path, examples, stats, items)
+    return examples, {**stats, "cache_hit": False}
+
+
+def _tokenize_split(
+    tokenizer: Any,
+    source: str,
+    items: list[Record | BadRecord],
+    *,
+    method: str,
+    max_length: int,
+    truncation_mode: str,
+    overlong: str,
+    skip_bad_records: bool,
+) -> tuple[list[dict], dict[str, Any]]:
+    bad: list[BadRecord] = []
     examples: list[dict] = []
     counts = {"truncated": 0, "dropped_too_long": 0}
     fmt = None
@@ -347,6 +388,83 @@ def build_preference_split(
         **counts,
     }
     return examples, stats
+
+
+# Preference examples in the tokenisation cache: each list field (``chosen_input_ids``, ...) as one
+# flat int64 array with its offsets, each scalar field (``prompt_length``, ``label``) as an array.
+_CACHE_VERSION = "lorafit-preference-1"
+
+
+def _cache_key(tokenizer: Any, items: Sequence[Record | BadRecord], settings: dict[str, Any]) -> str:
+    from lorafit.data.build import _tokenizer_fingerprint
+
+    h = hashlib.sha256()
+    for item in items:  # the content, not where it is: a moved file hits; bad records are named anew
+        if isinstance(item, BadRecord):
+            text = f"bad: {item.reason}"
+        else:
+            text = json.dumps(item.data, sort_keys=True, ensure_ascii=False, default=str)
+        h.update(text.encode("utf-8", "surrogatepass") + b"\n")
+    fields = {
+        "version": _CACHE_VERSION,
+        "records": h.hexdigest(),
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        **settings,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _write_cached(path: Path, examples: list[dict], stats: dict[str, Any], items: list) -> None:
+    from safetensors.numpy import save_file
+
+    from lorafit.disk import atomic_write
+
+    arrays, kinds = {}, {}
+    for name, value in examples[0].items():
+        if isinstance(value, list):
+            kinds[name] = "list"
+            arrays[name] = np.array([t for e in examples for t in e[name]], dtype=np.int64)
+            arrays[f"{name}.offsets"] = np.cumsum([0] + [len(e[name]) for e in examples], dtype=np.int64)
+        else:
+            kinds[name] = type(value).__name__  # int or bool
+            arrays[name] = np.array([e[name] for e in examples], dtype=np.int64)
+    index = {item.where: i for i, item in enumerate(items)}
+    metadata = {
+        "kinds": json.dumps(kinds),
+        "stats": json.dumps({k: v for k, v in stats.items() if k != "bad"}),
+        # a bad record by its place among the records: read back, it is named where it is now
+        "bad": json.dumps([[index[b.where], b.reason] for b in stats["bad"]]),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
+
+
+def _read_cached(path: Path, items: list) -> tuple[list[dict], dict[str, Any]] | None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata()
+            kinds = json.loads(meta["kinds"])
+            columns = {name: f.get_tensor(name) for name in f.keys()}
+            stats = json.loads(meta["stats"])
+            bad = [BadRecord(items[i].where, reason) for i, reason in json.loads(meta["bad"])]
+    except Exception:  # a truncated or foreign file: tokenise again and overwrite it
+        return None
+    n = stats["examples"]
+    examples: list[dict] = [{} for _ in range(n)]
+    for name, kind in kinds.items():
+        if kind == "list":
+            flat, offsets = columns[name].tolist(), columns[f"{name}.offsets"].tolist()
+            for i, example in enumerate(examples):
+                example[name] = flat[offsets[i] : offsets[i + 1]]
+        else:
+            cast = bool if kind == "bool" else int
+            for example, value in zip(examples, columns[name].tolist(), strict=True):
+                example[name] = cast(value)
+    return examples, {**stats, "bad": bad, "cache_hit": True}
 
 
 class PreferenceDataset(torch.utils.data.Dataset):

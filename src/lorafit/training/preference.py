@@ -302,6 +302,23 @@ def kto_loss(
     return losses.nanmean(), metrics
 
 
+_PAIR_METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+# What each method's loss logs (TRL's names), in the order the ranks sum them.
+METRIC_NAMES = {
+    "dpo": _PAIR_METRICS,
+    "orpo": (*_PAIR_METRICS, "nll_loss", "log_odds_ratio", "log_odds_chosen"),
+    "simpo": (*_PAIR_METRICS, "nll_loss"),
+    "kto": ("kl", "rewards/chosen", "logps/chosen", "rewards/rejected", "logps/rejected", "rewards/margins"),
+}
+
+
 # -- the reference: the same weights, the adapter off or at its start --------------------------
 
 
@@ -489,12 +506,30 @@ class PreferenceTrainer(LorafitTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        averaged = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        averaged = self._averaged_metrics(mode)
         if mode == "eval":
             averaged = {f"eval_{k}": v for k, v in averaged.items()}
         logs.update(averaged)
         self._metrics[mode].clear()
         super().log(logs, start_time)
+
+    def _averaged_metrics(self, mode: str) -> dict[str, float]:
+        """Each metric's mean over the batches since the last log, on every process together.
+
+        Trainer logs on every rank (the loss is gathered there), so every rank joins one sum of
+        ``(sum, count)`` per metric name, in the fixed order of ``METRIC_NAMES``: a rank whose
+        batches gave no value for a name (KTO without desirable examples) adds ``(0, 0)``.
+        With one process this is ``sum(values) / len(values)``."""
+        values = self._metrics[mode]
+        names = METRIC_NAMES[self.method]
+        unknown = set(values) - set(names)
+        if unknown:  # a new metric must be listed, or the ranks would disagree on what to sum
+            raise RuntimeError(f"metrics {sorted(unknown)} are missing from METRIC_NAMES[{self.method!r}]")
+        totals = [[float(sum(values.get(k, ()))), float(len(values.get(k, ())))] for k in names]
+        if self.accelerator.num_processes > 1:
+            summed = torch.tensor(totals, dtype=torch.float64, device=self.args.device)
+            totals = self.accelerator.reduce(summed, reduction="sum").tolist()
+        return {k: total / count for k, (total, count) in zip(names, totals, strict=True) if count}
 
 
 def precompute_reference(trainer: PreferenceTrainer, dataset: Any, collator: Any, batch_size: int) -> None:
@@ -586,9 +621,12 @@ def load_preference_data(cfg: Any, tokenizer: Any, seed: int, echo: Any) -> tupl
     import hashlib
     import json
 
-    from lorafit.data.build import _split_fraction
+    from accelerate import PartialState
+
+    from lorafit.data.build import _cache_root, _split_fraction
     from lorafit.data.preference import PreferenceDataset, build_preference_split
     from lorafit.data.read import read_records
+    from lorafit.training import distributed as lf_dist
     from lorafit.training.run import data_sources
 
     settings = method_settings(cfg)
@@ -605,23 +643,28 @@ def load_preference_data(cfg: Any, tokenizer: Any, seed: int, echo: Any) -> tupl
         truncation_mode=settings.get("truncation_mode", "keep_start"),
         overlong=d.overlong,
         skip_bad_records=d.skip_bad_records,
+        cache_dir=_cache_root(None),  # beside SFT's tokenised data ($LORAFIT_CACHE)
     )
     train_records, eval_records, unreadable = None, None, []
     if d.eval_fraction and not eval_src:  # held-out records, as SFT's data.eval_fraction
         records = read_records(train_src, bad=unreadable if d.skip_bad_records else None)
         train_records, eval_records = _split_fraction(records, d.eval_fraction, seed)
-    train, stats = build_preference_split(tokenizer, train_src, records=train_records, **common)
+    with PartialState().local_main_process_first():  # the others then read its cache
+        train, stats = build_preference_split(tokenizer, train_src, records=train_records, **common)
+        eval_examples, eval_stats = None, None
+        if eval_src or eval_records:
+            eval_examples, eval_stats = build_preference_split(
+                tokenizer, eval_src or train_src, records=eval_records, **common
+            )
     stats["bad"] = unreadable + stats["bad"]
     stats["bad_records"] = len(stats["bad"])
     eval_set = None
-    if eval_src or eval_records:
-        examples, eval_stats = build_preference_split(
-            tokenizer, eval_src or train_src, records=eval_records, **common
-        )
-        eval_set = PreferenceDataset(examples)
+    if eval_examples is not None:
+        eval_set = PreferenceDataset(eval_examples)
         stats["eval"] = _stats_for_run(eval_stats)
     stats = _stats_for_run(stats) | ({"eval": stats["eval"]} if "eval" in stats else {})
     fingerprint = hashlib.sha256(json.dumps(train, sort_keys=True).encode()).hexdigest()
+    lf_dist.check_same_on_all_ranks(fingerprint, "training rows")  # as SFT's: every rank read the same
     echo(
         f"data: {stats['records']} records ({stats['format']}, method {cfg.method}) -> {stats['examples']} "
         f"examples, {stats['tokens']:,} tokens; truncated {stats['truncated']}, dropped "
@@ -683,12 +726,9 @@ def build_preference_trainer(
     """The :class:`PreferenceTrainer` with lorafit's callbacks (as ``build_trainer``), its reference
     (the base model, or the starting adapter when ``model.adapter`` is set) and, with
     ``precompute_ref_log_probs``, the reference log-probs of every example taken now."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     from lorafit.data.preference import PreferenceCollator
     from lorafit.models.attention import PACKED_ATTENTION
-    from lorafit.training.callbacks import NonFiniteGuard, RunFilesCallback, StopOnSignal
-    from lorafit.training.trainer import _quiet_transformers
+    from lorafit.training.trainer import _quiet_transformers, add_run_callbacks
 
     settings = method_settings(cfg)
     if settings.get("disable_dropout", True):  # TRL's default: the policy and reference see the same net
@@ -716,16 +756,7 @@ def build_preference_trainer(
             settings=settings,
             reference=reference,
         )
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    from pathlib import Path
-
-    run_dir = Path(args.output_dir)
-    files = RunFilesCallback(run_dir, trainer)
-    trainer.add_callback(files)
-    skip = bool(cfg.training_config.get("skip_nonfinite"))
-    trainer.add_callback(NonFiniteGuard(trainer, run_dir, skip=skip, echo=files.write))
-    trainer.add_callback(StopOnSignal(echo=files.write))
+    add_run_callbacks(trainer, cfg)
     if reference is not None and settings.get("precompute_ref_log_probs"):
         chosen_size = settings.get("precompute_ref_batch_size")
         for dataset, batch_size in (

@@ -258,9 +258,17 @@ def build_trainer(
             pad_token_id=tokenizer.pad_token_id,
             data_fingerprint=fingerprint,
         )
+    add_run_callbacks(trainer, cfg)
+    return trainer
+
+
+def add_run_callbacks(trainer: LorafitTrainer, cfg: RunConfig) -> None:
+    """lorafit's callbacks in place of transformers' printing ones, for every method's trainer:
+    run files, the non-finite guard, stop on signals, the config to the trackers, and the pause
+    at a step that tests ask for (``LORAFIT_PAUSE_AT_STEP``)."""
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    run_dir = Path(args.output_dir)
+    run_dir = Path(trainer.args.output_dir)
     files = RunFilesCallback(run_dir, trainer)
     # First: its on_log adds tokens/s to the logs, which the trackers (report_to) then receive.
     trainer.callback_handler.callbacks.insert(0, files)
@@ -271,7 +279,6 @@ def build_trainer(
     pause = PauseAtStep.from_environment()
     if pause is not None:
         trainer.add_callback(pause)
-    return trainer
 
 
 def run_trainer(trainer: LorafitTrainer, checkpoint: str | None) -> None:
