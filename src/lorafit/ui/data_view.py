@@ -138,8 +138,11 @@ def inspect_data(tokenizer: Any, settings: DataConfig) -> DataReport:
     )
 
 
-def length_histogram(report: DataReport | PreferenceView, bins: int = HISTOGRAM_BINS) -> list[tuple[str, int]]:
-    """``(bin label, examples)`` over ``0..max_length`` tokens in ``bins`` equal bins."""
+def length_histogram(
+    report: DataReport | PreferenceView, bins: int = HISTOGRAM_BINS
+) -> list[tuple[str, int]]:
+    """``(bin label, examples)`` over ``0..max_length`` tokens in ``bins`` equal bins (for
+    preference data, sequences: prompt + one answer)."""
     top = report.settings.max_length
     counts, edges = np.histogram(report.lengths, bins=bins, range=(0, top))
     return [(f"{int(a)}-{int(b)}", int(n)) for a, b, n in zip(edges[:-1], edges[1:], counts, strict=True)]

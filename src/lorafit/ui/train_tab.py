@@ -155,7 +155,8 @@ def _lay_out(
     with gr.Row():
         qlora = gr.Checkbox(label="QLoRA: 4-bit NF4 base (bitsandbytes)", elem_id="qlora")
         eval_path.render()
-        name = gr.Textbox(runs.new_name(), label=f"Run folder, inside {runs.root}", elem_id="run-name")
+        # a function: each page load asks for a fresh name, so a reopened page never offers a used one
+        name = gr.Textbox(runs.new_name, label=f"Run folder, inside {runs.root}", elem_id="run-name")
     extra = gr.Textbox(
         label="More settings, as on the command line",
         placeholder="--training_config.logging_steps 1 --training_config.eval_steps 10",
