@@ -179,18 +179,7 @@ def _lay_out(
                 resume = gr.Button("Resume", elem_id="resume")
             note = gr.Markdown(elem_id="run-note")
             status = gr.Markdown(elem_id="run-status")
-            chart = gr.LinePlot(
-                x="step", y="loss", color="series", color_map=CHART_COLORS, label="Loss", elem_id="loss-chart"
-            )
-            rewards = gr.LinePlot(
-                x="step",
-                y="value",
-                color="series",
-                color_map=REWARD_COLORS,
-                label="Rewards (margin: chosen - rejected; accuracy: share of pairs chosen wins)",
-                elem_id="rewards-chart",
-                visible=False,
-            )
+            chart, rewards = _charts()
             with gr.Row():
                 run_select = gr.Dropdown(runs.list_runs(), label="Runs", elem_id="run-select", scale=3)
                 refresh = gr.Button("Refresh the list", scale=1)
@@ -255,18 +244,7 @@ def _wire(tab: _Tab, runs: Runs, downloads: Path, fields: dict) -> None:
         return cfg.to_yaml(), str(out)
 
     def show(run: str | None, last: Any) -> tuple:
-        if not run:
-            return "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), "", last
-        try:
-            view = runs.view(run)
-        except LorafitError as e:
-            return error_text(e), gr.skip(), gr.skip(), gr.skip(), gr.skip(), "", last
-        key = (run, len(view.metrics), view.samples is not None, view.state)
-        if key == last:
-            return view.headline(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), view.log_tail, last
-        image = _image(view.loss_png)
-        charts = (_chart(view), _rewards_chart(view))
-        return view.headline(), *charts, view.samples or "", image, view.log_tail, key
+        return _show(runs, run, last)
 
     def act(what: Callable[..., tuple]) -> Callable[..., tuple]:
         def handler(*args: Any) -> tuple:
@@ -308,6 +286,39 @@ def _wire(tab: _Tab, runs: Runs, downloads: Path, fields: dict) -> None:
     tab.refresh.click(lambda: gr.update(choices=runs.list_runs()), outputs=tab.run_select)
     tab.run_select.change(lambda run: show(run, None), inputs=tab.run_select, outputs=live)
     tab.timer.tick(show, inputs=[tab.run_select, tab.seen], outputs=live, show_progress="hidden")
+
+
+def _charts() -> tuple[gr.LinePlot, gr.LinePlot]:
+    """The loss chart, and the rewards chart that a preference run's metrics show."""
+    loss = gr.LinePlot(
+        x="step", y="loss", color="series", color_map=CHART_COLORS, label="Loss", elem_id="loss-chart"
+    )
+    rewards = gr.LinePlot(
+        x="step",
+        y="value",
+        color="series",
+        color_map=REWARD_COLORS,
+        label="Rewards (margin: chosen - rejected; accuracy: share of pairs chosen wins)",
+        elem_id="rewards-chart",
+        visible=False,
+    )
+    return loss, rewards
+
+
+def _show(runs: Runs, run: str | None, last: Any) -> tuple:
+    """The run's view for the live outputs (status, charts, samples, loss.png, log, what was seen):
+    the charts and files are redrawn only when the run has logged something new since ``last``."""
+    if not run:
+        return "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), "", last
+    try:
+        view = runs.view(run)
+    except LorafitError as e:
+        return error_text(e), gr.skip(), gr.skip(), gr.skip(), gr.skip(), "", last
+    key = (run, len(view.metrics), view.samples is not None, view.state)
+    if key == last:
+        return view.headline(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), view.log_tail, last
+    charts = (_chart(view), _rewards_chart(view))
+    return view.headline(), *charts, view.samples or "", _image(view.loss_png), view.log_tail, key
 
 
 def _image(path: Path | None) -> Any:
