@@ -8,6 +8,7 @@ test's temporary folder (``pytest --basetemp`` to keep them).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from lorafit.constants import RUN_CONFIG_NAME
 from lorafit.ui.runs import read_metrics
 
 # A short run: 16 steps of one 256-token row, float32 (bfloat16 is slow on CPUs without
@@ -66,9 +68,14 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, driver: Any = 
 
 
 def tab(driver: Any, name: str) -> None:
-    button = next(b for b in driver.find_elements("css selector", "button[role=tab]") if b.text == name)
-    button.click()
-    time.sleep(0.5)
+    """Open the tab and wait until the page says it is the selected one."""
+
+    def button() -> Any:
+        return next(b for b in driver.find_elements("css selector", "button[role=tab]") if b.text == name)
+
+    wait_for(f"the {name} tab's button", lambda: button().is_enabled(), 30, driver)
+    button().click()
+    wait_for(f"the {name} tab to open", lambda: button().get_attribute("aria-selected") == "true", 30, driver)
 
 
 def field(driver: Any, elem_id: str) -> Any:
@@ -88,7 +95,7 @@ def type_into(driver: Any, elem_id: str, text: str) -> None:
 
 
 def choose(driver: Any, elem_id: str, value: str) -> None:
-    """Pick ``value`` in a Gradio dropdown."""
+    """Pick ``value`` in a Gradio dropdown, and wait until the box shows it."""
     field(driver, elem_id).click()
     option = wait_for(
         f"option {value} in #{elem_id}",
@@ -96,7 +103,9 @@ def choose(driver: Any, elem_id: str, value: str) -> None:
         10,
     )
     option.click()
-    time.sleep(0.3)
+    wait_for(
+        f"#{elem_id} to show {value}", lambda: field(driver, elem_id).get_attribute("value") == value, 10
+    )
 
 
 def text_of(driver: Any, elem_id: str) -> str:
@@ -420,6 +429,157 @@ def _merge(browser: Any, server: Any, run: str, tmp_path: Path) -> None:
     assert (server.runs / run / "gguf" / "model-f16.gguf").stat().st_size > 0
     assert (server.runs / run / "gguf" / "Modelfile").is_file()
     screenshot(browser, tmp_path / "ui-export.png")
+
+
+# Preference pairs for the dpo case: strings, and one conversational pair with a system turn.
+PAIRS = [
+    {"prompt": f"What is {i} plus one?", "chosen": f"It is {i + 1}.", "rejected": f"Maybe {i + 5}, or not."}
+    for i in range(5)
+] + [
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}],
+        "chosen": [{"role": "assistant", "content": "Hi."}],
+        "rejected": [{"role": "assistant", "content": "I will not say anything."}],
+    }
+]
+
+
+def click(driver: Any, elem_id: str) -> None:
+    """Click the button once it is shown and enabled (a busy page renders it late)."""
+    button = wait_for(
+        f"#{elem_id} to be clickable",
+        lambda: (b := driver.find_element("id", elem_id)).is_displayed() and b.is_enabled() and b,
+        30,
+        driver,
+    )
+    button.click()
+
+
+def side_tokens(driver: Any, side: str, kind: str) -> list[str]:
+    return [
+        t.get_attribute("textContent")
+        for t in driver.find_elements("css selector", f"#mask .lf-side-{side} .lf-{kind}")
+    ]
+
+
+def test_preference_pair_view_and_a_dpo_run(server, browser, tmp_path) -> None:
+    """A preference file in the Data tab: its format, the pair side by side with the trained answer
+    tokens highlighted (lorafit's training rows), then dpo picked in the Train tab and a 2-step
+    run that finishes with method: dpo and TRL's reward metrics."""
+    from lorafit.data.preference import to_preference, tokenize_preference
+    from lorafit.data.read import Record
+    from lorafit.models import load_tokenizer
+    from lorafit.ui.form import base_config
+
+    pairs = server.work / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in PAIRS))
+    open_page(browser, server.url)
+    tab(browser, "Data")
+    type_into(browser, "data-path", str(pairs))
+    click(browser, "inspect")
+    summary = wait_for(
+        "the preference file's summary",
+        lambda: "format preference" in (t := text_of(browser, "data-summary")) and t,
+        120,
+        browser,
+    )
+    assert "(method dpo)" in summary and "6 records -> 6 pairs" in summary
+    assert "pick dpo, orpo or simpo as the Method" in summary, "the page still says sft"
+
+    sides = wait_for(
+        "the pair side by side",
+        lambda: len(s := browser.find_elements("css selector", "#mask .lf-side")) == 2 and s,
+        30,
+    )
+    chosen, rejected = (side.rect for side in sides)
+    assert abs(chosen["y"] - rejected["y"]) < 2 and chosen["x"] + chosen["width"] <= rejected["x"] + 1
+    assert browser.find_elements("css selector", "#mask .lf-prompt .lf-context")
+    assert not browser.find_elements("css selector", "#mask .lf-prompt .lf-trained"), "the prompt is greyed"
+    cfg = base_config("lorafit-demo")
+    tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
+    record = to_preference(Record(PAIRS[0], "x"), "dpo")
+    rows, _ = tokenize_preference(tokenizer, record, max_length=10_000)
+    for side in ("chosen", "rejected"):
+        trained = side_tokens(browser, side, "trained")
+        assert len(trained) == sum(label != -100 for label in rows[f"{side}_labels"])
+        assert "".join(trained).startswith(PAIRS[0][side])
+        assert PAIRS[0]["prompt"] not in "".join(side_tokens(browser, side, "context"))
+    colours = {
+        kind: browser.find_element("css selector", f"#mask .lf-side .lf-{kind}").value_of_css_property(
+            "background-color"
+        )
+        for kind in ("trained", "context")
+    }
+    assert colours["trained"] not in ("rgba(0, 0, 0, 0)", "transparent", colours["context"]), colours
+    screenshot(browser, tmp_path / "ui-pairs.png")
+
+    tab(browser, "Train")
+    choose(browser, "method", "dpo")
+    # dpo starts from the preference recipe, as lorafit train --method dpo: wait for its settings
+    # to land before changing any, and for dpo's own keys to show
+    wait_for(
+        "the preference recipe's learning rate",
+        lambda: float(field(browser, "field-training_config-learning_rate").get_attribute("value")) == 5e-6,
+        30,
+        browser,
+    )
+    for key in ("beta", "loss_type"):
+        wait_for(
+            f"dpo's {key}", lambda k=key: field(browser, f"field-training_config-{k}").is_displayed(), 30
+        )
+    hidden = browser.find_elements("id", "field-training_config-simpo_gamma")  # simpo's: not shown
+    assert not any(e.is_displayed() for e in hidden)
+    choose(browser, "field-model-torch_dtype", "float32")
+    type_into(browser, "field-training_config-max_steps", "2")
+    type_into(browser, "field-training_config-per_device_train_batch_size", "2")
+    type_into(browser, "field-training_config-gradient_accumulation_steps", "1")
+    type_into(browser, "extra", "--training_config.logging_steps 1 --data.eval_prompts 0")
+    run = field(browser, "run-name").get_attribute("value")
+
+    def shown_config() -> dict | None:
+        text = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#run-yaml .cm-line'))"
+            ".map(l => l.textContent).join('\\n')"
+        )
+        shown = yaml.safe_load(text) if text and not text.startswith("#") else None
+        t = (shown or {}).get("training_config", {})
+        done = shown and shown["method"] == "dpo" and t.get("max_steps") == 2 and t.get("logging_steps") == 1
+        return shown if done and t.get("gradient_accumulation_steps") == 1 else None
+
+    shown = wait_for("the YAML to show the dpo settings", shown_config, 30, browser)
+    assert shown["training_config"]["beta"] == 0.1 and shown["model"]["torch_dtype"] == "float32"
+    click(browser, "start")
+    wait_for("the run to start", lambda: f"started {run}" in text_of(browser, "run-note"), 30, browser)
+    pid = json.loads((server.runs / ".lorafit-ui" / run / "process.json").read_text())["pid"]
+
+    def finished() -> bool:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # the process has ended
+            if paused(pid):  # conftest's runs pause after step 2 until let go
+                os.kill(pid, signal.SIGCONT)
+        return "finished" in text_of(browser, "run-status")
+
+    wait_for("the dpo run to finish", finished, 300, browser)
+    run_dir = server.runs / run
+    assert yaml.safe_load((run_dir / RUN_CONFIG_NAME).read_text())["method"] == "dpo"
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert all("rewards/accuracies" in r and "rewards/margins" in r for r in rows if "loss" in r)
+    last = [r for r in rows if "rewards/accuracies" in r][-1]
+    status = wait_for(
+        "the rewards in the run's status",
+        lambda: "reward accuracy" in (t := text_of(browser, "run-status")) and t,
+        30,
+        browser,
+    )
+    assert f"reward accuracy {last['rewards/accuracies']:.2f}" in status
+    wait_for(
+        "the rewards chart",
+        lambda: browser.find_elements("css selector", "#rewards-chart path[aria-roledescription='point']"),
+        30,
+        browser,
+    )
+    screenshot(browser, tmp_path / "ui-dpo.png")
+    assert requests_off_this_machine(browser) == []
 
 
 def test_the_page_was_served_with_the_network_closed(server) -> None:

@@ -337,6 +337,197 @@ def test_no_data_file_is_an_error_naming_what_is_accepted(demo_tokenizer) -> Non
         data_view.inspect_data(demo_tokenizer, DataConfig(train=None))
 
 
+# -- preference data and methods -------------------------------------------------------------
+
+PAIRS = [
+    {"prompt": "What is two plus two?", "chosen": "Four.", "rejected": "It is five, or maybe six, I think."},
+    {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Blue."},  # bad: the same answer
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say <b>hi</b>."}],
+        "chosen": [{"role": "assistant", "content": "Hi."}],
+        "rejected": [{"role": "assistant", "content": "I will not say anything."}],
+    },
+]
+
+
+def _pairs_file(tmp_path: Path, rows: list = PAIRS, tail: str = "") -> Path:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + tail)
+    return path
+
+
+def _expected_kinds(tokenizer, record, method: str, max_length: int) -> dict[str, list[str]]:
+    """Per answer, each token's kind from the rows lorafit's trainer builds (keep_start)."""
+    from lorafit.data.preference import encode_sequence, to_preference, tokenize_preference
+
+    converted = to_preference(record, method)
+    rows, _ = tokenize_preference(tokenizer, converted, max_length=max_length, where=record.where)
+    sides = (
+        {"completion": converted.chosen}
+        if converted.rejected is None
+        else {
+            "chosen": converted.chosen,
+            "rejected": converted.rejected,
+        }
+    )
+    out = {}
+    for name, answer in sides.items():
+        ids, _, start = encode_sequence(tokenizer, converted.prompt, answer, converted.text, record.where)
+        labels = rows["labels"] if name == "completion" else rows[f"{name}_labels"]
+        kinds = ["context" if x == -100 else "trained" for x in labels] + ["cut"] * (len(ids) - len(labels))
+        out[name] = kinds[start:]
+    return out
+
+
+@pytest.mark.parametrize("tokenizer_name", ["demo", "phi3"])
+def test_the_pair_view_shows_the_rows_the_trainer_builds(
+    demo_tokenizer, phi3_tokenizer, tokenizer_name, tmp_path
+) -> None:
+    from lorafit.data.template import render_text
+
+    tokenizer = demo_tokenizer if tokenizer_name == "demo" else phi3_tokenizer
+    path = _pairs_file(tmp_path)
+    view = data_view.inspect_any(tokenizer, DataConfig(train=str(path), max_length=24), "dpo")
+    assert isinstance(view, data_view.PreferenceView) and view.report.method == "dpo"
+    for index, record in ((0, read_records(path)[0]), (2, read_records(path)[2])):
+        pair = data_view.pair_tokens(tokenizer, view, index)
+        expected = _expected_kinds(tokenizer, record, "dpo", 24)
+        assert {name: [k for _, k in pieces] for name, pieces in pair.answers.items()} == expected
+        assert {k for _, k in pair.prompt} <= {"context", "cut"}, "the prompt never trains"
+        converted = PAIRS[index]
+        for name in ("chosen", "rejected"):
+            answer = converted[name] if isinstance(converted[name], list) else None
+            messages = (
+                converted["prompt"] + answer
+                if answer
+                else [
+                    {"role": "user", "content": converted["prompt"]},
+                    {"role": "assistant", "content": converted[name]},
+                ]
+            )
+            whole = "".join(t for t, _ in pair.prompt) + "".join(t for t, _ in pair.answers[name])
+            assert whole == render_text(tokenizer, messages), "prompt + answer is the template's text"
+    first = data_view.pair_tokens(tokenizer, view, 0)
+    assert "".join(t for t, k in first.answers["chosen"] if k == "trained").startswith("Four.")
+    assert first.status == "truncated" and any(k == "cut" for _, k in first.answers["rejected"])
+    html = data_view.pair_html(first)
+    assert html.count("lf-side-name") == 2 and "lf-prompt" in html
+    rows = _expected_kinds(tokenizer, read_records(path)[0], "dpo", 24)
+    for name in ("chosen", "rejected"):
+        side = html.split(f"lf-side-{name}", 1)[1].split("</pre>", 1)[0]
+        assert side.count("lf-trained'") == first.trained(name) == rows[name].count("trained") > 0
+    shown = unescape(re.sub(r"<[^>]+>", "", data_view.pair_html(data_view.pair_tokens(tokenizer, view, 2))))
+    assert "Say <b>hi</b>." in shown, "record text is escaped, never markup"
+
+
+def test_the_preference_summary_and_bad_records_are_lorafit_datas(demo_tokenizer, tmp_path) -> None:
+    from lorafit.data.preference import build_preference_split
+    from lorafit.data.preference_report import analyse_preference
+
+    path = _pairs_file(tmp_path, tail="{oops\n")
+    view = data_view.inspect_any(demo_tokenizer, DataConfig(train=str(path), max_length=24), "sft")
+    report = analyse_preference(demo_tokenizer, path, max_length=24)
+    assert view.report.stats == report.stats and view.report.method == "dpo"
+    s = report.stats
+    summary = view.summary()
+    assert f"**format** `preference` (method dpo) · **4 records** -> {s['examples']} pairs" in summary
+    assert f"{s['tokens']:,} tokens" in summary and f"{s['truncated']} truncated" in summary
+    assert "**2 bad records**" in summary and "pick dpo, orpo or simpo as the Method" in summary
+    with pytest.raises(LorafitError) as first:  # what `lorafit train --method dpo` stops with
+        build_preference_split(demo_tokenizer, str(path), method="dpo", max_length=24)
+    assert [w for w, _ in view.skipped] == [f"{path} line 2", f"{path} line 4"]
+    assert str(first.value) == f"{view.skipped[0][0]}: {view.skipped[0][1]}"
+    assert data_view.pair_tokens(demo_tokenizer, view, 1).error.endswith("unless the answers differ.")
+    assert len(view.lengths) == 2 * s["examples"] and max(view.lengths) <= 24
+    assert sum(n for _, n in data_view.length_histogram(view)) == len(view.lengths)
+    assert "not packed by data.packing" in data_view.packing_html(view)
+    formatted = data_view.inspect_any(
+        demo_tokenizer, DataConfig(train=str(path), max_length=24, format="messages"), "dpo"
+    )
+    assert "a preference run needs `auto`" in formatted.summary()
+    with pytest.raises(LorafitError, match="expected 1..3"):
+        data_view.pair_tokens(demo_tokenizer, view, 3)
+
+
+def test_kto_records_show_one_completion_with_its_label(demo_tokenizer, tmp_path) -> None:
+    rows = [
+        {"prompt": "Hi?", "completion": "Hello there.", "label": True},
+        {"prompt": "Hi?", "completion": "Go away.", "label": False},
+    ]
+    path = _pairs_file(tmp_path, rows)
+    view = data_view.inspect_any(demo_tokenizer, DataConfig(train=str(path), max_length=64), "kto")
+    assert view.report.method == "kto" and "(1 desirable, 1 undesirable)" in view.summary()
+    for index, word in ((0, "desirable"), (1, "undesirable")):
+        pair = data_view.pair_tokens(demo_tokenizer, view, index)
+        assert list(pair.answers) == ["completion"]
+        expected = _expected_kinds(demo_tokenizer, read_records(path)[index], "kto", 64)
+        assert [k for _, k in pair.answers["completion"]] == expected["completion"]
+        html = data_view.pair_html(pair)
+        assert f"completion · {word}</p>" in html and html.count("lf-side-name") == 1
+    paired = data_view.inspect_any(demo_tokenizer, DataConfig(train=str(path), max_length=64), "dpo")
+    assert len(paired.skipped) == 2 and "method dpo needs the fields" in paired.skipped[0][1]
+
+
+def test_dropped_pairs_are_struck_through(demo_tokenizer, tmp_path) -> None:
+    path = _pairs_file(tmp_path)
+    view = data_view.inspect_any(
+        demo_tokenizer, DataConfig(train=str(path), max_length=16, overlong="drop"), "dpo"
+    )
+    pair = data_view.pair_tokens(demo_tokenizer, view, 0)
+    assert pair.status == "too_long" and pair.trained("chosen") == pair.trained("rejected") == 0
+    assert {k for _, k in pair.prompt + pair.answers["chosen"]} == {"cut"}
+    assert "left out of training" in data_view.pair_html(pair)
+
+
+def test_the_method_field_sets_method_and_its_trl_keys(tmp_path) -> None:
+    run_dir = tmp_path / "runs" / "a"
+    values = form.field_values(form.base_config("lorafit-demo", "dpo"))
+    cli = load_config(
+        None, ["--model.name_or_path", "lorafit-demo", "--training_config.output_dir", str(run_dir)], "dpo"
+    )
+    assert values["training_config.beta"] == 0.1 and values["training_config.loss_type"] == "sigmoid"
+    cfg, _ = form.build_run_config(
+        "lorafit-demo", values, train=None, eval=None, extra="", run_dir=run_dir, method="dpo"
+    )
+    assert cfg.to_dict() == cli.to_dict() and cfg.method == "dpo"
+    values.update({"training_config.beta": 0.3, "training_config.loss_type": "ipo"})
+    values["training_config.simpo_gamma"] = 2.0  # simpo's key: left out of a dpo run
+    cfg, _ = form.build_run_config(
+        "lorafit-demo", values, train=None, eval=None, extra="", run_dir=run_dir, method="dpo"
+    )
+    assert (cfg.training_config["beta"], cfg.training_config["loss_type"]) == (0.3, "ipo")
+    assert "simpo_gamma" not in cfg.training_config
+    saved = tmp_path / "run.yaml"
+    saved.write_text(cfg.to_yaml())
+    assert load_config(saved).to_dict() == cfg.to_dict() and "method: dpo" in saved.read_text()
+    sft_values = form.field_values(form.base_config("lorafit-demo"))
+    sft_values["training_config.beta"] = 0.5  # a preference key: not in an sft run
+    cfg, _ = form.build_run_config(
+        "lorafit-demo", sft_values, train=None, eval=None, extra="", run_dir=run_dir
+    )
+    assert cfg.method == "sft" and "beta" not in cfg.training_config
+
+
+def test_a_preference_runs_rewards_are_shown(tmp_path) -> None:
+    from lorafit.ui.runs import RunView
+    from lorafit.ui.train_tab import _rewards_chart
+
+    rows = [
+        {"step": 1, "loss": 0.69, "rewards/accuracies": 0.5, "rewards/margins": 0.001},
+        {"step": 2, "loss": 0.6, "rewards/accuracies": 0.75, "rewards/margins": 0.0123},
+        {"step": 2, "eval_loss": 0.65, "eval_rewards/accuracies": 1.0, "eval_rewards/margins": 0.02},
+    ]
+    view = RunView("r", "finished", "", metrics=rows)
+    headline = view.headline()
+    assert "loss 0.6000 · eval loss 0.6500 · reward accuracy 0.75 · margin 0.0123" in headline
+    assert "eval reward accuracy 1.00 · eval margin 0.0200" in headline
+    chart = _rewards_chart(view)
+    frame = chart.value["data"]
+    assert chart.visible and len(frame) == 6
+    assert not _rewards_chart(RunView("s", "finished", "", metrics=[{"step": 1, "loss": 2.0}])).visible
+    assert "reward" not in RunView("s", "finished", "", metrics=[{"step": 1, "loss": 2.0}]).headline()
+
+
 # -- chat and merge on a real run folder ----------------------------------------------------
 
 

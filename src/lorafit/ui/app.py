@@ -23,7 +23,7 @@ from lorafit.ui import data_view, form
 from lorafit.ui.chat import ChatModels
 from lorafit.ui.export import GGUF_DTYPES, gguf_run, merge_run
 from lorafit.ui.runs import Runs, chosen
-from lorafit.ui.train_tab import train_tab
+from lorafit.ui.train_tab import method_input, train_tab
 from lorafit.ui.widgets import error_text, field_input
 
 CSS = """
@@ -45,6 +45,10 @@ CSS = """
 .lf-seg0 { background: #60a5fa; }
 .lf-seg1 { background: #2563eb; }
 .lf-note { font-size: 12px; color: #6b7280; }
+.lf-pair .lf-prompt { margin-bottom: 8px; }
+.lf-sides { display: flex; gap: 12px; align-items: flex-start; }
+.lf-side { flex: 1 1 0; min-width: 0; border-left: 3px solid #e5e7eb; padding-left: 8px; }
+.lf-side-name { font-size: 12px; font-weight: 600; margin: 0 0 4px 0; }
 #samples h1 { font-size: 1.1em; }
 #samples h2 { font-size: 1em; }
 """
@@ -95,18 +99,19 @@ def build(page: Page) -> gr.Blocks:
         fields: dict[str, gr.components.Component] = {}
         # Set by the Data tab's demo button, shown in the Train tab.
         eval_path = gr.Textbox(label="Eval data (optional)", elem_id="eval-path", scale=2, render=False)
+        method = method_input()  # shown in the Train tab; the Data tab reads it too
         with gr.Tabs():
             with gr.Tab("Data", id="data"):
-                data = _data_tab(page, model, fields)
+                data = _data_tab(page, model, method, fields)
             with gr.Tab("Train", id="train"):
                 run_select = train_tab(
-                    page.runs, page.downloads, model, data.path, eval_path, fields, page.model
+                    page.runs, page.downloads, model, data.path, eval_path, method, fields, page.model
                 )
             with gr.Tab("Chat", id="chat") as chat_tab:
                 chat_run = _chat_tab(page)
             with gr.Tab("Export", id="export") as export_tab:
                 export_run = _export_tab(page)
-        _follow_the_recipe(model, fields, page.model)
+        _follow_the_recipe(model, method, fields, page.model)
         _wire_demo_button(page, data, model, eval_path, fields)  # after the Train tab added its fields
         for tab, dropdown in ((chat_tab, chat_run), (export_tab, export_run)):
             tab.select(lambda: gr.update(choices=page.runs.finished()), outputs=dropdown)
@@ -117,23 +122,30 @@ def build(page: Page) -> gr.Blocks:
     return app
 
 
-def _follow_the_recipe(model: gr.Textbox, fields: dict[str, gr.components.Component], start: str) -> None:
-    """A model that takes another recipe (the demo's, or the one for pretrained models) resets
-    the settings to that recipe's, as ``lorafit train --model.name_or_path`` would start."""
+def _follow_the_recipe(
+    model: gr.Textbox, method: gr.Dropdown, fields: dict[str, gr.components.Component], start: str
+) -> None:
+    """A model or method that takes another recipe (the demo's, the one for pretrained models, or
+    the preference recipe) resets the settings to that recipe's, as ``lorafit train
+    --model.name_or_path M --method X`` would start."""
     from lorafit.config import recipe_file
 
     recipe = gr.State(str(recipe_file(start)))
 
-    def follow(name: str | None, current: str) -> list:
-        name = (name or "").strip() or start
-        path = str(recipe_file(name))
+    def follow(name: str | None, method_name: str | None, current: str) -> list:
+        name, method_name = (name or "").strip() or start, method_name or "sft"
+        path = str(recipe_file(name, method_name))
         if path == current:
             return [gr.skip()] * len(fields) + [current]
-        values = form.field_values(form.base_config(name))
+        values = form.field_values(form.base_config(name, method_name))
         return [values[key] for key in fields] + [path]
 
-    model.change(
-        follow, inputs=[model, recipe], outputs=[*fields.values(), recipe], trigger_mode="always_last"
+    gr.on(
+        [model.change, method.change],
+        follow,
+        inputs=[model, method, recipe],
+        outputs=[*fields.values(), recipe],
+        trigger_mode="always_last",
     )
 
 
@@ -149,8 +161,9 @@ class _DataTab:
     outputs: list
 
 
-def _data_tab(page: Page, model: gr.Textbox, fields: dict) -> _DataTab:
-    """Lay out the Data tab and wire its own handlers."""
+def _data_tab(page: Page, model: gr.Textbox, method: gr.Dropdown, fields: dict) -> _DataTab:
+    """Lay out the Data tab and wire its own handlers; ``method`` (the Train tab's) says how a
+    preference file is read."""
     defaults = form.field_values(form.base_config(page.model))
 
     with gr.Row():
@@ -192,36 +205,24 @@ def _data_tab(page: Page, model: gr.Textbox, fields: dict) -> _DataTab:
         elem_id="bad-records",
     )
     report = gr.State(None)
-    data_inputs = [model, path, *(fields[f.name] for f in form.DATA_FIELDS)]
+    data_inputs = [model, method, path, *(fields[f.name] for f in form.DATA_FIELDS)]
 
-    def run_inspect(model_name: str, source: str, *values: Any) -> tuple:
+    def run_inspect(model_name: str, method_name: str, source: str, *values: Any) -> tuple:
         try:
             settings = _data_settings(
                 source, dict(zip([f.name for f in form.DATA_FIELDS], values, strict=True))
             )
             tokenizer = page.tokenizer(model_name)
-            result = data_view.inspect_data(tokenizer, settings)
-            first = data_view.mask_html(data_view.example_tokens(tokenizer, result, 0))
+            result = data_view.inspect_any(tokenizer, settings, method_name or "sft")
+            return _inspected(result, data_view.example_html(tokenizer, result, 0))
         except LorafitError as e:
             return error_text(e), None, "", gr.update(value=1), "", [], None
-        bins = pd.DataFrame(data_view.length_histogram(result), columns=["tokens", "examples"])
-        return (
-            result.summary(),
-            gr.BarPlot(bins, sort=list(bins["tokens"])),  # bins in order, not sorted as text
-            data_view.packing_html(result),
-            gr.update(maximum=len(result.records), value=1),
-            first,
-            [list(row) for row in (*result.skipped, *result.findings)],
-            result,
-        )
 
-    def show_example(model_name: str, result: data_view.DataReport | None, number: float) -> str:
+    def show_example(model_name: str, result: Any, number: float) -> str:
         if result is None:
             return ""
         try:
-            return data_view.mask_html(
-                data_view.example_tokens(page.tokenizer(model_name), result, int(number) - 1)
-            )
+            return data_view.example_html(page.tokenizer(model_name), result, int(number) - 1)
         except LorafitError as e:
             return error_text(e)
 
@@ -232,6 +233,20 @@ def _data_tab(page: Page, model: gr.Textbox, fields: dict) -> _DataTab:
     )
     index.input(show_example, inputs=[model, report, index], outputs=mask, trigger_mode="always_last")
     return _DataTab(path=path, demo=demo, inspect=run_inspect, inputs=data_inputs, outputs=outputs)
+
+
+def _inspected(result: data_view.DataReport | data_view.PreferenceView, first: str) -> tuple:
+    """The Data tab's outputs for an inspected file whose first record shows as ``first``."""
+    bins = pd.DataFrame(data_view.length_histogram(result), columns=["tokens", "examples"])
+    return (
+        result.summary(),
+        gr.BarPlot(bins, sort=list(bins["tokens"])),  # bins in order, not sorted as text
+        data_view.packing_html(result),
+        gr.update(maximum=len(result.records), value=1),
+        first,
+        [list(row) for row in (*result.skipped, *result.findings)],
+        result,
+    )
 
 
 def _wire_demo_button(

@@ -32,6 +32,8 @@ from lorafit.data import (
 )
 from lorafit.data.build import load_tools
 from lorafit.data.formats import to_conversation
+from lorafit.data.preference import encode_sequence, to_preference, tokenize_preference
+from lorafit.data.preference_report import PreferenceReport, _spread, analyse_preference, is_preference_file
 from lorafit.data.report import analyse
 from lorafit.data.template import render_text
 from lorafit.errors import LorafitError
@@ -136,17 +138,26 @@ def inspect_data(tokenizer: Any, settings: DataConfig) -> DataReport:
     )
 
 
-def length_histogram(report: DataReport, bins: int = HISTOGRAM_BINS) -> list[tuple[str, int]]:
-    """``(bin label, examples)`` over ``0..max_length`` tokens in ``bins`` equal bins."""
+def length_histogram(
+    report: DataReport | PreferenceView, bins: int = HISTOGRAM_BINS
+) -> list[tuple[str, int]]:
+    """``(bin label, examples)`` over ``0..max_length`` tokens in ``bins`` equal bins (for
+    preference data, sequences: prompt + one answer)."""
     top = report.settings.max_length
     counts, edges = np.histogram(report.lengths, bins=bins, range=(0, top))
     return [(f"{int(a)}-{int(b)}", int(n)) for a, b, n in zip(edges[:-1], edges[1:], counts, strict=True)]
 
 
-def packing_html(report: DataReport, rows_shown: int = PACKING_ROWS_SHOWN) -> str:
+def packing_html(report: DataReport | PreferenceView, rows_shown: int = PACKING_ROWS_SHOWN) -> str:
     """Some packed rows, spread over all of them, as bars: one segment per example, its width its
     share of the row, and the row's fill."""
     max_length = report.settings.max_length
+    if isinstance(report, PreferenceView):
+        return (
+            "<p class='lf-note'>Preference data is not packed by data.packing: each batch's sequences "
+            "(the chosen answers, then the rejected ones) go end to end in one row, attention kept "
+            "within each, never padded.</p>"
+        )
     if report.rows is None:
         return (
             "<p class='lf-note'>Packing is off: each example is its own row, padded to the longest "
@@ -300,3 +311,211 @@ def mask_html(example: ExampleTokens) -> str:
         "<span class='lf-tok lf-cut'>cut</span></p>"
     )
     return f"<div class='lf-mask'>{head}{legend}<pre class='lf-text'>{''.join(spans)}</pre></div>"
+
+
+# -- preference data (method dpo, orpo, simpo or kto) ---------------------------------------
+
+
+@dataclass
+class PreferenceView:
+    """The Data tab's findings for a preference file: ``lorafit data``'s report (its counts and
+    bad records, :mod:`lorafit.data.preference_report`) and the readable records for the pair view.
+
+    ``chosen_method`` is the Train tab's Method; the report's own ``method`` is the one the
+    records are tokenised for (that one, or the fields' own when it is sft). ``lengths`` are the
+    tokens of each sequence (prompt + one answer) as trained, for the histogram.
+    """
+
+    report: PreferenceReport
+    settings: DataConfig
+    chosen_method: str
+    records: list[Record] = field(repr=False)
+    lengths: np.ndarray
+    rows: None = None  # pairs are never packed across examples: see packing_html
+
+    @property
+    def format(self) -> str:
+        return self.report.format or "-"
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(where, reason)`` of every bad record, as ``lorafit train`` words them."""
+        return [(f.where, f.message) for f in self.report.errors]
+
+    @property
+    def findings(self) -> list[tuple[str, str]]:
+        return []  # lorafit data's preference checks are the bad records alone
+
+    def summary(self) -> str:
+        """One Markdown paragraph from ``lorafit data``'s figures (``PreferenceReport.stats``)."""
+        r, s = self.report, self.report.stats
+        kto = r.method == "kto"
+        unit = "record" if kto else "pair"
+        parts = [
+            f"**format** `{self.format}` (method {r.method}) · **{_n(r.records, 'record')}** -> "
+            f"{_n(s['examples'], unit)}"
+            + (f" ({s['desirable']} desirable, {s['undesirable']} undesirable)" if kto else ""),
+            f"{s['tokens']:,} tokens (prompt + answer, each sequence)",
+            f"prompt tokens {_spread(s['prompt_tokens'])}",
+            *(f"{name} answer tokens {_spread(side['answer_tokens'])}" for name, side in s["sides"].items()),
+        ]
+        if s["truncated"] or s["dropped"]:
+            parts.append(
+                f"max_length {r.max_length} ({r.truncation_mode}): {s['truncated']} truncated, "
+                f"{s['dropped']} {unit}s dropped, {s['answer_lost']:,} answer tokens lost"
+            )
+        if s["bad"]:
+            stop = (
+                "skipped by the run (skip bad records is on)"
+                if self.settings.skip_bad_records
+                else "the run stops at the first of them unless skip bad records is on"
+            )
+            parts.append(f"**{s['bad']} bad record{'s' if s['bad'] != 1 else ''}** ({stop})")
+        return " · ".join(parts) + self._method_note()
+
+    def _method_note(self) -> str:
+        if self.chosen_method == "sft":
+            pick = "kto" if self.report.method == "kto" else "dpo, orpo or simpo"
+            return f"\n\nThis is preference data: pick {pick} as the Method in the Train tab to train on it."
+        if self.settings.format != "auto":
+            return f"\n\n**data.format is `{self.settings.format}`**: a preference run needs `auto`."
+        return ""
+
+
+def inspect_any(tokenizer: Any, settings: DataConfig, method: str = "sft") -> DataReport | PreferenceView:
+    """:func:`inspect_preference` for a file of TRL's preference formats, else :func:`inspect_data`."""
+    if settings.train and is_preference_file(settings.train):
+        return inspect_preference(tokenizer, settings, method)
+    return inspect_data(tokenizer, settings)
+
+
+def inspect_preference(tokenizer: Any, settings: DataConfig, method: str = "sft") -> PreferenceView:
+    """``lorafit data``'s analysis of a preference file for ``method`` (sft: the method the fields
+    say, kto for unpaired records, else dpo), under the data settings' ``max_length`` and
+    ``overlong``; sequences are cut as ``truncation_mode: keep_start`` (TRL's default) cuts them."""
+    report = analyse_preference(
+        tokenizer,
+        settings.train,
+        method=None if method == "sft" else method,
+        max_length=settings.max_length,
+        overlong=settings.overlong,
+    )
+    kept = [e for e in report.examples if e.status != "too_long"]
+    lengths = [min(len(s.ids), settings.max_length) for e in kept for s in e.sequences.values()]
+    records = read_records(settings.train, bad=[])  # the unreadable ones are in report.errors
+    return PreferenceView(report, settings, method, records, np.asarray(lengths, dtype=int))
+
+
+@dataclass
+class PairTokens:
+    """One preference record as it trains: the prompt's tokens, then each answer's (``chosen`` and
+    ``rejected``, or KTO's ``completion``) as ``(text, kind)``, kind ``trained`` (a label: its
+    log-prob counts), ``context`` or ``cut`` (outside ``max_length``, or the record dropped)."""
+
+    where: str
+    prompt: list[tuple[str, str]]
+    answers: dict[str, list[tuple[str, str]]]
+    status: str  # "ok", "truncated" or "too_long" (dropped), as tokenize_preference says
+    label: bool | None = None
+    error: str | None = None
+
+    def trained(self, name: str) -> int:
+        return sum(kind == "trained" for _, kind in self.answers[name])
+
+
+def pair_tokens(tokenizer: Any, view: PreferenceView, index: int) -> PairTokens:
+    """Tokenise record ``index`` (0-based, among the readable records) as the run does:
+    ``to_preference`` then ``tokenize_preference`` for the rows that train, ``encode_sequence``
+    for the whole (uncut) sequences shown around them. A bad record comes back with ``error``."""
+    if not 0 <= index < len(view.records):
+        raise LorafitError(f"example {index + 1}: expected 1..{len(view.records)}")
+    record, r = view.records[index], view.report
+    try:
+        converted = to_preference(record, r.method)
+        rows, status = tokenize_preference(
+            tokenizer,
+            converted,
+            max_length=r.max_length,
+            truncation_mode=r.truncation_mode,
+            overlong=r.overlong,
+            where=record.where,
+        )
+        answers = {"completion": converted.chosen}
+        if converted.rejected is not None:
+            answers = {"chosen": converted.chosen, "rejected": converted.rejected}
+        sides = {
+            name: _side_pieces(tokenizer, converted, answer, rows, name, r.truncation_mode, record.where)
+            for name, answer in answers.items()
+        }
+    except LorafitError as e:
+        return PairTokens(record.where, [], {}, "too_long", error=str(e))
+    first = next(iter(sides.values()))
+    prompt = first[0][: first[1]]
+    shown = {}
+    for name, (pieces, start, ids) in sides.items():
+        # the prompt is shown once; an answer whose prompt tokens differ from the first's shows its own
+        shown[name] = pieces[start:] if ids[:start] == first[2][: first[1]] else pieces
+    return PairTokens(record.where, prompt, shown, status, converted.label)
+
+
+def _side_pieces(
+    tokenizer: Any, record: Any, answer: list[dict], rows: dict | None, name: str, mode: str, where: str
+) -> tuple[list[tuple[str, str]], int, list[int]]:
+    """One answer's sequence: ``(pieces, prompt_length, ids)``; the kinds come from the labels of
+    the row that trains (``rows``), placed where truncation left it in the whole sequence."""
+    ids, _, start = encode_sequence(tokenizer, record.prompt, answer, record.text, where)
+    if getattr(tokenizer, "chat_template", None) is not None:
+        text = render_text(tokenizer, record.prompt + answer, "train", where)
+    else:  # TRL's plain rows: prompt + answer + eos as text, which decoding gives back
+        text = tokenizer.decode(ids)
+    texts = token_texts(tokenizer, text, ids, add_special_tokens=False)
+    kinds = ["cut"] * len(ids)
+    if rows is not None:
+        trained = rows["labels"] if name == "completion" else rows[f"{name}_labels"]
+        offset = 0 if mode == "keep_start" else len(ids) - len(trained)
+        for j, label in enumerate(trained):
+            kinds[offset + j] = "context" if label == IGNORE_INDEX else "trained"
+    return list(zip(texts, kinds, strict=True)), start, ids
+
+
+def pair_html(pair: PairTokens) -> str:
+    """The prompt (greyed), then the answers side by side with their trained tokens highlighted."""
+    if pair.error:
+        return (
+            f"<div class='lf-mask'><p class='lf-where'>{html.escape(pair.where)}</p>"
+            f"<p class='lf-bad'>not trained on: {html.escape(pair.error)}</p></div>"
+        )
+    counts = ", ".join(f"{name} <span class='lf-count'>{pair.trained(name)}</span>" for name in pair.answers)
+    note = {
+        "ok": "nothing cut",
+        "truncated": "cut at max_length (struck through)",
+        "too_long": "left out of training: longer than max_length with overlong: drop, or its prompt "
+        "fills max_length",
+    }[pair.status]
+    head = f"<p class='lf-where'>{html.escape(pair.where)}: trained answer tokens {counts}; {note}</p>"
+    legend = (
+        "<p class='lf-legend'><span class='lf-tok lf-trained'>answer (its log-probs count)</span> "
+        "<span class='lf-tok lf-context'>prompt and template (label -100)</span> "
+        "<span class='lf-tok lf-cut'>cut</span></p>"
+    )
+    sides = []
+    for name, pieces in pair.answers.items():
+        title = name if pair.label is None else f"{name} · {'desirable' if pair.label else 'undesirable'}"
+        sides.append(
+            f"<div class='lf-side lf-side-{name}'><p class='lf-side-name'>{html.escape(title)}</p>"
+            f"<pre class='lf-text'>{_spans(pieces)}</pre></div>"
+        )
+    prompt = f"<pre class='lf-text lf-prompt'>{_spans(pair.prompt)}</pre>"
+    sides_html = f"<div class='lf-sides'>{''.join(sides)}</div>"
+    return f"<div class='lf-mask lf-pair'>{head}{legend}{prompt}{sides_html}</div>"
+
+
+def _spans(pieces: list[tuple[str, str]]) -> str:
+    return "".join(f"<span class='lf-tok lf-{kind}'>{html.escape(text)}</span>" for text, kind in pieces)
+
+
+def example_html(tokenizer: Any, report: DataReport | PreferenceView, index: int) -> str:
+    """Record ``index`` of either kind of report, as the Data tab shows it."""
+    if isinstance(report, PreferenceView):
+        return pair_html(pair_tokens(tokenizer, report, index))
+    return mask_html(example_tokens(tokenizer, report, index))

@@ -9,6 +9,11 @@ A field the user changes becomes one ``--section.key=value`` override, extra set
 on the command line come after, and ``load_config`` validates the result, so the YAML the page
 shows is exactly what the run reads.
 
+The Method field (``method`` at the top of the config) picks the recipe too: a preference
+method starts from ``recipes/preference.yaml``, as ``lorafit train --method dpo`` does, and
+shows its own ``training_config`` keys under TRL's names (``METHOD_FIELDS``); a field whose
+method is not the run's is left out of the config.
+
 Keys that would write outside the run folder, send data away or run code from a model folder
 are refused (``DENIED``): the page only ever writes into the run folder it was given.
 """
@@ -26,6 +31,7 @@ from lorafit.adapters.config import LoraConfig
 from lorafit.config import RunConfig, load_config, parse_overrides
 from lorafit.constants import DTYPE_NAMES, FORMATS, OVERLONG, REASONING, TRAIN_ON
 from lorafit.errors import LorafitError
+from lorafit.methods import DPO_LOSS_TYPES, METHOD_KEYS, METHODS, PREFERENCE_METHODS
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class Field:
     kind: type
     info: str = ""
     choices: tuple[str, ...] | None = None
+    methods: tuple[str, ...] = METHODS  # the methods whose config has this key
 
     @property
     def name(self) -> str:
@@ -82,7 +89,25 @@ TRAIN_FIELDS = (
     ),
 )
 
-FIELDS = DATA_FIELDS + TRAIN_FIELDS
+# TRL's keys for the preference methods (lorafit.methods.METHOD_KEYS), shown for their methods only.
+METHOD_FIELDS = (
+    Field(
+        "training_config",
+        "beta",
+        "beta",
+        float,
+        "how far from the reference the policy may move (higher: nearer)",
+        methods=PREFERENCE_METHODS,
+    ),
+    Field("training_config", "loss_type", "loss_type", str, "DPO's loss", DPO_LOSS_TYPES, ("dpo",)),
+    Field(
+        "training_config", "simpo_gamma", "simpo_gamma", float, "SimPO's target margin", methods=("simpo",)
+    ),
+    Field("training_config", "desirable_weight", "desirable_weight", float, methods=("kto",)),
+    Field("training_config", "undesirable_weight", "undesirable_weight", float, methods=("kto",)),
+)
+
+FIELDS = DATA_FIELDS + TRAIN_FIELDS + METHOD_FIELDS
 
 # section.key -> why the page refuses it. A key is refused when it is given a value that is
 # not false/empty (``model.trust_remote_code: false`` is fine). ``hub_*`` keys go with push_to_hub.
@@ -100,6 +125,8 @@ REPORT_TO_ALLOWED = ("none", "tensorboard")
 
 def library_default(f: Field) -> Any:
     """The value lorafit uses for ``f`` when the run config leaves it out."""
+    if f.methods != METHODS:
+        return METHOD_KEYS[f.methods[0]][f.key][1]  # TRL's default, as lorafit.methods lists it
     if f.section == "peft_config":
         return {x.name: x for x in dataclasses.fields(LoraConfig)}[f.key].default
     if f.section == "training_config":
@@ -109,9 +136,14 @@ def library_default(f: Field) -> Any:
     raise KeyError(f.name)  # model and data fields are always in RunConfig.to_dict()
 
 
-def base_config(model: str) -> RunConfig:
-    """What ``lorafit train --model.name_or_path MODEL`` starts from (no config file)."""
-    return load_config(None, [f"--model.name_or_path={json.dumps(model)}"])
+def base_config(model: str, method: str = "sft") -> RunConfig:
+    """What ``lorafit train --model.name_or_path MODEL [--method METHOD]`` starts from (no config file)."""
+    return load_config(None, [f"--model.name_or_path={json.dumps(model)}"], _method_arg(method))
+
+
+def _method_arg(method: str) -> str | None:
+    """``load_config``'s ``method``: None for sft, so an SFT run is built exactly as the CLI's."""
+    return None if (method or "sft") == "sft" else method
 
 
 def demo_settings(model: str) -> tuple[str, str, dict[str, Any] | None]:
@@ -185,19 +217,21 @@ def build_run_config(
     extra: str,
     run_dir: Path,
     qlora: bool = False,
+    method: str = "sft",
 ) -> tuple[RunConfig, list[str]]:
     """The run config for the page's settings and the overrides that made it.
 
     ``values`` maps ``section.key`` to the fields' values; only those that differ from the
-    defaults for ``model`` become overrides. ``extra`` holds more ``--section.key value``
-    settings, as on the command line; one that repeats a changed field is an error.
+    defaults for ``model`` and ``method`` become overrides (a method's own keys only for it).
+    ``extra`` holds more ``--section.key value`` settings, as on the command line; one that
+    repeats a changed field is an error.
     """
     from lorafit.models.quant import QLORA_SETTINGS
 
     model = (model or "").strip()
     if not model:
         raise LorafitError("model: empty; expected a Hugging Face id, a local folder, or lorafit-demo")
-    defaults = field_values(base_config(model))
+    defaults = field_values(base_config(model, method))
     overrides = [f"--model.name_or_path={json.dumps(model)}"]
     if qlora:
         overrides.append(f"--model.quantization={json.dumps(QLORA_SETTINGS)}")
@@ -206,7 +240,7 @@ def build_run_config(
             overrides.append(f"--data.{key}={json.dumps(str(source))}")
     changed = set()
     for f in FIELDS:
-        if f.name not in values:
+        if f.name not in values or (method or "sft") not in f.methods:
             continue
         value = _parse_field(f, values[f.name])
         if value != _parse_field(f, defaults[f.name]):
@@ -226,4 +260,4 @@ def build_run_config(
                 )
     overrides += extra_args
     overrides.append(f"--training_config.output_dir={json.dumps(str(run_dir))}")
-    return load_config(None, overrides), overrides
+    return load_config(None, overrides, _method_arg(method)), overrides

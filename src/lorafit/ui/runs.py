@@ -98,8 +98,23 @@ class RunView:
         rows = [r for r in self.metrics if "tokens_per_s" in r]
         return rows[-1]["tokens_per_s"] if rows else None
 
+    def _rewards(self) -> list[str]:
+        """A preference run's last reward accuracy and margin (TRL's ``rewards/*`` metrics), train
+        then eval; nothing for a run that logs none."""
+        parts = []
+        for prefix in ("", "eval "):
+            key = prefix.replace(" ", "_") + "rewards/"
+            rows = [r for r in self.metrics if f"{key}accuracies" in r]
+            if rows:
+                last = rows[-1]
+                parts.append(f"{prefix}reward accuracy {last[f'{key}accuracies']:.2f}")
+                if f"{key}margins" in last:
+                    parts.append(f"{prefix}margin {last[f'{key}margins']:.4f}")
+        return parts
+
     def headline(self) -> str:
-        """``**NAME**: running · step 7 of 20 · loss 5.8300 · eval loss 5.9100 · 2,103 tokens/s``."""
+        """``**NAME**: running · step 7 of 20 · loss 5.8300 · eval loss 5.9100 · 2,103 tokens/s``;
+        a preference run adds ``reward accuracy 0.75 · margin 0.0123`` (and the eval ones)."""
         parts = [f"**{self.name}**: {self.state}"]
         if self.step is not None and self.total:
             parts.append(f"step {self.step} of {self.total}")
@@ -109,6 +124,7 @@ class RunView:
             parts.append(f"loss {losses[-1]['loss']:.4f}")
         if evals:
             parts.append(f"eval loss {evals[-1]['eval_loss']:.4f}")
+        parts += self._rewards()
         if self.tokens_per_s is not None:
             parts.append(f"{self.tokens_per_s:,.0f} tokens/s")
         return " · ".join(parts) + (f"\n\n{self.message}" if self.message else "")

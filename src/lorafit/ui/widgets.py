@@ -14,9 +14,14 @@ def error_text(e: Exception) -> str:
     return f"**error:** {e}"
 
 
-def field_input(f: form.Field, value: Any) -> gr.components.Component:
+def field_input(f: form.Field, value: Any, visible: bool = True) -> gr.components.Component:
     """The Gradio input for one settings field; its element id is ``field-SECTION-KEY``."""
-    common = {"label": f.label, "info": f.info or None, "elem_id": f"field-{f.section}-{f.key}"}
+    common = {
+        "label": f.label,
+        "info": f.info or None,
+        "elem_id": f"field-{f.section}-{f.key}",
+        "visible": visible,
+    }
     if f.choices:
         return gr.Dropdown(list(f.choices), value=value, **common)
     if f.kind is bool:
