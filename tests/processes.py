@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,6 +58,18 @@ def wait_paused(proc: subprocess.Popen, timeout: float = 300) -> None:
         assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before it paused"
         assert time.monotonic() < deadline, "the run did not pause"
         time.sleep(0.01)
+
+
+def kill_when_paused(args: list[str], work: Path, run: Path, pause_at: int, last_step: int) -> None:
+    """Start ``lorafit train ARGS`` paused after step ``pause_at``, check that step's checkpoint,
+    SIGKILL it, and check it left neither the final adapter nor the last step's checkpoint."""
+    proc = start(args, work, run.name, pause_at=pause_at)
+    wait_paused(proc)
+    assert (run / f"checkpoint-{pause_at}").is_dir()
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (run / "adapter_model.safetensors").exists()
+    assert not (run / f"checkpoint-{last_step}").exists()
 
 
 def torchrun(args: list[str], cwd: Path, cache: Path, nproc: int = 2) -> subprocess.CompletedProcess:

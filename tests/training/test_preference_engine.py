@@ -30,6 +30,7 @@ from processes import (
     LOSS_TOLERANCE,
     POISON,
     assert_stopped_before_a_non_finite_update,
+    kill_when_paused,
     poisoned_demo_model,
     rows,
     start,
@@ -144,12 +145,7 @@ def assert_same_as_reference(run: Path, reference: Path) -> None:
 
 def test_sigkill_mid_run_then_resume_is_bit_identical(reference, work) -> None:
     run = work / "killed"
-    proc = start(engine_args(run, work), work, "killed", pause_at=2)
-    wait_paused(proc)
-    assert (run / "checkpoint-2").is_dir()
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert not (run / ADAPTER).exists() and not (run / f"checkpoint-{STEPS}").exists()
+    kill_when_paused(engine_args(run, work), work, run, pause_at=2, last_step=STEPS)
 
     # The resumed run takes the reference log-probs again (from the base weights, with the
     # adapter off) and must land on the same weights as the run that took them once.

@@ -28,6 +28,7 @@ from lorafit.demo import eval_file, train_file
 from processes import (
     POISON,
     assert_stopped_before_a_non_finite_update,
+    kill_when_paused,
     poisoned_demo_model,
     start,
     wait_paused,
@@ -163,12 +164,7 @@ def test_checkpoint_layers_are_spread_evenly() -> None:
 
 def test_sigkill_mid_run_then_resume_is_bit_identical(reference, work) -> None:
     run = work / "killed"
-    proc = start(run_args(run, work / "data"), work, "killed", pause_at=4)
-    wait_paused(proc)
-    assert (run / "checkpoint-4").is_dir()
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert not (run / ADAPTER).exists() and not (run / f"checkpoint-{STEPS}").exists()
+    kill_when_paused(run_args(run, work / "data"), work, run, pause_at=4, last_step=STEPS)
 
     assert main(["train", "--resume", str(run)]) == 0
     assert_same_as_reference(run, reference)
