@@ -74,9 +74,15 @@ assistant tokens by default, as the run was trained). With --generate it also an
 conversation's last assistant turn and scores the answers against it: exact match, whether the
 answer contains the reference, and ROUGE-L; one line per example goes to --out (JSONL).
 
+A preference file (prompt/chosen/rejected, or KTO's prompt/completion/label) is scored with
+the run's method and settings against its reference (the base model, or the adapter the run
+started from), as the run's own eval: the loss and TRL's rewards/* and logps/* figures. A run
+trained with SFT is scored as DPO (KTO for unpaired records) against the base model.
+
 examples:
   lorafit eval --adapter runs/20261128-101500 --data data/eval.jsonl
   lorafit eval --adapter runs/20261128-101500 --data data/eval.jsonl --generate --out answers.jsonl
+  lorafit eval --adapter runs/dpo --data pairs_eval.jsonl
 """
 
 MERGE_HELP = """\

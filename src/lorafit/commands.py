@@ -168,11 +168,42 @@ def cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
     from lorafit.models import load_trained
 
     cfg, tokenizer, model = load_trained(args.adapter)
+    if _is_preference_data(args.data):
+        return _eval_preferences(args, cfg, tokenizer, model)
     result = evaluate_loss(model, tokenizer, args.data, cfg.data, batch_size=args.batch_size)
     print(f"eval on {args.data}: {result['examples']} examples, {result['label_tokens']:,} label tokens")
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}")
     if args.generate:
         _eval_generate(args, model, tokenizer, result["format"], cfg.data.tools)
+    return 0
+
+
+def _is_preference_data(data: str) -> bool:
+    from lorafit.data.preference_report import is_preference_file
+
+    return Path(data).is_file() and is_preference_file(data)
+
+
+def _eval_preferences(args: argparse.Namespace, cfg: Any, tokenizer: Any, model: Any) -> int:
+    """A preference file: the run's preference loss and rewards, against its reference."""
+    from lorafit.training.preference import evaluate_preferences
+
+    if args.generate:
+        raise LorafitError(f"--generate: {args.data} holds preference pairs; answers are scored on chat data")
+    start = cfg.model.adapter
+    if start and not Path(start).is_dir():
+        raise LorafitError(
+            f"{args.adapter} continued the adapter {start}, its reference for the rewards, which is gone"
+        )
+    result = evaluate_preferences(
+        cfg, model, tokenizer, args.data, batch_size=args.batch_size, start_adapter=start
+    )
+    reference = f"the adapter it started from ({start})" if start else "the base model"
+    method = result.pop("method")
+    count = result.pop("pairs_or_examples")
+    unit = "examples" if method == "kto" else "pairs"
+    print(f"eval on {args.data}: {count} {unit}, scored as {method} against {reference}")
+    print("  ".join(f"{key} {value:.4f}" for key, value in result.items()))
     return 0
 
 

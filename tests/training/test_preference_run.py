@@ -67,7 +67,16 @@ def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "adapter_model.safetensors")
 
 
-def test_dpo_on_top_of_sft_saves_one_adapter_holding_both(work) -> None:
+def eval_figures(run: str, capsys) -> tuple[str, dict[str, float]]:
+    """``lorafit eval --adapter RUN --data pairs.jsonl``: its first line and its figures."""
+    capsys.readouterr()
+    assert main(["eval", "--adapter", run, "--data", "pairs.jsonl"]) == 0
+    first, figures = capsys.readouterr().out.strip().splitlines()[-2:]
+    words = figures.split()
+    return first, {k: float(v) for k, v in zip(words[::2], words[1::2], strict=True)}
+
+
+def test_dpo_on_top_of_sft_saves_one_adapter_holding_both(work, capsys) -> None:
     import peft
 
     from lorafit.demo import build_demo_model
@@ -113,6 +122,19 @@ def test_dpo_on_top_of_sft_saves_one_adapter_holding_both(work) -> None:
     with torch.no_grad():
         diff = (peft_model(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max().item()
     assert diff < 1e-4
+
+    # lorafit eval on the pairs: the DPO run against its reference, the SFT adapter it started
+    # from; the SFT run (no preference method) as DPO against the base model. Each reward is
+    # beta times the log-prob gained over the reference, so the two runs' figures chain.
+    first, dpo_eval = eval_figures("dpo", capsys)
+    assert first.startswith("eval on pairs.jsonl: 4 pairs, scored as dpo against the adapter it started from")
+    first, sft_eval = eval_figures("sft", capsys)
+    assert first.endswith("scored as dpo against the base model")
+    for side in ("chosen", "rejected"):
+        gained = dpo_eval[f"logps/{side}"] - sft_eval[f"logps/{side}"]
+        assert dpo_eval[f"rewards/{side}"] == pytest.approx(0.1 * gained, abs=2e-4)
+    assert abs(sft_eval["rewards/chosen"]) > 1e-3  # SFT moved the log-probs: the reference matters
+    assert dpo_eval["rewards/margins"] > 0  # DPO preferred the chosen answers
 
 
 @pytest.mark.parametrize(

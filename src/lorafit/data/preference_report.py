@@ -61,12 +61,17 @@ class PreferenceReport:
         return [f for f in self.findings if f.level == "error"]
 
 
-def is_preference_file(source: str | Path) -> bool:
-    """Whether the first readable record of ``source`` has a preference format's fields."""
+def file_preference_format(source: str | Path) -> str | None:
+    """The preference format of the first readable record of ``source`` (None: not preference data)."""
     for item in _read_items(source):
         if isinstance(item, Record):
-            return preference_format(item.data) is not None
-    return False
+            return preference_format(item.data)
+    return None
+
+
+def is_preference_file(source: str | Path) -> bool:
+    """Whether the first readable record of ``source`` has a preference format's fields."""
+    return file_preference_format(source) is not None
 
 
 def analyse_preference(

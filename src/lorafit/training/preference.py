@@ -769,3 +769,81 @@ def build_preference_trainer(
             size = batch_size if cfg.method == "kto" else chosen_size or batch_size
             precompute_reference(trainer, dataset, collator, size)
     return trainer
+
+
+def evaluate_preferences(
+    cfg: Any,
+    model: nn.Module,
+    tokenizer: Any,
+    source: str,
+    *,
+    batch_size: int = 8,
+    start_adapter: str | None = None,
+) -> dict[str, float]:
+    """The preference loss and TRL's logged metrics (``loss``, ``rewards/*``, ``logps/*``, ...)
+    of a trained model (``lorafit.models.load_trained``) on a preference file, as the run's own
+    eval computes them: the run's method and settings, its reference (the base model; with
+    ``start_adapter``, the adapter the run started from), batches of ``batch_size`` examples.
+    A run trained with SFT is scored as DPO (KTO for unpaired records) with its own defaults."""
+    import dataclasses
+    import tempfile
+
+    from transformers import PrinterCallback, TrainingArguments
+
+    from lorafit.adapters.files import load_adapter
+    from lorafit.data.preference import PreferenceCollator, PreferenceDataset, build_preference_split
+    from lorafit.data.preference_report import file_preference_format
+
+    if cfg.method == "sft":
+        unpaired = file_preference_format(source) == "unpaired_preference"
+        cfg = dataclasses.replace(cfg, method="kto" if unpaired else "dpo")
+    settings = method_settings(cfg)
+    examples, _ = build_preference_split(
+        tokenizer,
+        source,
+        method=cfg.method,
+        max_length=settings["max_length"],
+        truncation_mode=settings.get("truncation_mode", "keep_start"),
+        overlong=cfg.data.overlong,
+    )
+    if not examples:
+        raise LorafitError(f"{source}: no preference record to score")
+    reference = None
+    if cfg.method in ("dpo", "kto"):
+        if start_adapter:  # its tensors in the LoRA parameters for the reference pass
+            trained = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+            load_adapter(model, start_adapter)
+            reference = Reference(
+                model, {n: p.detach().clone() for n, p in model.named_parameters() if n in trained}
+            )
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name in trained:
+                        param.copy_(trained[name])
+        else:
+            reference = Reference(model)
+    collator = PreferenceCollator(tokenizer.pad_token_id, max_length=settings["max_length"])
+    with tempfile.TemporaryDirectory() as scratch:  # Trainer wants a folder; nothing is kept
+        args = TrainingArguments(
+            output_dir=scratch,
+            per_device_eval_batch_size=batch_size,
+            remove_unused_columns=False,  # the collator reads the examples' own keys
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_pin_memory=False,
+        )
+        trainer = PreferenceTrainer(
+            model=model,
+            args=args,
+            eval_dataset=PreferenceDataset(examples),
+            data_collator=collator,
+            pad_token_id=tokenizer.pad_token_id,
+            method=cfg.method,
+            settings=settings,
+            reference=reference,
+        )
+        trainer.remove_callback(PrinterCallback)  # the caller says the figures, once
+        metrics = trainer.evaluate()
+    skip = ("epoch", "eval_runtime", "eval_model_preparation_time")
+    out = {k.removeprefix("eval_"): v for k, v in metrics.items() if k not in skip and "_per_second" not in k}
+    return {"method": cfg.method, "pairs_or_examples": len(examples), **out}
