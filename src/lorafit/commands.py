@@ -189,7 +189,9 @@ def _eval_preferences(args: argparse.Namespace, cfg: Any, tokenizer: Any, model:
     from lorafit.training.preference import evaluate_preferences
 
     if args.generate:
-        raise LorafitError(f"--generate: {args.data} holds preference data; answers are generated and scored for chat data")
+        raise LorafitError(
+            f"--generate: {args.data} holds preference data; answers are generated and scored for chat data"
+        )
     start = cfg.model.adapter
     if start and not Path(start).is_dir():
         raise LorafitError(
