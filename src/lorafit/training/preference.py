@@ -790,7 +790,6 @@ def evaluate_preferences(
 
     from transformers import PrinterCallback, TrainingArguments
 
-    from lorafit.adapters.files import load_adapter
     from lorafit.data.preference import PreferenceCollator, PreferenceDataset, build_preference_split
     from lorafit.data.preference_report import file_preference_format
 
@@ -808,20 +807,7 @@ def evaluate_preferences(
     )
     if not examples:
         raise LorafitError(f"{source}: no preference record to score")
-    reference = None
-    if cfg.method in ("dpo", "kto"):
-        if start_adapter:  # its tensors in the LoRA parameters for the reference pass
-            trained = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-            load_adapter(model, start_adapter)
-            reference = Reference(
-                model, {n: p.detach().clone() for n, p in model.named_parameters() if n in trained}
-            )
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if name in trained:
-                        param.copy_(trained[name])
-        else:
-            reference = Reference(model)
+    reference = _trained_run_reference(model, start_adapter) if cfg.method in ("dpo", "kto") else None
     collator = PreferenceCollator(tokenizer.pad_token_id, max_length=settings["max_length"])
     with tempfile.TemporaryDirectory() as scratch:  # Trainer wants a folder; nothing is kept
         args = TrainingArguments(
@@ -847,3 +833,20 @@ def evaluate_preferences(
     skip = ("epoch", "eval_runtime", "eval_model_preparation_time")
     out = {k.removeprefix("eval_"): v for k, v in metrics.items() if k not in skip and "_per_second" not in k}
     return {"method": cfg.method, "pairs_or_examples": len(examples), **out}
+
+
+def _trained_run_reference(model: nn.Module, start_adapter: str | None) -> Reference:
+    """A trained run's reference: the base model, or the adapter it started from (read from
+    ``start_adapter``; its tensors are swapped into the LoRA parameters for the reference pass)."""
+    from lorafit.adapters.files import load_adapter
+
+    if not start_adapter:
+        return Reference(model)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    load_adapter(model, start_adapter)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if n in trained}
+    with torch.no_grad():  # the trained tensors back in place
+        for name, param in model.named_parameters():
+            if name in trained:
+                param.copy_(trained[name])
+    return Reference(model, start)
