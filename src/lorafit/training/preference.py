@@ -615,6 +615,17 @@ def method_settings(cfg: Any) -> dict[str, Any]:
     return settings
 
 
+def tokenizing_settings(cfg: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """How a run tokenises its pairs (``build_preference_split``'s method and length settings),
+    for training and for scoring a file afterwards alike."""
+    return dict(
+        method=cfg.method,
+        max_length=settings["max_length"],
+        truncation_mode=settings.get("truncation_mode", "keep_start"),
+        overlong=cfg.data.overlong,
+    )
+
+
 def load_preference_data(cfg: Any, tokenizer: Any, seed: int, echo: Any) -> tuple[Any, Any, dict, str]:
     """Train and eval :class:`PreferenceDataset` s, their stats and the training rows' fingerprint
     (the same return as :func:`lorafit.training.run.load_data`)."""
@@ -638,10 +649,7 @@ def load_preference_data(cfg: Any, tokenizer: Any, seed: int, echo: Any) -> tupl
         )
     train_src, eval_src = data_sources(cfg)
     common = dict(
-        method=cfg.method,
-        max_length=settings["max_length"],
-        truncation_mode=settings.get("truncation_mode", "keep_start"),
-        overlong=d.overlong,
+        **tokenizing_settings(cfg, settings),
         skip_bad_records=d.skip_bad_records,
         cache_dir=_cache_root(None),  # beside SFT's tokenised data ($LORAFIT_CACHE)
     )
@@ -797,14 +805,7 @@ def evaluate_preferences(
         unpaired = file_preference_format(source) == "unpaired_preference"
         cfg = dataclasses.replace(cfg, method="kto" if unpaired else "dpo")
     settings = method_settings(cfg)
-    examples, _ = build_preference_split(
-        tokenizer,
-        source,
-        method=cfg.method,
-        max_length=settings["max_length"],
-        truncation_mode=settings.get("truncation_mode", "keep_start"),
-        overlong=cfg.data.overlong,
-    )
+    examples, _ = build_preference_split(tokenizer, source, **tokenizing_settings(cfg, settings))
     if not examples:
         raise LorafitError(f"{source}: no preference record to score")
     reference = _trained_run_reference(model, start_adapter) if cfg.method in ("dpo", "kto") else None
