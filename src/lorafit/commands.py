@@ -167,8 +167,13 @@ def cmd_eval(args: argparse.Namespace, _: list[str]) -> int:
     from lorafit.inference import evaluate_loss
     from lorafit.models import load_trained
 
+    preference = _is_preference_data(args.data)
+    if preference and args.generate:  # said before the model loads
+        raise LorafitError(
+            f"--generate: {args.data} holds preference data; answers are generated and scored for chat data"
+        )
     cfg, tokenizer, model = load_trained(args.adapter)
-    if _is_preference_data(args.data):
+    if preference:
         return _eval_preferences(args, cfg, tokenizer, model)
     result = evaluate_loss(model, tokenizer, args.data, cfg.data, batch_size=args.batch_size)
     print(f"eval on {args.data}: {result['examples']} examples, {result['label_tokens']:,} label tokens")
@@ -188,10 +193,6 @@ def _eval_preferences(args: argparse.Namespace, cfg: Any, tokenizer: Any, model:
     """A preference file: the run's preference loss and rewards, against its reference."""
     from lorafit.training.preference import evaluate_preferences
 
-    if args.generate:
-        raise LorafitError(
-            f"--generate: {args.data} holds preference data; answers are generated and scored for chat data"
-        )
     start = cfg.model.adapter
     if start and not Path(start).is_dir():
         raise LorafitError(

@@ -135,6 +135,8 @@ def test_dpo_on_top_of_sft_saves_one_adapter_holding_both(work, capsys) -> None:
         assert dpo_eval[f"rewards/{side}"] == pytest.approx(0.1 * gained, abs=2e-4)
     assert abs(sft_eval["rewards/chosen"]) > 1e-3  # SFT moved the log-probs: the reference matters
     assert dpo_eval["rewards/margins"] > 0  # DPO preferred the chosen answers
+    assert main(["eval", "--adapter", "dpo", "--data", "pairs.jsonl", "--generate"]) == 2
+    assert "holds preference data" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
