@@ -16,32 +16,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
-
-
-def llama_cpp_answer(
-    llama_cpp: Any, model: Any, prompt_ids: list[int], stops: set[int], max_new_tokens: int
-) -> list[int]:
-    """Greedy continuation of ``prompt_ids`` in llama.cpp, one token per decode."""
-    params = llama_cpp.LlamaContextParams()
-    params.n_ctx, params.n_threads, params.n_threads_batch = 1024, 2, 2
-    context = llama_cpp.LlamaContext(model, params)
-    for position, token in enumerate(prompt_ids):
-        batch = llama_cpp.LlamaBatch(n_tokens=1, embd=0, n_seq_max=1)
-        batch.add(int(token), position, [0], position == len(prompt_ids) - 1)
-        context.decode(batch)
-    out: list[int] = []
-    for position in range(len(prompt_ids), len(prompt_ids) + max_new_tokens):
-        token = int(torch.tensor(context.get_logits()).argmax())
-        if token in stops:
-            break
-        out.append(token)
-        batch = llama_cpp.LlamaBatch(n_tokens=1, embd=0, n_seq_max=1)
-        batch.add(token, position, [0], True)
-        context.decode(batch)
-    return out
 
 
 def main() -> None:
@@ -54,8 +28,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
 
-    import cyllama.llama.llama_cpp as llama_cpp
-
+    from lorafit.export.llama_cpp import llama_cpp_greedy, load_in_llama_cpp
     from lorafit.inference.expect import is_right
     from lorafit.inference.generate import generate
     from lorafit.models import load_trained
@@ -63,13 +36,7 @@ def main() -> None:
 
     _, tokenizer, adapter_model = load_trained(args.run)
 
-    class Model(llama_cpp.LlamaModel):
-        @property
-        def n_vocab(self) -> int:  # cyllama 0.2's LlamaContext.get_logits reads it; LlamaModel lacks it
-            return self.get_vocab().n_vocab
-
-    llama_cpp.disable_logging()
-    model = Model(str(args.gguf), llama_cpp.LlamaModelParams())
+    model = load_in_llama_cpp(args.gguf)
     stops = set(stop_token_ids(tokenizer))
     lines = args.data.read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
@@ -80,9 +47,8 @@ def main() -> None:
         question = record["messages"][:1]
         ids = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_dict=False)
         start = time.perf_counter()
-        from_gguf = tokenizer.decode(
-            llama_cpp_answer(llama_cpp, model, ids, stops, args.max_new_tokens), skip_special_tokens=True
-        ).strip()
+        tokens, stopped = llama_cpp_greedy(model, ids, args.max_new_tokens, stops=stops, threads=2)
+        from_gguf = tokenizer.decode(tokens[:-1] if stopped else tokens, skip_special_tokens=True).strip()
         seconds += time.perf_counter() - start
         from_adapter = generate(adapter_model, tokenizer, question, max_new_tokens=args.max_new_tokens)
         for name, answer in (("llama.cpp", from_gguf), ("transformers", from_adapter)):

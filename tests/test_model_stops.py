@@ -17,11 +17,11 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from lorafit.cli import main
+from lorafit.export.llama_cpp import llama_cpp_greedy, load_in_llama_cpp
 from lorafit.models.load import decide_precision, load_model, run_config, stop_token_ids
 
 # Invented answers the base model cannot give; short, so that a run of a few steps learns them.
@@ -33,44 +33,6 @@ FACTS = [
 ]
 MAX_NEW_TOKENS = 24  # each answer is under 16 tokens; a model that does not stop runs to this
 STEPS = 80  # 4 rows of up to 64 tokens a step: well under a minute on the tiny model
-
-
-def llama_cpp_model(gguf: Path) -> Any:
-    """The GGUF file loaded in llama.cpp (the ``cyllama`` build)."""
-    import cyllama.llama.llama_cpp as llama_cpp
-
-    class Model(llama_cpp.LlamaModel):
-        @property
-        def n_vocab(self) -> int:  # cyllama 0.2's LlamaContext.get_logits reads it; LlamaModel lacks it
-            return self.get_vocab().n_vocab
-
-    llama_cpp.disable_logging()
-    return Model(str(gguf), llama_cpp.LlamaModelParams())
-
-
-def llama_cpp_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> tuple[list[int], bool]:
-    """Greedy tokens from llama.cpp until a token that the GGUF's own vocabulary marks
-    end-of-generation (where llama.cpp's servers stop), and whether one came."""
-    import cyllama.llama.llama_cpp as llama_cpp
-
-    vocab = model.get_vocab()
-    params = llama_cpp.LlamaContextParams()
-    params.n_ctx, params.n_threads, params.n_threads_batch = len(prompt) + max_new_tokens + 8, 1, 1
-    context = llama_cpp.LlamaContext(model, params)
-    batch = llama_cpp.LlamaBatch(n_tokens=len(prompt), embd=0, n_seq_max=1)
-    for position, token in enumerate(prompt):
-        batch.add(int(token), position, [0], position == len(prompt) - 1)
-    context.decode(batch)
-    out: list[int] = []
-    for position in range(len(prompt), len(prompt) + max_new_tokens):
-        token = int(torch.tensor(context.get_logits()).argmax())
-        out.append(token)
-        if vocab.is_eog(token):
-            return out, True
-        batch = llama_cpp.LlamaBatch(n_tokens=1, embd=0, n_seq_max=1)
-        batch.add(token, position, [0], True)
-        context.decode(batch)
-    return out, False
 
 
 def test_a_short_run_stops_at_its_end_of_turn_in_lorafit_and_in_llama_cpp(tmp_path) -> None:
@@ -100,7 +62,7 @@ def test_a_short_run_stops_at_its_end_of_turn_in_lorafit_and_in_llama_cpp(tmp_pa
     base = load_model(base_cfg.model, tokenizer, precision, echo=lambda _: None).eval()
     gguf = tmp_path / "out" / "model.gguf"
     assert main(["export", "--adapter", str(run), "--out", str(gguf)]) == 0
-    served_by = llama_cpp_model(gguf) if importlib.util.find_spec("cyllama") is not None else None
+    served_by = load_in_llama_cpp(gguf) if importlib.util.find_spec("cyllama") is not None else None
     for question, answer in FACTS:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False
@@ -182,7 +144,7 @@ def test_smollm2_with_a_tool_calling_template_stops_after_a_short_run(smollm2_se
         return
     gguf = tmp_path / "out" / "model.gguf"
     assert main(["export", "--adapter", str(run), "--out", str(gguf)]) == 0
-    served_by = llama_cpp_model(gguf)
+    served_by = load_in_llama_cpp(gguf)
     for prompt, conversation_tools, answer in zip(prompts, tools, answers, strict=True):
         ids = tokenizer.apply_chat_template(
             prompt, tools=conversation_tools, add_generation_prompt=True, return_dict=False

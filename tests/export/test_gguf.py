@@ -42,6 +42,7 @@ from lorafit.errors import LorafitError
 from lorafit.export import export_gguf, export_lora_gguf, write_modelfile
 from lorafit.export.gguf_arch import regroup_rows
 from lorafit.export.gguf_tokenizer import phi3_rstrip_tokens
+from lorafit.export.llama_cpp import load_in_llama_cpp
 from lorafit.export.ollama import TEMPLATES
 
 from chat_data import with_template
@@ -905,23 +906,12 @@ def test_modelfile_of_a_known_family_that_renders_otherwise_has_no_template(tmp_
 # ---- llama.cpp itself, where a Python build of it is installed ----
 
 
-def llama_cpp_model(path: Path):
-    """``path`` loaded by llama.cpp through cyllama's bindings (CPU, logging off)."""
-    import cyllama.llama.llama_cpp as llama_cpp
-
-    class Model(llama_cpp.LlamaModel):
-        @property
-        def n_vocab(self) -> int:  # cyllama 0.2's LlamaContext.get_logits reads it; LlamaModel lacks it
-            return self.get_vocab().n_vocab
-
-    llama_cpp.disable_logging()
-    return llama_cpp, Model(str(path), llama_cpp.LlamaModelParams())
-
-
 def llama_cpp_logits(path: Path, ids: list[int]) -> torch.Tensor:
     """llama.cpp's logits at every position, decoding one token at a time (the bindings hand back
     the last row only)."""
-    llama_cpp, model = llama_cpp_model(path)
+    import cyllama.llama.llama_cpp as llama_cpp
+
+    model = load_in_llama_cpp(path)
     params = llama_cpp.LlamaContextParams()
     params.n_ctx, params.n_threads, params.n_threads_batch = 256, 1, 1
     context = llama_cpp.LlamaContext(model, params)
@@ -954,7 +944,7 @@ def test_llama_cpp_reads_the_files_as_transformers_does(arch, tmp_path) -> None:
     got = llama_cpp_logits(path, ids)
     # f16 weights and llama.cpp's f16 KV cache: measured 5.5e-4 for both models
     assert float((got - expected).abs().max() / expected.abs().max()) <= 3e-3
-    _, loaded = llama_cpp_model(path)
+    loaded = load_in_llama_cpp(path)
     text = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     expected_ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False)
     assert list(loaded.get_vocab().tokenize(text, False, True)) == expected_ids
@@ -965,7 +955,7 @@ def test_llama_cpp_reads_the_files_as_transformers_does(arch, tmp_path) -> None:
     lorafit.apply_lora(base, config)
     lorafit.save_adapter(base, tmp_path / "run")
     lora = export_lora_gguf(base.config, tmp_path / "run", tmp_path / "lora.gguf")
-    _, base_model = llama_cpp_model(tmp_path / "base.gguf")
+    base_model = load_in_llama_cpp(tmp_path / "base.gguf")
     adapter = base_model.lora_adapter_init(str(lora))  # raises if a name or shape does not fit
     assert adapter.meta_val_str("adapter.type") == "lora"
 

@@ -67,38 +67,15 @@ def expected_calls(message: dict) -> list[dict]:
 def llama_cpp_answers(
     gguf: Path, prompts: list[list[int]], max_new_tokens: int
 ) -> list[tuple[list[int], bool]]:
-    """Greedy tokens from llama.cpp for each prompt, and whether it stopped at an end-of-generation token."""
-    import cyllama.llama.llama_cpp as llama_cpp
+    """Greedy tokens from llama.cpp for each prompt (its end-of-generation token left out), and
+    whether it stopped at one."""
+    from lorafit.export.llama_cpp import llama_cpp_greedy, load_in_llama_cpp
 
-    class Model(llama_cpp.LlamaModel):
-        @property
-        def n_vocab(self) -> int:  # cyllama 0.2's LlamaContext.get_logits reads it; LlamaModel lacks it
-            return self.get_vocab().n_vocab
-
-    llama_cpp.disable_logging()
-    model = Model(str(gguf), llama_cpp.LlamaModelParams())
-    vocab = model.get_vocab()
+    model = load_in_llama_cpp(gguf)
     out = []
     for prompt in prompts:
-        params = llama_cpp.LlamaContextParams()
-        params.n_ctx, params.n_threads, params.n_threads_batch = len(prompt) + max_new_tokens + 8, 1, 1
-        context = llama_cpp.LlamaContext(model, params)
-        batch = llama_cpp.LlamaBatch(n_tokens=len(prompt), embd=0, n_seq_max=1)
-        for position, token in enumerate(prompt):
-            batch.add(int(token), position, [0], position == len(prompt) - 1)
-        context.decode(batch)
-        tokens: list[int] = []
-        stopped = False
-        for position in range(len(prompt), len(prompt) + max_new_tokens):
-            token = int(torch.tensor(context.get_logits()).argmax())
-            if vocab.is_eog(token):
-                stopped = True
-                break
-            tokens.append(token)
-            batch = llama_cpp.LlamaBatch(n_tokens=1, embd=0, n_seq_max=1)
-            batch.add(token, position, [0], True)
-            context.decode(batch)
-        out.append((tokens, stopped))
+        tokens, stopped = llama_cpp_greedy(model, prompt, max_new_tokens)
+        out.append((tokens[:-1] if stopped else tokens, stopped))
     return out
 
 
